@@ -1,0 +1,642 @@
+"""The typed config tree of g3dr-scale: one dataclass per section, YAML presets, dotted overrides.
+
+Every hyperparameter of the method (``shared/DESIGN.md``) is a default here; ``configs/imagenet128.yaml``
+spells them out and ``configs/tiny.yaml`` shrinks them for CPU tests and the demo.
+
+Loading is strict: an unknown key, a value of the wrong type or a value out of range is a
+:class:`~g3dr.errors.ConfigError` naming the dotted key and where the value came from (the YAML file or
+the command-line override). The loader knows nothing about deepspeed, mlflow or submitit; those derive
+their own settings from the resolved config (one source of truth).
+
+Usage::
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-4", "data.batch_size=2"])
+    save_config(cfg, run_dir)            # writes run_dir/config.yaml, loadable by load_config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from g3dr.errors import ConfigError
+
+CONFIG_FILENAME = "config.yaml"
+
+
+class _FieldError(ValueError):
+    """Raised by a section's checks; the loader adds the section path and the value's origin."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _FieldError(key, message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from and how they are decoded."""
+
+    source: Literal["synthetic", "shards"] = "synthetic"
+    """``synthetic``: procedural RGB-D primitives generated into ``synthetic_dir`` on first use;
+    ``shards``: WebDataset shards named by ``shards``."""
+    shards: str = ""
+    """Shard URLs: a brace pattern (``/data/train-{000000..000127}.tar``), a comma list, or ``pipe:``."""
+    synthetic_dir: str = "outputs/synthetic"
+    """Where the synthetic dataset is written and read (used when ``source`` is ``synthetic``)."""
+    synthetic_size: int = 64
+    """Number of synthetic samples to generate."""
+    resolution: int = 128
+    """Training resolution: images and depth are resized (Lanczos) to this square size."""
+    flip_p: float = 0.5
+    """Probability of the joint horizontal flip of image and depth."""
+    depth_scale: float = 2.0
+    """Release depth decoding: ``depth = png_u16 / 65536 * depth_scale + depth_offset``."""
+    depth_offset: float = 4.0
+    """See ``depth_scale``; with the defaults depth lies in [4, 6]."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer of the training pipeline."""
+    num_workers: int = 4
+    """Data-loader worker processes per rank."""
+    epoch_length: int = 0
+    """Samples per rank per epoch in resampled mode (0: derived from the manifest)."""
+
+    def __post_init__(self) -> None:
+        _check(self.source != "shards" or bool(self.shards), "shards", "must be set when data.source is 'shards'")
+        _check(self.synthetic_size > 0, "synthetic_size", f"must be > 0, got {self.synthetic_size}")
+        _check(self.resolution in (32, 64, 128, 256), "resolution", f"must be one of 32, 64, 128, 256, got {self.resolution}")
+        _check(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be in [0, 1], got {self.flip_p}")
+        _check(self.depth_scale > 0, "depth_scale", f"must be > 0, got {self.depth_scale}")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.epoch_length >= 0, "epoch_length", f"must be >= 0, got {self.epoch_length}")
+
+
+@dataclass
+class ModelConfig:
+    """f_trigen: the U-Net that lifts RGB-D to a triplane, and the triplane decoder MLP."""
+
+    in_channels: int = 4
+    """RGB in [-1, 1] concatenated with depth."""
+    base_width: int = 128
+    """Channels of the first U-Net level."""
+    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
+    """Width multiplier of each U-Net level."""
+    num_res_blocks: int = 2
+    """ResNet blocks per level."""
+    norm_groups: int = 8
+    """GroupNorm groups in every ResNet block."""
+    attn_heads: int = 4
+    """Heads of the linear and full attention layers."""
+    attn_head_dim: int = 32
+    """Channels per attention head."""
+    pos_emb_channels: int = 256
+    """Channels of the learned positional embedding concatenated to the input."""
+    triplane_channels: int = 64
+    """C: feature channels of each of the three planes."""
+    decoder_hidden: int = 64
+    """Hidden width of the decoder MLP (C -> hidden -> softplus -> 1 + 3)."""
+    decoder_lr_mul: float = 1.0
+    """EG3D-style learning-rate multiplier of the decoder's fully connected layers."""
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels == 4, "in_channels", f"must be 4 (RGB + depth), got {self.in_channels}")
+        _check(self.base_width > 0, "base_width", f"must be > 0, got {self.base_width}")
+        _check(len(self.channel_mults) >= 1 and all(m > 0 for m in self.channel_mults),
+               "channel_mults", f"must be a non-empty list of positive ints, got {list(self.channel_mults)}")
+        _check(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        _check(self.norm_groups >= 1 and self.base_width % self.norm_groups == 0, "norm_groups",
+               f"must divide model.base_width ({self.base_width}), got {self.norm_groups}")
+        _check(self.attn_heads >= 1, "attn_heads", f"must be >= 1, got {self.attn_heads}")
+        _check(self.attn_head_dim >= 1, "attn_head_dim", f"must be >= 1, got {self.attn_head_dim}")
+        _check(self.pos_emb_channels >= 0, "pos_emb_channels", f"must be >= 0, got {self.pos_emb_channels}")
+        _check(self.triplane_channels >= 1, "triplane_channels", f"must be >= 1, got {self.triplane_channels}")
+        _check(self.decoder_hidden >= 1, "decoder_hidden", f"must be >= 1, got {self.decoder_hidden}")
+        _check(self.decoder_lr_mul > 0, "decoder_lr_mul", f"must be > 0, got {self.decoder_lr_mul}")
+
+
+@dataclass
+class DepthKernelConfig:
+    """The depth kernel k(t) = clamp(s1 * exp(-(t - d)^2 / s2), c_min, c_max) (paper S.1, S.8).
+
+    It scales the backward gradients of alpha and colour per sample in canonical views; forward
+    values are unchanged.
+    """
+
+    enabled: bool = True
+    s1: float = 1.25
+    s2: float = 0.03
+    c_min: float = 0.05
+    c_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.s1 > 0, "s1", f"must be > 0, got {self.s1}")
+        _check(self.s2 > 0, "s2", f"must be > 0, got {self.s2}")
+        _check(0 <= self.c_min <= self.c_max, "c_min", f"must satisfy 0 <= c_min <= c_max ({self.c_max}), got {self.c_min}")
+
+
+@dataclass
+class RendererConfig:
+    """Volume rendering of the triplane (EG3D-style importance renderer, MipNeRF ray marcher)."""
+
+    impl: Literal["fused", "reference"] = "fused"
+    """``fused``: the fast path (same numbers); ``reference``: plain autograd, the ground truth."""
+    plane_convention: Literal["eg3d", "orthogonal"] = "eg3d"
+    """``eg3d``: planes (xy, xz, zx) as in the reference code and its checkpoints; ``orthogonal``: (xy, xz, yz)."""
+    box_warp: float = 2.0
+    """Side length of the scene box [-1, 1]^3."""
+    num_coarse: int = 32
+    """Stratified coarse samples per ray."""
+    num_fine: int = 32
+    """Importance (or depth-prior) fine samples per ray."""
+    plane_resolutions: tuple[int, ...] = (128, 64, 32)
+    """Multi-resolution triplane levels; the first is the generator's output resolution."""
+    depth_prior_p: float = 0.4
+    """Probability that, in canonical views, fine samples spread over the pseudo-depth window instead."""
+    depth_prior_window: float = 0.05
+    """Half-width of the depth-prior window [d - w, d + w]."""
+    density_offset: float = -1.0
+    """density = softplus(raw + density_offset)."""
+    sigma_scale: float = 1.0
+    """Multiplies the activated density before compositing (paper S.3 sweep: 1, 5, 10, 50)."""
+    deterministic: bool = False
+    """No stratified jitter, evenly spaced inverse-CDF, no random depth-prior choice."""
+    depth_kernel: DepthKernelConfig = field(default_factory=DepthKernelConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.box_warp > 0, "box_warp", f"must be > 0, got {self.box_warp}")
+        _check(self.num_coarse >= 2, "num_coarse", f"must be >= 2, got {self.num_coarse}")
+        _check(self.num_fine >= 0, "num_fine", f"must be >= 0, got {self.num_fine}")
+        _check(len(self.plane_resolutions) >= 1 and all(r > 0 for r in self.plane_resolutions),
+               "plane_resolutions", f"must be a non-empty list of positive ints, got {list(self.plane_resolutions)}")
+        _check(list(self.plane_resolutions) == sorted(self.plane_resolutions, reverse=True), "plane_resolutions",
+               f"must be decreasing, got {list(self.plane_resolutions)}")
+        _check(0.0 <= self.depth_prior_p <= 1.0, "depth_prior_p", f"must be in [0, 1], got {self.depth_prior_p}")
+        _check(self.depth_prior_window > 0, "depth_prior_window", f"must be > 0, got {self.depth_prior_window}")
+        _check(self.sigma_scale > 0, "sigma_scale", f"must be > 0, got {self.sigma_scale}")
+
+
+@dataclass
+class CameraConfig:
+    """Pinhole cameras on a sphere looking at the origin (3DGP conventions)."""
+
+    fov_degrees: float = 18.0
+    radius: float = 5.0
+    canonical_yaw: float = math.pi / 2
+    canonical_pitch: float = math.pi / 2
+    novel_yaw_den_start: float = 24.0
+    """Novel yaw = canonical_yaw + U(-1, 1) * pi / den; den decays linearly from start ..."""
+    novel_yaw_den_end: float = 6.0
+    """... to end ..."""
+    novel_yaw_decay_fraction: float = 1.0 / 3.0
+    """... over this fraction of training."""
+    novel_pitch_range: float = math.pi / 18
+    """Novel pitch = canonical_pitch + U(-1, 1) * novel_pitch_range."""
+    video_yaw: float = 0.35
+    """Yaw amplitude of the circular video trajectory (paper S.6)."""
+    video_pitch: float = 0.15
+    """Pitch amplitude of the circular video trajectory."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fov_degrees < 180, "fov_degrees", f"must be in (0, 180), got {self.fov_degrees}")
+        _check(self.radius > 0, "radius", f"must be > 0, got {self.radius}")
+        _check(self.novel_yaw_den_start > 0, "novel_yaw_den_start", f"must be > 0, got {self.novel_yaw_den_start}")
+        _check(self.novel_yaw_den_end > 0, "novel_yaw_den_end", f"must be > 0, got {self.novel_yaw_den_end}")
+        _check(0 < self.novel_yaw_decay_fraction <= 1, "novel_yaw_decay_fraction",
+               f"must be in (0, 1], got {self.novel_yaw_decay_fraction}")
+        _check(self.novel_pitch_range >= 0, "novel_pitch_range", f"must be >= 0, got {self.novel_pitch_range}")
+
+
+@dataclass
+class LossConfig:
+    """Weights and schedules of the G3DR objective (paper S.1, S.2) and the frozen critics."""
+
+    tau: float = 0.4
+    """View choice (Eq. 1): canonical if r > min(tau, 2 * step / total_steps), r ~ U(0, 1)."""
+    l1: float = 1.0
+    """Reconstruction L1, canonical RGB vs input."""
+    depth: float = 2.0
+    """Depth L1, canonical rendered depth vs pseudo-depth."""
+    perceptual: float = 0.5
+    """VGG perceptual, render vs input."""
+    perceptual_second: float = 0.5
+    """Second VGG perceptual term (super-resolution output)."""
+    clip: float = 0.35
+    """CLIP embedding loss at the end of its ramp."""
+    clip_start: float = 0.02
+    """CLIP weight at step 0, ramped linearly to ``clip`` ..."""
+    clip_ramp_steps: int = 100_000
+    """... over this many optimizer steps."""
+    tv: float = 0.1
+    """Total variation of the novel-view depth map."""
+    weight_sum: float = 0.0
+    """Weight of the (1 - sum w) term of the reference code; 0 turns it off."""
+    weight_sum_ramp_fraction: float = 0.5
+    """The weight-sum term ramps 0 -> ``weight_sum`` over this fraction of training."""
+    clip_model: str = "ViT-B-16-quickgelu"
+    """open_clip architecture of the CLIP critic (OpenAI weights need the QuickGELU form)."""
+    clip_weights: str = "weights/clip/ViT-B-16-openai.bin"
+    """Local file of the CLIP critic's weights (OpenAI ViT-B/16)."""
+    clip_resolution: int = 224
+    """Renders are resized to this size before the CLIP critic."""
+    vgg_model: str = "vgg16"
+    """timm architecture of the perceptual critic."""
+    vgg_weights: str = "weights/vgg/vgg16.safetensors"
+    """Local file of the VGG16 ImageNet weights."""
+    critics: Literal["pretrained", "random"] = "pretrained"
+    """``pretrained`` loads the weight files (real runs); ``random`` builds random-weight critics (tests, demo)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.tau <= 1.0, "tau", f"must be in [0, 1], got {self.tau}")
+        for name in ("l1", "depth", "perceptual", "perceptual_second", "clip", "clip_start", "tv", "weight_sum"):
+            value = getattr(self, name)
+            _check(value >= 0, name, f"must be >= 0, got {value}")
+        _check(self.clip_ramp_steps >= 0, "clip_ramp_steps", f"must be >= 0, got {self.clip_ramp_steps}")
+        _check(0 < self.weight_sum_ramp_fraction <= 1, "weight_sum_ramp_fraction",
+               f"must be in (0, 1], got {self.weight_sum_ramp_fraction}")
+        _check(self.clip_resolution > 0, "clip_resolution", f"must be > 0, got {self.clip_resolution}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: batch, Adam, the warmup + cosine schedule, precision, checkpoints."""
+
+    total_steps: int = 300_000
+    """Optimizer steps of the whole run (reference ``train_num_steps``)."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward pass."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all ranks; must equal micro x ranks x accumulation."""
+    lr: float = 1e-4
+    """Peak learning rate after warmup (paper; the reference script uses 5e-5)."""
+    lr_start: float = 2e-6
+    """Learning rate at step 0, warmed up linearly to ``lr``."""
+    lr_min: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20_000
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables it)."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    zero_stage: Literal[0, 1, 2] = 2
+    """DeepSpeed ZeRO stage."""
+    seed: int = 420
+    """One seed for the whole run; per-rank and per-worker seeds are derived from it."""
+    checkpoint_every: int = 5000
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    log_every: int = 50
+    """Log losses every N optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _check(self.global_batch_size >= self.micro_batch_size, "global_batch_size",
+               f"must be >= train.micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}")
+        _check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+               f"must be a multiple of train.micro_batch_size ({self.micro_batch_size}), got {self.global_batch_size}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.lr_start <= self.lr, "lr_start", f"must be in [0, train.lr={self.lr}], got {self.lr_start}")
+        _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, train.lr={self.lr}], got {self.lr_min}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", f"must be two values in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+
+    def grad_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step for ``world_size`` ranks; a clear error if they do not divide."""
+        per_step = self.micro_batch_size * world_size
+        if world_size < 1 or self.global_batch_size % per_step != 0:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size} x world size {world_size} = {per_step}; "
+                f"change one of them (e.g. train.global_batch_size={per_step * max(1, self.global_batch_size // per_step)})"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class DistributedConfig:
+    """Process group settings; rank and world size come from the environment (torchrun, DeepSpeed, SLURM)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """``auto``: NCCL on CUDA, gloo on CPU."""
+    timeout_minutes: int = 30
+    """Collective timeout; a hung rank fails the job after this long instead of waiting forever."""
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_minutes >= 1, "timeout_minutes", f"must be >= 1, got {self.timeout_minutes}")
+
+
+@dataclass
+class LoggingConfig:
+    """Console logging and MLflow tracking."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mlflow_uri: str = "file:./mlruns"
+    """MLflow tracking URI (``file:`` store, ``sqlite:`` or ``http://`` server)."""
+    experiment: str = "g3dr"
+    run_name: str = ""
+    """MLflow run name; empty: derived from the run directory."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (paper S.5)."""
+
+    metrics: tuple[Literal["fid", "is", "nfs", "da"], ...] = ("fid", "is", "nfs", "da")
+    sigma_scales: tuple[float, ...] = (1.0, 5.0, 10.0, 50.0)
+    num_samples: int = 256
+    """Generated samples per metric and scale (NFS uses N = 256 in the paper)."""
+    views: tuple[Literal["canonical", "novel"], ...] = ("canonical", "novel")
+    nfs_bins: int = 64
+    is_splits: int = 10
+    batch_size: int = 16
+    inception_weights: str = "weights/inception/inception-2015-12-05.pt"
+    """Local file of the Inception-v3 (2015-12-05) network used by FID and IS."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.metrics) >= 1, "metrics", "must name at least one metric")
+        _check(len(self.sigma_scales) >= 1 and all(s > 0 for s in self.sigma_scales), "sigma_scales",
+               f"must be a non-empty list of positive numbers, got {list(self.sigma_scales)}")
+        _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(len(self.views) >= 1, "views", "must name at least one view")
+        _check(self.nfs_bins >= 2, "nfs_bins", f"must be >= 2, got {self.nfs_bins}")
+        _check(self.is_splits >= 1, "is_splits", f"must be >= 1, got {self.is_splits}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    """The whole run. Sections are validated on their own, then together here."""
+
+    run_dir: str = "outputs/run"
+    """Where checkpoints, logs and the resolved ``config.yaml`` of this run go."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    renderer: RendererConfig = field(default_factory=RendererConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir", "must not be empty")
+        levels = len(self.renderer.plane_resolutions)
+        down = 2 ** (len(self.model.channel_mults) - 1)
+        _check(self.data.resolution % down == 0, "data.resolution",
+               f"must be divisible by 2^(len(model.channel_mults) - 1) = {down}, got {self.data.resolution}")
+        _check(self.renderer.plane_resolutions[0] == self.data.resolution, "renderer.plane_resolutions",
+               f"the first level must equal data.resolution ({self.data.resolution}), the generator's output size; "
+               f"got {list(self.renderer.plane_resolutions)} ({levels} levels)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# --------------------------------------------------------------------------------------------------
+
+
+def _origin(origins: dict[str, str], key: str, default: str) -> str:
+    """Where the value at dotted ``key`` came from: the longest matching prefix that was set."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in origins:
+            return origins[prefix]
+    return default
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "any"
+        return f"list of {inner}" if len(args) < 2 or args[1] is Ellipsis else f"list of {len(args)} values"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    wrong = _FieldError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is bool and not any(c is value for c in choices):
+            raise _FieldError(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _FieldError(key, f"expected {len(args)} values, got {len(value)}: {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except _FieldError:
+                continue
+        raise wrong
+    if tp is type(None):
+        if value is not None:
+            raise wrong
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if not math.isfinite(value):
+            raise _FieldError(key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, origins: dict[str, str], default_origin: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly, naming dotted keys and origins in errors."""
+    where = prefix[:-1] if prefix else "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_origin(origins, prefix[:-1], default_origin)}: {where}: expected a mapping, "
+                          f"got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = prefix + str(unknown[0])
+        raise ConfigError(f"{_origin(origins, key, default_origin)}: unknown key '{key}'"
+                          f" (valid keys in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".", origins, default_origin)
+            continue
+        try:
+            kwargs[name] = _coerce(value, tp, key)
+        except _FieldError as err:
+            raise ConfigError(f"{_origin(origins, key, default_origin)}: {err.key}: {err}") from None
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        key = prefix + err.key
+        raise ConfigError(f"{_origin(origins, key, default_origin)}: {key}: {err}") from None
+
+
+def _flatten_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, dict):
+            keys.extend(_flatten_keys(v, prefix + str(k) + "."))
+    return keys
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b.c=value`` and parse the value as YAML (``1e-4`` -> float, ``[1, 2]`` -> list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected dotted.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+    # YAML 1.1 reads 1e-4 (no dot) as a string; accept the float spelling users expect.
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any, text: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from a nested mapping plus dotted overrides."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    origins = {key: source for key in _flatten_keys(data)}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value, text)
+        nested = _flatten_keys(value, key + ".") if isinstance(value, dict) else []
+        for k in [key, *nested]:
+            origins[k] = f"override '{text}'"
+    return _build(Config, data, "", origins, source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or the built-in defaults when ``path`` is None) and apply dotted overrides."""
+    if path is None:
+        return config_from_dict({}, overrides, source="defaults")
+    path = Path(path)
+    return config_from_dict(_read_yaml(path), overrides, source=str(path))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (tuples as lists), as written to YAML and MLflow params."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def flatten_config(cfg: Config) -> dict[str, Any]:
+    """Dotted-key view of the config (``train.lr`` -> 1e-4), e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(config_to_dict(cfg), "")
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text; :func:`load_config` reads it back to an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, directory: str | Path) -> Path:
+    """Write the resolved config to ``directory/config.yaml`` (atomically) and return the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_FILENAME
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,48 @@
+"""One log format for every subcommand, rank-aware.
+
+Rank 0 logs at the configured level; other ranks log warnings and errors only, so a 64-rank job prints
+one stream of progress and every rank's problems. The rank is part of every line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from g3dr.distributed import DistEnv, resolve_dist_env
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s [rank %(rank)s] %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_HANDLER_NAME = "g3dr-console"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(level: str = "INFO", dist: DistEnv | None = None, stream=None) -> logging.Logger:
+    """Configure the ``g3dr`` logger tree once per process (idempotent) and return it."""
+    dist = dist or resolve_dist_env()
+    logger = logging.getLogger("g3dr")
+    for handler in list(logger.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    handler.addFilter(_RankFilter(dist.rank))
+    logger.addHandler(handler)
+    logger.setLevel(level if dist.is_main else "WARNING")
+    logger.propagate = False
+    return logger
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the ``g3dr`` tree (``g3dr.data``, ``g3dr.train``, ...)."""
+    return logging.getLogger(name if name.startswith("g3dr") else f"g3dr.{name}")
