@@ -79,7 +79,8 @@ class DataConfig:
     """Samples per rank per epoch in resampled mode (0: derived from the manifest)."""
 
     def __post_init__(self) -> None:
-        _check(self.source != "shards" or bool(self.shards), "shards", "must be set when data.source is 'shards'")
+        _check(self.source != "shards" or bool(self.shards), "source",
+               "is 'shards' but data.shards is empty: set data.shards to the shard URLs, e.g. data.shards=/data/train-{000000..000127}.tar")
         _check(self.synthetic_size > 0, "synthetic_size", f"must be > 0, got {self.synthetic_size}")
         _check(self.resolution in (32, 64, 128, 256), "resolution", f"must be one of 32, 64, 128, 256, got {self.resolution}")
         _check(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be in [0, 1], got {self.flip_p}")
@@ -552,15 +553,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(data: dict, key: str, value: Any, text: str) -> None:
-    node = data
+def _set_dotted(data: dict, key: str, value: Any, text: str) -> list[str]:
+    """Set ``key`` in the nested ``data``; returns the dotted keys of sections it had to create."""
+    node, created = data, []
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            node[part] = {}
+            created.append(".".join(parts[: i + 1]))
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+    return created
 
 
 def _read_yaml(path: Path) -> dict:
@@ -583,9 +589,9 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
     origins = {key: source for key in _flatten_keys(data)}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, key, value, text)
+        created = _set_dotted(data, key, value, text)
         nested = _flatten_keys(value, key + ".") if isinstance(value, dict) else []
-        for k in [key, *nested]:
+        for k in [*created, key, *nested]:
             origins[k] = f"override '{text}'"
     return _build(Config, data, "", origins, source)
 
