@@ -1,0 +1,113 @@
+"""Exact multi-rank evaluation: split N samples across ranks, gather results with none lost or repeated.
+
+Unlike the EG3D/StyleGAN metric loop (which pads every rank to the same count by wrapping around the
+dataset and keeps the first N gathered items, so some samples count twice), each rank here owns a
+contiguous block of sample indices, :func:`gather_rows` concatenates the blocks in rank order (padding
+only for the collective, then trimming), and :func:`all_reduce_moments` sums float64 moments. The result
+equals the single-process computation exactly, for any N and world size.
+
+Works with or without an initialised ``torch.distributed`` process group (gloo on CPU, NCCL on GPU);
+without one (or with one rank) every function is the identity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from g3dr.metrics.fid import FeatureMoments
+
+
+def _world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def shard_range(num_samples: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """The contiguous block of sample indices owned by ``rank``: ``[rank N // W, (rank + 1) N // W)``.
+
+    Blocks of all ranks partition ``range(num_samples)``; sizes differ by at most one. Defaults to the
+    current process group's rank and size.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = _world()
+    if num_samples < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad shard request: {num_samples} samples, rank {rank}, world size {world_size}")
+    return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+def _collective_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` ``(n_rank, ...)`` along dim 0, in rank order, on every rank.
+
+    Ranks may hold different numbers of rows (including zero); trailing dimensions and dtype must agree.
+    Returns a CPU tensor with exactly ``sum(n_rank)`` rows.
+    """
+    rank, world = _world()
+    if world == 1:
+        return x.detach().cpu()
+    device = _collective_device()
+    local = x.detach().to(device).contiguous()
+    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    tdist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    width = max(sizes)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local
+    buffers = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(buffers, padded)
+    return torch.cat([b[:n] for b, n in zip(buffers, sizes)], dim=0).cpu()
+
+
+def all_reduce_moments(moments: FeatureMoments) -> FeatureMoments:
+    """Sum the float64 moments of all ranks (each over its own samples); returns a new accumulator."""
+    rank, world = _world()
+    out = FeatureMoments(moments.dim)
+    if world == 1:
+        out.merge(moments)
+        return out
+    device = _collective_device()
+    flat = torch.cat([
+        torch.tensor([float(moments.count)], dtype=torch.float64),
+        torch.from_numpy(moments.sum),
+        torch.from_numpy(moments.outer_sum).flatten(),
+    ]).to(device)
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    flat = flat.cpu().numpy()
+    out.count = int(round(flat[0]))
+    out.sum = flat[1:1 + moments.dim].copy()
+    out.outer_sum = flat[1 + moments.dim:].reshape(moments.dim, moments.dim).copy()
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects; identity without a process group)."""
+    rank, world = _world()
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (e.g. "my cache file exists")."""
+    rank, world = _world()
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """CPU float64 numpy copy of a tensor (metrics compute in float64)."""
+    return x.detach().cpu().double().numpy()
