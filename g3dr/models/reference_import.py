@@ -1,0 +1,203 @@
+"""Import the G3DR reference training checkpoint (preddy5/G3DR ``checkpoint_generic.pt``) into our format.
+
+The reference saves ``{"step", "model", "opt", "scheduler"}`` with ``torch.save``; ``model`` is the
+state dict of its ``Unet`` (which holds the decoder as ``decoder.*``; its renderer has no tensors),
+usually with the ``module.`` prefix of the data-parallel wrapper. This module maps those names onto
+:class:`~g3dr.models.f_trigen.FTrigen`'s (``generator.*``, ``decoder.*``) with a table of patterns, checks
+every name and shape, and writes our safetensors checkpoint with the EG3D plane convention (the
+reference projects onto the planes xy, xz, zx). Optimizer and scheduler state are dropped.
+
+Name mapping (reference -> ours), ``R`` a ResNet block:
+
+================================================  ==============================================
+``pos_embed``, ``init_conv.*``, ``final_conv.*``   same names under ``generator.``
+``time_mlp.1.*`` / ``time_mlp.3.*``                ``time_embed.fc1.*`` / ``time_embed.fc2.*``
+``{downs,ups}.i.0.R`` / ``.1.R``                   ``{down,up}.i.blocks.0.R`` / ``.blocks.1.R``
+``{downs,ups}.i.2.fn.norm.g``                      ``{down,up}.i.attn.norm.gain``
+``{downs,ups}.i.2.fn.fn.to_qkv.weight``            ``{down,up}.i.attn.to_qkv.weight``
+``{downs,ups}.i.2.fn.fn.to_out.0.*`` / ``.1.g``    ``{down,up}.i.attn.to_out.*`` / ``.out_norm.gain``
+``{downs,ups}.i.3.1.*`` or ``.3.*`` (last)          ``{down,up}.i.resample.conv.*``
+``mid_block1.R`` / ``mid_block2.R``                ``mid.res1.R`` / ``mid.res2.R``
+``mid_attn.fn.norm.g``, ``mid_attn.fn.fn.to_*``    ``mid.attn.norm.gain``, ``mid.attn.to_*``
+``final_res_block.R``                              ``final_block.R``
+``decoder.net.0.*`` / ``decoder.net.2.*``          ``decoder.hidden.*`` / ``decoder.out.*``
+R: ``mlp.1.*``, ``block{1,2}.proj.*``,             ``time_proj.*``, ``block{1,2}.conv.*``,
+``block{1,2}.norm.*``, ``res_conv.*``              ``block{1,2}.norm.*``, ``skip.*``
+================================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from g3dr.config import Config
+from g3dr.errors import ConfigError, WeightsError
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.models.reference_import")
+
+# Prefixes that wrappers add in front of every name (accelerate/DDP, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+_RESBLOCK_RULES = (
+    (r"mlp\.1\.(weight|bias)", r"time_proj.\1"),
+    (r"block([12])\.proj\.(weight|bias)", r"block\1.conv.\2"),
+    (r"block([12])\.norm\.(weight|bias)", r"block\1.norm.\2"),
+    (r"res_conv\.(weight|bias)", r"skip.\1"),
+)
+
+_TOP_RULES = (
+    (r"pos_embed", "generator.pos_embed"),
+    (r"init_conv\.(weight|bias)", r"generator.init_conv.\1"),
+    (r"final_conv\.(weight|bias)", r"generator.final_conv.\1"),
+    (r"time_mlp\.1\.(weight|bias)", r"generator.time_embed.fc1.\1"),
+    (r"time_mlp\.3\.(weight|bias)", r"generator.time_embed.fc2.\1"),
+    (r"decoder\.net\.0\.(weight|bias)", r"decoder.hidden.\1"),
+    (r"decoder\.net\.2\.(weight|bias)", r"decoder.out.\1"),
+    (r"(down|up)s\.(\d+)\.2\.fn\.norm\.g", r"generator.\1.\2.attn.norm.gain"),
+    (r"(down|up)s\.(\d+)\.2\.fn\.fn\.to_qkv\.weight", r"generator.\1.\2.attn.to_qkv.weight"),
+    (r"(down|up)s\.(\d+)\.2\.fn\.fn\.to_out\.0\.(weight|bias)", r"generator.\1.\2.attn.to_out.\3"),
+    (r"(down|up)s\.(\d+)\.2\.fn\.fn\.to_out\.1\.g", r"generator.\1.\2.attn.out_norm.gain"),
+    (r"(down|up)s\.(\d+)\.3\.(?:1\.)?(weight|bias)", r"generator.\1.\2.resample.conv.\3"),
+    (r"mid_attn\.fn\.norm\.g", "generator.mid.attn.norm.gain"),
+    (r"mid_attn\.fn\.fn\.to_qkv\.weight", "generator.mid.attn.to_qkv.weight"),
+    (r"mid_attn\.fn\.fn\.to_out\.(weight|bias)", r"generator.mid.attn.to_out.\1"),
+)
+
+# Containers of ResNet blocks: reference prefix pattern -> our prefix template.
+_RESBLOCK_PARENTS = (
+    (r"(down|up)s\.(\d+)\.([01])\.", r"generator.\1.\2.blocks.\3."),
+    (r"mid_block([12])\.", r"generator.mid.res\1."),
+    (r"final_res_block\.", "generator.final_block."),
+)
+
+
+def strip_wrapper_prefix(key: str) -> str:
+    """``module.downs.0...`` -> ``downs.0...`` (any nesting of wrapper prefixes)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def reference_key_to_ours(key: str) -> str | None:
+    """Our FTrigen name of one reference ``Unet`` state-dict name (wrapper prefixes allowed), or None."""
+    key = strip_wrapper_prefix(key)
+    for pattern, repl in _TOP_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", repl, key)
+    for parent, parent_repl in _RESBLOCK_PARENTS:
+        m = re.match(parent, key)
+        if not m:
+            continue
+        rest = key[m.end():]
+        for pattern, repl in _RESBLOCK_RULES:
+            if re.fullmatch(pattern, rest):
+                return m.expand(parent_repl) + re.sub(f"^{pattern}$", repl, rest)
+    return None
+
+
+def convert_reference_state_dict(reference: Mapping[str, torch.Tensor],
+                                 target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a reference ``Unet`` state dict onto ``target`` (an FTrigen state dict giving names and shapes).
+
+    Every reference tensor must map to a target name of the same shape, and every ``generator.*`` /
+    ``decoder.*`` tensor of the target must be covered; anything else is a WeightsError listing the
+    offending names. Target tensors outside the generator and decoder (renderer buffers, derived from
+    the config) are taken from ``target``. Values are returned as CPU tensors of their stored dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown, mis_shaped, duplicated = [], [], []
+    for ref_key, value in reference.items():
+        ours = reference_key_to_ours(ref_key)
+        if ours is None or ours not in target:
+            unknown.append(ref_key if ours is None else f"{ref_key} (-> {ours}, not in this model)")
+            continue
+        if ours in out:
+            duplicated.append(f"{ref_key} (-> {ours})")
+            continue
+        if tuple(value.shape) != tuple(target[ours].shape):
+            mis_shaped.append(f"{ref_key}: {tuple(value.shape)} vs {ours} {tuple(target[ours].shape)}")
+            continue
+        out[ours] = value.detach().to("cpu")
+    learned = [k for k in target if k.startswith(("generator.", "decoder."))]
+    missing = sorted(k for k in learned if k not in out)
+    if unknown or missing or mis_shaped or duplicated:
+        parts = []
+        for label, items in (("unknown reference tensors", unknown), ("model tensors missing from the checkpoint", missing),
+                             ("shape mismatches", mis_shaped), ("duplicates after removing wrapper prefixes", duplicated)):
+            if items:
+                parts.append(f"{len(items)} {label}: " + ", ".join(sorted(items)))
+        raise WeightsError("the reference state dict does not match f_trigen at this config (check model.* and "
+                           "data.resolution against the checkpoint's training setup); " + "; ".join(parts))
+    for key, value in target.items():
+        if key not in out:
+            out[key] = value.detach().to("cpu").clone()
+    return out
+
+
+def read_reference_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """``(model_state_dict, step)`` of a reference ``checkpoint_generic.pt``.
+
+    Loads with ``weights_only=True`` (no code from the file runs). A file that needs full unpickling (old
+    scheduler states can hold Python objects) is refused unless ``allow_pickle`` is set, which must only be
+    done for files from a trusted source.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"reference checkpoint {path} does not exist (the G3DR release's checkpoint_generic.pt)")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise WeightsError(f"{path} is not a readable torch checkpoint: {err}") from None
+        raise WeightsError(f"{path} holds Python objects besides tensors and cannot be read safely "
+                           f"({str(err).splitlines()[0]}); if the file comes from a trusted source, rerun with "
+                           "--allow-pickle") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise WeightsError(f"{path} is not a readable torch checkpoint: {err}") from None
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], Mapping):
+        state, step = data["model"], data.get("step", 0)
+    else:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise WeightsError(f"{path} is not a G3DR reference training checkpoint: expected a dict with 'step', "
+                           f"'model', 'opt', 'scheduler', found {found}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: model entries that are not tensors: {', '.join(map(str, bad))}")
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise WeightsError(f"{path}: 'step' is not an integer ({step!r})") from None
+    return dict(state), step
+
+
+def import_official(src: str | Path, dst: str | Path, cfg: Config, allow_pickle: bool = False) -> dict[str, Any]:
+    """Convert the reference checkpoint ``src`` into our checkpoint ``dst`` for the model of ``cfg``.
+
+    ``cfg`` must use the EG3D plane convention (the reference's). Returns a summary dict
+    (step, tensor and parameter counts).
+    """
+    from g3dr.models.checkpoint_io import save_f_trigen
+    from g3dr.models.f_trigen import FTrigen
+
+    if cfg.renderer.plane_convention != "eg3d":
+        raise ConfigError("renderer.plane_convention must be 'eg3d' for reference checkpoints (the reference "
+                          f"projects onto xy, xz, zx), got {cfg.renderer.plane_convention!r}")
+    reference, step = read_reference_checkpoint(src, allow_pickle=allow_pickle)
+    model = FTrigen(cfg)
+    state = convert_reference_state_dict(reference, model.state_dict())
+    model.load_state_dict(state, strict=True)
+    save_f_trigen(model, cfg, dst, step=step, source="import-official",
+                  extra_metadata={"imported_from": Path(src).name})
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("imported %s (step %d, %d tensors, %d parameters) -> %s", src, step, len(reference), n_params, dst)
+    return {"step": step, "tensors": len(reference), "parameters": n_params}
