@@ -1,0 +1,144 @@
+"""Compositing samples along rays: the MipNeRF-style ray marcher, the depth kernel, median depth.
+
+All functions take per-sample tensors ``(B, R, S, C)`` sorted by depth along ``S`` and work on the
+``S - 1`` intervals between consecutive samples, with values at interval midpoints (MipNeRF / EG3D
+``MipRayMarcher2``): ``density = softplus(mid(raw) + density_offset) * sigma_scale``,
+``alpha = 1 - exp(-density * delta)``, ``w_i = alpha_i * prod_{j<i}(1 - alpha_j + 1e-10)``,
+``rgb = 2 * sum(w c) - 1`` (colour in [0, 1] in, [-1, 1] out; black background),
+``depth = sum(w t) / (sum(w) + 1e-3)``.
+
+The depth kernel (paper S.1/S.8, the reference's "gradient scaler") is applied as a backward-only
+scale: forward values are bit-identical with and without it; the gradients reaching alpha and the
+midpoint colours are multiplied by ``k(t)`` per interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from g3dr.config import DepthKernelConfig
+
+__all__ = [
+    "ScaleGradient",
+    "depth_kernel_from_depths",
+    "Composite",
+    "composite_from_samples",
+    "median_depth_from_weights",
+]
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradients of both tensors by ``scale``.
+
+    ``alpha, colors = ScaleGradient.apply(alpha, colors, scale)``: ``scale`` broadcasts against both
+    (e.g. (B, R, S-1, 1) against (B, R, S-1, 1) and (B, R, S-1, 3)) and receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, colors: torch.Tensor, scale: torch.Tensor):  # noqa: D102
+        ctx.save_for_backward(scale)
+        return alpha.view_as(alpha), colors.view_as(colors)
+
+    @staticmethod
+    def backward(ctx, grad_alpha: torch.Tensor, grad_colors: torch.Tensor):  # noqa: D102
+        (scale,) = ctx.saved_tensors
+        grad_alpha = None if grad_alpha is None else grad_alpha * scale
+        grad_colors = None if grad_colors is None else grad_colors * scale
+        return grad_alpha, grad_colors, None
+
+
+def depth_kernel_from_depths(depths_mid: torch.Tensor, depth_prior: torch.Tensor, cfg: DepthKernelConfig) -> torch.Tensor:
+    """``k(t) = clamp(s1 * exp(-(t - d)^2 / s2), c_min, c_max)`` per interval midpoint.
+
+    Args:
+        depths_mid: (B, R, S - 1, 1) interval midpoints t.
+        depth_prior: (B, R, 1) the pixel's pseudo-depth d.
+
+    Returns:
+        (B, R, S - 1, 1), no gradient.
+    """
+    with torch.no_grad():
+        k = cfg.s1 * torch.exp(-((depths_mid - depth_prior[:, :, None, :]) ** 2) / cfg.s2)
+        return k.clamp(cfg.c_min, cfg.c_max)
+
+
+@dataclass
+class Composite:
+    """What the ray marcher returns; shapes for B images of R rays and S samples per ray."""
+
+    rgb: torch.Tensor
+    """(B, R, 3) in [-1, 1] (black background)."""
+    depth: torch.Tensor
+    """(B, R, 1) ``sum(w t) / (sum(w) + 1e-3)``."""
+    weights: torch.Tensor
+    """(B, R, S - 1, 1) per-interval compositing weights."""
+    weight_sum: torch.Tensor
+    """(B, R, 1) accumulated opacity ``sum(w)``."""
+    depths_mid: torch.Tensor
+    """(B, R, S - 1, 1) interval midpoints."""
+
+
+def composite_from_samples(
+    colors: torch.Tensor,
+    densities_raw: torch.Tensor,
+    depths: torch.Tensor,
+    *,
+    density_offset: float = -1.0,
+    sigma_scale: float = 1.0,
+    grad_scale: torch.Tensor | None = None,
+) -> Composite:
+    """The MipNeRF ray marcher (see the module docstring for the formulas).
+
+    Args:
+        colors: (B, R, S, 3) decoder colours in [0, 1] (approximately; the sigmoid is stretched by 1e-3).
+        densities_raw: (B, R, S, 1) raw decoder densities.
+        depths: (B, R, S, 1) sorted sample depths.
+        density_offset: added to the midpoint raw density before softplus (-1 in G3DR).
+        sigma_scale: multiplies the activated density (paper S.3 sweep).
+        grad_scale: optional (B, R, S - 1, 1) backward-only scale of the gradients of alpha and the
+            midpoint colours (:class:`ScaleGradient`).
+
+    Returns:
+        :class:`Composite`, differentiable in ``colors``, ``densities_raw`` and ``depths``.
+    """
+    if colors.shape[:3] != densities_raw.shape[:3] or depths.shape[:3] != colors.shape[:3]:
+        raise ValueError(
+            f"colors {tuple(colors.shape)}, densities {tuple(densities_raw.shape)} and depths "
+            f"{tuple(depths.shape)} must share (B, R, S)"
+        )
+    deltas = depths[:, :, 1:] - depths[:, :, :-1]
+    colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
+    densities_mid = (densities_raw[:, :, :-1] + densities_raw[:, :, 1:]) / 2
+    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+    densities_mid = F.softplus(densities_mid + density_offset)
+    if sigma_scale != 1.0:
+        densities_mid = densities_mid * sigma_scale
+    alpha = 1 - torch.exp(-(densities_mid * deltas))
+    if grad_scale is not None:
+        alpha, colors_mid = ScaleGradient.apply(alpha, colors_mid, grad_scale)
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2), -2)
+    weights = alpha * transmittance[:, :, :-1]
+    rgb = torch.sum(weights * colors_mid, -2)
+    weight_sum = weights.sum(2)
+    depth = torch.sum(weights * depths_mid, -2) / (weight_sum + 0.001)
+    return Composite(rgb=rgb * 2 - 1, depth=depth, weights=weights, weight_sum=weight_sum, depths_mid=depths_mid)
+
+
+def median_depth_from_weights(weights: torch.Tensor, depths_mid: torch.Tensor) -> torch.Tensor:
+    """Depth of the first interval where the accumulated weight reaches 0.5 (3DGP's depth for NFS).
+
+    Rays whose total weight stays below 0.5 get the last midpoint (the far end).
+
+    Args:
+        weights: (B, R, S - 1, 1); depths_mid: (B, R, S - 1, 1).
+
+    Returns:
+        (B, R, 1), not differentiable.
+    """
+    with torch.no_grad():
+        accumulated = torch.cumsum(weights, dim=-2)
+        index = (accumulated < 0.5).sum(dim=-2, keepdim=True).clamp_max(weights.shape[-2] - 1)
+        return torch.gather(depths_mid, -2, index).squeeze(-2)

@@ -1,0 +1,273 @@
+"""The triplane volume renderer: ``render_rays`` (functional core) and ``TriplaneRenderer`` (thin module).
+
+``render_rays`` reproduces the G3DR reference renderer (EG3D's ``ImportanceRenderer`` as extended by
+preddy5/G3DR ``train.py``) step by step:
+
+1. near/far from the ray-box intersection (EG3D's handling of rays that miss the box);
+2. ``num_coarse`` stratified depths (linspace + one-step uniform jitter) and a decoder pass;
+3. ``num_fine`` fine depths, either importance-sampled from the coarse weights or, in canonical views
+   with a depth prior and with probability ``depth_prior_p``, ``d + linspace(-w, w, num_fine)``;
+   a second decoder pass; both sets merged in depth order;
+4. the MipNeRF ray marcher with ``sigma_scale`` and, in canonical views, the depth kernel as a
+   backward-only scale of the gradients of alpha and colour.
+
+The decoder is a callable ``decoder(features (B, N, C), coordinates (B, N, 3), directions (B, N, 3))
+-> (rgb (B, N, 3), sigma_raw (B, N, 1))`` where ``features`` are the triplane features averaged over
+planes, ``coordinates`` the sample points scaled by ``2 / box_warp`` (in [-1, 1] inside the box) and
+``directions`` the unit ray directions.
+
+Randomness and reproducibility: with ``generator=None`` the global torch RNG is used, drawing (a) the
+stratified jitter as one (B, R, S, 1) tensor, (b) the depth-prior choice as one scalar (only when a
+depth prior is given and 0 < depth_prior_p < 1) and (c) the inverse-CDF ``u`` as one (B * R, num_fine) tensor. With
+``renderer.deterministic`` nothing is drawn: no jitter, evenly spaced ``u`` and never the depth-prior
+fine samples (importance sampling, the reference's more likely branch; the prior still drives the depth
+kernel), so renders are reproducible bit for bit on one machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from g3dr.config import CameraConfig, RendererConfig
+from g3dr.log import get_logger
+from g3dr.render.cameras import rays_from_cameras
+from g3dr.render.marching import composite_from_samples, depth_kernel_from_depths, median_depth_from_weights
+from g3dr.render.sampling import (
+    depths_from_depth_prior,
+    depths_from_importance,
+    depths_from_stratified,
+    merge_samples,
+    near_far_from_box,
+)
+from g3dr.render.triplane import features_from_planes, plane_axes_for_convention, planes_pyramid_from_planes
+
+__all__ = ["Decoder", "RenderResult", "render_rays", "TriplaneRenderer"]
+
+log = get_logger("g3dr.render")
+
+Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RenderResult:
+    """Per-ray outputs of :func:`render_rays` for B images of R rays (S merged samples per ray)."""
+
+    rgb: torch.Tensor
+    """(B, R, 3) in [-1, 1]."""
+    depth: torch.Tensor
+    """(B, R, 1) weighted mean depth ``sum(w t) / (sum(w) + 1e-3)``."""
+    weight_sum: torch.Tensor
+    """(B, R, 1) accumulated opacity."""
+    median_depth: torch.Tensor
+    """(B, R, 1) depth where the accumulated weight reaches 0.5 (no gradient)."""
+    depths: torch.Tensor | None = None
+    """(B, R, S, 1) the sample depths that were composited."""
+    weights: torch.Tensor | None = None
+    """(B, R, S - 1, 1) per-interval compositing weights."""
+
+
+def _run_decoder(
+    decoder: Decoder,
+    levels: list[torch.Tensor],
+    plane_axes: torch.Tensor,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    depths: torch.Tensor,
+    box_warp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode samples at ``origins + depths * directions``: (colors (B, R, S, 3), sigma_raw (B, R, S, 1))."""
+    batch, rays, samples, _ = depths.shape
+    with torch.no_grad():
+        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(batch, -1, 3)
+        sample_dirs = directions.unsqueeze(-2).expand(-1, -1, samples, -1).reshape(batch, -1, 3)
+    features = features_from_planes(levels, points, plane_axes, box_warp)
+    rgb, sigma = decoder(features, (2 / box_warp) * points, sample_dirs)
+    if rgb.shape[:2] != (batch, rays * samples) or sigma.shape != (batch, rays * samples, 1):
+        raise ValueError(
+            f"decoder returned rgb {tuple(rgb.shape)} and sigma {tuple(sigma.shape)}; "
+            f"expected ({batch}, {rays * samples}, 3) and ({batch}, {rays * samples}, 1)"
+        )
+    return rgb.reshape(batch, rays, samples, rgb.shape[-1]), sigma.reshape(batch, rays, samples, 1)
+
+
+def render_rays(
+    planes: torch.Tensor,
+    decoder: Decoder,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    cfg: RendererConfig,
+    *,
+    depth_prior: torch.Tensor | None = None,
+    use_depth_kernel: bool = False,
+    sample_depths: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    plane_axes: torch.Tensor | None = None,
+) -> RenderResult:
+    """Volume-render a triplane along rays (see the module docstring for the steps).
+
+    Args:
+        planes: (B, 3, C, H, W) triplane, ``H == cfg.plane_resolutions[0]``.
+        decoder: ``decoder(features (B, N, C), coordinates (B, N, 3), directions (B, N, 3)) ->
+            (rgb (B, N, 3) in [0, 1], sigma_raw (B, N, 1))``.
+        origins, directions: (B, R, 3) world-space rays (unit directions).
+        cfg: the renderer section of the config.
+        depth_prior: (B, R, 1) pseudo-depth per ray (canonical views only): enables the depth-prior
+            fine samples (probability ``cfg.depth_prior_p``) and is the centre of the depth kernel.
+        use_depth_kernel: apply the depth kernel (needs ``depth_prior``; also needs
+            ``cfg.depth_kernel.enabled``).
+        sample_depths: (B, R, S, 1) explicit sorted depths: skips all sampling (one decoder pass).
+        generator: RNG for jitter, depth-prior choice and inverse-CDF draws (None: the global RNG).
+        plane_axes: (3, 2) projection (default: from ``cfg.plane_convention``).
+
+    Returns:
+        :class:`RenderResult`; ``rgb``, ``depth`` and ``weight_sum`` are differentiable in ``planes``
+        and the decoder's parameters.
+    """
+    if planes.ndim != 5 or planes.shape[1] != 3:
+        raise ValueError(f"planes must be (B, 3, C, H, W), got {tuple(planes.shape)}")
+    batch = planes.shape[0]
+    if origins.shape != directions.shape or origins.ndim != 3 or origins.shape[0] != batch or origins.shape[2] != 3:
+        raise ValueError(f"origins {tuple(origins.shape)} and directions {tuple(directions.shape)} must be ({batch}, R, 3)")
+    rays = origins.shape[1]
+    if depth_prior is not None and depth_prior.shape != (batch, rays, 1):
+        raise ValueError(f"depth_prior must be ({batch}, {rays}, 1), got {tuple(depth_prior.shape)}")
+    if use_depth_kernel and depth_prior is None:
+        raise ValueError("use_depth_kernel=True needs depth_prior (the pixel pseudo-depth)")
+    if plane_axes is None:
+        plane_axes = plane_axes_for_convention(cfg.plane_convention, planes.device)
+    levels = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
+
+    def decode(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _run_decoder(decoder, levels, plane_axes, origins, directions, depths, cfg.box_warp)
+
+    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale)
+    if sample_depths is not None:
+        if sample_depths.ndim != 4 or sample_depths.shape[:2] != (batch, rays) or sample_depths.shape[3] != 1:
+            raise ValueError(f"sample_depths must be ({batch}, {rays}, S, 1), got {tuple(sample_depths.shape)}")
+        if bool((sample_depths[:, :, 1:] < sample_depths[:, :, :-1]).any()):
+            raise ValueError("sample_depths must be sorted ascending along the sample axis")
+        depths = sample_depths.detach()
+        colors, densities = decode(depths)
+    else:
+        with torch.no_grad():
+            near, far = near_far_from_box(origins, directions, cfg.box_warp)
+            depths_coarse = depths_from_stratified(
+                near, far, cfg.num_coarse, jitter=not cfg.deterministic, generator=generator
+            )
+        colors, densities = decode(depths_coarse)
+        depths = depths_coarse
+        if cfg.num_fine > 0:
+            with torch.no_grad():
+                use_prior = False
+                if depth_prior is not None and not cfg.deterministic:
+                    if cfg.depth_prior_p >= 1.0:
+                        use_prior = True
+                    elif cfg.depth_prior_p > 0.0:  # p in {0, 1} draws nothing
+                        device = planes.device if generator is None else generator.device
+                        use_prior = bool(torch.rand((), generator=generator, device=device) < cfg.depth_prior_p)
+                if use_prior:
+                    depths_fine = depths_from_depth_prior(depth_prior, cfg.num_fine, cfg.depth_prior_window)
+                else:
+                    coarse = composite_from_samples(colors, densities, depths_coarse, **march)
+                    depths_fine = depths_from_importance(
+                        depths_coarse, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
+                    )
+            colors_fine, densities_fine = decode(depths_fine)
+            depths, (colors, densities) = merge_samples(
+                depths_coarse, [colors, densities], depths_fine, [colors_fine, densities_fine]
+            )
+    grad_scale = None
+    if use_depth_kernel and cfg.depth_kernel.enabled:
+        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+        grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
+    out = composite_from_samples(colors, densities, depths, grad_scale=grad_scale, **march)
+    return RenderResult(
+        rgb=out.rgb,
+        depth=out.depth,
+        weight_sum=out.weight_sum,
+        median_depth=median_depth_from_weights(out.weights, out.depths_mid),
+        depths=depths,
+        weights=out.weights,
+    )
+
+
+class TriplaneRenderer(nn.Module):
+    """Renders images of a triplane from camera matrices; holds the config and the plane axes.
+
+    ``renderer.impl`` selects the path: ``reference`` is :func:`render_rays`; ``fused`` (a later issue)
+    falls back to ``reference`` with a one-time info log until it exists. The plane axes are a
+    non-persistent buffer, so they never appear in checkpoints (the convention is saved in the config).
+    """
+
+    _fused_fallback_logged = False
+
+    def __init__(self, renderer_cfg: RendererConfig, camera_cfg: CameraConfig):
+        super().__init__()
+        self.cfg = renderer_cfg
+        self.camera_cfg = camera_cfg
+        self.register_buffer("plane_axes", plane_axes_for_convention(renderer_cfg.plane_convention), persistent=False)
+        if renderer_cfg.impl == "fused" and not TriplaneRenderer._fused_fallback_logged:
+            log.info("renderer.impl=fused is not available yet; using the reference renderer (same numbers)")
+            TriplaneRenderer._fused_fallback_logged = True
+
+    def forward(
+        self,
+        planes: torch.Tensor,
+        decoder: Decoder,
+        cam2world: torch.Tensor,
+        resolution: int | tuple[int, int],
+        depth: torch.Tensor | None = None,
+        canonical: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Render (B, ...) images.
+
+        Args:
+            planes: (B, 3, C, Hp, Wp).
+            decoder: see :func:`render_rays`.
+            cam2world: (B, 4, 4).
+            resolution: ``H`` or ``(H, W)`` of the rendered images.
+            depth: (B, 1, H, W) pseudo-depth of the input image; used only when ``canonical`` (depth-prior
+                fine samples and the depth kernel, as in training). Pass ``None`` for evaluation renders
+                (the reference renders without it).
+            canonical: whether the cameras are the canonical (input) view.
+            generator: see :func:`render_rays`.
+
+        Returns:
+            dict with ``rgb`` (B, 3, H, W) in [-1, 1], ``depth``, ``weight_sum``, ``median_depth`` (B, 1, H, W).
+        """
+        batch = planes.shape[0]
+        height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        if cam2world.shape[0] != batch:
+            raise ValueError(f"cam2world has {cam2world.shape[0]} cameras for {batch} triplanes")
+        origins, directions = rays_from_cameras(cam2world.to(planes.dtype), self.camera_cfg.fov_degrees, (height, width))
+        depth_prior = None
+        if canonical and depth is not None:
+            if depth.shape != (batch, 1, height, width):
+                raise ValueError(f"depth must be ({batch}, 1, {height}, {width}), got {tuple(depth.shape)}")
+            depth_prior = depth.permute(0, 2, 3, 1).reshape(batch, -1, 1).to(planes.dtype)
+        result = render_rays(
+            planes,
+            decoder,
+            origins,
+            directions,
+            self.cfg,
+            depth_prior=depth_prior,
+            use_depth_kernel=depth_prior is not None and self.cfg.depth_kernel.enabled,
+            generator=generator,
+            plane_axes=self.plane_axes,
+        )
+
+        def image(x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 2, 1).reshape(batch, x.shape[-1], height, width)
+
+        return {
+            "rgb": image(result.rgb),
+            "depth": image(result.depth),
+            "weight_sum": image(result.weight_sum),
+            "median_depth": image(result.median_depth),
+        }
