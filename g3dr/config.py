@@ -358,8 +358,9 @@ class LoggingConfig:
     """Console logging and MLflow tracking."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    mlflow_uri: str = "file:./mlruns"
-    """MLflow tracking URI (``file:`` store, ``sqlite:`` or ``http://`` server)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (``sqlite:///path.db`` or an ``http://`` server); empty: a sqlite store
+    ``<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``. MLflow 3 refuses ``file:`` stores."""
     experiment: str = "g3dr"
     run_name: str = ""
     """MLflow run name; empty: derived from the run directory."""
