@@ -380,9 +380,32 @@ class EvalConfig:
     batch_size: int = 16
     inception_weights: str = "weights/inception/inception-2015-12-05.pt"
     """Local file of the Inception-v3 (2015-12-05) network used by FID and IS."""
+    novel_camera: Literal["sampled", "video"] = "sampled"
+    """Novel views: ``sampled`` as at the end of training (yaw range pi / novel_yaw_den_end), or ``video``:
+    sample i takes point i of the circular video trajectory through all ``num_samples`` points."""
+    nfs_near: float = 4.0
+    """NFS clamps depths to [nfs_near, nfs_far] before its histograms: the ray-box bounds of the canonical
+    central ray (camera.radius -/+ box_warp / 2), which is also the release pseudo-depth range."""
+    nfs_far: float = 6.0
+    """See ``nfs_near``."""
+    num_real: int = 0
+    """Dataset images behind the FID reference statistics (0: the whole eval dataset)."""
+    stats_cache: str = "outputs/eval-cache"
+    """Directory of cached dataset Inception statistics (keyed by dataset content hash)."""
+    deterministic_render: bool = True
+    """Render without stratified jitter or random fine samples, so scores do not depend on batching or ranks."""
+    seed: int = 0
+    """Seed of the per-sample novel-view cameras (sample i always gets the same camera)."""
+    grid_samples: int = 8
+    """Samples shown in the render and depth grids logged as artifacts (0: none)."""
 
     def __post_init__(self) -> None:
         _check(len(self.metrics) >= 1, "metrics", "must name at least one metric")
+        _check(self.nfs_far > self.nfs_near, "nfs_far", f"must be > eval.nfs_near ({self.nfs_near}), got {self.nfs_far}")
+        _check(self.num_real >= 0, "num_real", f"must be >= 0, got {self.num_real}")
+        _check(self.grid_samples >= 0, "grid_samples", f"must be >= 0, got {self.grid_samples}")
+        _check(self.is_splits <= self.num_samples or "is" not in self.metrics, "is_splits",
+               f"must be <= eval.num_samples ({self.num_samples}) when IS is computed, got {self.is_splits}")
         _check(len(self.sigma_scales) >= 1 and all(s > 0 for s in self.sigma_scales), "sigma_scales",
                f"must be a non-empty list of positive numbers, got {list(self.sigma_scales)}")
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
