@@ -1,0 +1,170 @@
+"""Experiment tracking with MLflow: one run per training job, written by rank 0 only.
+
+- Other ranks get a :class:`NullTracker` (same interface, does nothing), so a 64-rank job makes one run.
+- Params: the resolved config flattened to dotted keys. Metrics: whatever the trainer reports per log step.
+- The run id goes into every checkpoint; a resumed job reopens the same run.
+- A tracking store that is down or broken never stops training: every call is retried a few times, then
+  dropped with a (rate-limited) warning; after repeated failures calls are attempted only now and then.
+- An empty ``logging.mlflow_uri`` means a sqlite store ``<run_dir>/mlflow.db`` with artifacts beside it
+  (MLflow 3 refuses the old ``file:`` store).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from g3dr.config import Config, flatten_config
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.train.tracking")
+
+_PARAM_MAX = 6000  # MLflow's limit on a param value's length
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The MLflow tracking URI of ``cfg`` (default: sqlite store under the run directory)."""
+    if cfg.logging.mlflow_uri:
+        return cfg.logging.mlflow_uri
+    return f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+
+
+def artifact_location(cfg: Config) -> str | None:
+    """Where a new experiment stores artifacts when the store is the default local sqlite one."""
+    if cfg.logging.mlflow_uri:
+        return None
+    return (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
+
+
+class NullTracker:
+    """The tracker of ranks other than 0, and of runs with tracking unavailable: accepts and drops everything."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker(NullTracker):
+    """One MLflow run, created (or reopened by ``run_id``) at construction; every call is failure-tolerant."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                 artifact_location: str | None = None, attempts: int = 2, retry_wait_s: float = 0.5):
+        # A dead HTTP server should cost seconds, not MLflow's default minutes of back-off per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri = uri
+        self.attempts = attempts
+        self.retry_wait_s = retry_wait_s
+        self.failures = 0
+        self.calls = 0
+        self.client = None
+        self.run_id = None
+        self._start(experiment, run_name, run_id, artifact_location)
+
+    def _start(self, experiment: str, run_name: str, run_id: str | None, artifact_location: str | None) -> None:
+        def start() -> str:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.uri)
+            if run_id:
+                client.get_run(run_id)  # raises if the store lost the run
+                client.update_run(run_id, status="RUNNING")
+                self.client = client
+                return run_id
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found is not None
+                             else client.create_experiment(experiment, artifact_location=artifact_location))
+            run = client.create_run(experiment_id, run_name=run_name or None)
+            self.client = client
+            return run.info.run_id
+
+        self.run_id = self._call("start run", start)
+        if self.run_id is None:
+            # Keep the previous id so checkpoints still name the run a later resume should continue.
+            self.run_id = run_id
+            log.warning("MLflow tracking at %s is unavailable; training continues without tracking", self.uri)
+        else:
+            log.info("MLflow run %s at %s", self.run_id, self.uri)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        self.calls += 1
+        # After repeated failures, try only every 20th call so a dead store does not slow training down.
+        if self.failures >= 3 and self.calls % 20:
+            return None
+        for attempt in range(self.attempts):
+            try:
+                result = fn()
+                if self.failures:
+                    log.warning("MLflow tracking at %s works again after %d failed calls", self.uri, self.failures)
+                self.failures = 0
+                return result
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                last = err
+                if attempt + 1 < self.attempts:
+                    time.sleep(self.retry_wait_s)
+        self.failures += 1
+        if self.failures in (1, 3) or self.failures % 100 == 0:
+            log.warning("MLflow %s failed (%d consecutive failures; training continues): %s: %s", what,
+                        self.failures, type(last).__name__, str(last).splitlines()[0] if str(last) else "")
+        return None
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            chunk = items[i:i + 100]
+            self._call("log params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """``image``: uint8 numpy array (H, W, 3) or a PIL image, stored as the artifact ``artifact_file``."""
+        if not self.active:
+            return
+        self._call("log image", lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+
+    def close(self, status: str = "FINISHED") -> None:
+        if not self.active:
+            return
+        self._call("end run", lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None) -> NullTracker:
+    """Rank 0: an :class:`MlflowTracker` (reopening ``run_id`` on resume, logging params on a new run);
+    other ranks: a :class:`NullTracker`."""
+    if not is_main:
+        return NullTracker()
+    run_name = cfg.logging.run_name or Path(cfg.run_dir).name
+    tracker = MlflowTracker(tracking_uri(cfg), cfg.logging.experiment, run_name, run_id=run_id,
+                            artifact_location=artifact_location(cfg))
+    if run_id is None:
+        tracker.log_params(flatten_config(cfg))
+    return tracker
