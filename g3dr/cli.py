@@ -19,6 +19,7 @@ from g3dr.log import setup_logging
 # Modules that provide subcommands, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.config_cli",
+    "g3dr.models.import_cli",
 )
 
 

@@ -40,14 +40,20 @@ class FTrigen(nn.Module):
         return self.generator(torch.cat([rgb, depth.to(rgb.dtype)], dim=1))
 
     def render(self, planes: torch.Tensor, cam2world: torch.Tensor, *, canonical: bool,
-               depth: torch.Tensor | None = None, resolution: int | None = None) -> dict[str, torch.Tensor]:
-        """Render triplanes from cameras ``cam2world`` (B, 4, 4); ``depth`` is used only when ``canonical``."""
+               depth: torch.Tensor | None = None, resolution: int | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Render triplanes from cameras ``cam2world`` (B, 4, 4); ``depth`` is used only when ``canonical``.
+
+        ``generator`` drives the renderer's random choices (global RNG when None; unused when
+        ``renderer.deterministic``).
+        """
         resolution = resolution or self.cfg.data.resolution
         return self.renderer(planes, self.decoder, cam2world, resolution,
-                             depth=depth if canonical else None, canonical=canonical)
+                             depth=depth if canonical else None, canonical=canonical, generator=generator)
 
     def forward(self, rgb: torch.Tensor, depth: torch.Tensor, cam2world: torch.Tensor, canonical: bool,
-                resolution: int | None = None) -> dict[str, torch.Tensor]:
+                resolution: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         planes = self.make_planes(rgb, depth)
-        images = self.render(planes, cam2world, canonical=canonical, depth=depth, resolution=resolution)
+        images = self.render(planes, cam2world, canonical=canonical, depth=depth, resolution=resolution,
+                             generator=generator)
         return {"planes": planes, **images}

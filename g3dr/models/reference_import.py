@@ -116,6 +116,7 @@ def convert_reference_state_dict(reference: Mapping[str, torch.Tensor],
     """
     out: dict[str, torch.Tensor] = {}
     unknown, mis_shaped, duplicated = [], [], []
+    seen_mis_shaped: set[str] = set()
     for ref_key, value in reference.items():
         ours = reference_key_to_ours(ref_key)
         if ours is None or ours not in target:
@@ -126,10 +127,11 @@ def convert_reference_state_dict(reference: Mapping[str, torch.Tensor],
             continue
         if tuple(value.shape) != tuple(target[ours].shape):
             mis_shaped.append(f"{ref_key}: {tuple(value.shape)} vs {ours} {tuple(target[ours].shape)}")
+            seen_mis_shaped.add(ours)
             continue
         out[ours] = value.detach().to("cpu")
     learned = [k for k in target if k.startswith(("generator.", "decoder."))]
-    missing = sorted(k for k in learned if k not in out)
+    missing = sorted(k for k in learned if k not in out and k not in seen_mis_shaped)
     if unknown or missing or mis_shaped or duplicated:
         parts = []
         for label, items in (("unknown reference tensors", unknown), ("model tensors missing from the checkpoint", missing),
