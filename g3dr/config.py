@@ -308,6 +308,10 @@ class TrainConfig:
     """Keep the newest K checkpoints."""
     log_every: int = 50
     """Log losses every N optimizer steps."""
+    image_every: int = 5000
+    """Log an image grid (input, renders, depths) to MLflow every N optimizer steps (0: never)."""
+    max_nonfinite_in_row: int = 20
+    """A non-finite loss skips its micro-batch on every rank; this many in a row stops the run with a checkpoint."""
 
     def __post_init__(self) -> None:
         _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
@@ -327,6 +331,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.image_every >= 0, "image_every", f"must be >= 0, got {self.image_every}")
+        _check(self.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", f"must be >= 1, got {self.max_nonfinite_in_row}")
 
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step for ``world_size`` ranks; a clear error if they do not divide."""
