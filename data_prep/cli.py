@@ -1,0 +1,123 @@
+"""``g3dr prep``: build, check and synthesise WebDataset shards.
+
+    g3dr prep shards --src DIR --layout {release,imagenet} --out DIR [--depth-src DIR | --depth-model PATH]
+                     [--resolution 128 256] [--shard-size N] [--workers W] [--shard-index I --num-shard-jobs J]
+    g3dr prep validate DIR
+    g3dr prep synth --out DIR --n N [--resolution 128]
+
+Registering is cheap (argparse only); the handlers import the heavy modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("prep", help="prepare data: shards, validate, synth",
+                                   description="Build WebDataset shards of RGB + 16-bit depth, check them, or make a synthetic set.")
+    actions = parser.add_subparsers(dest="prep_action", metavar="ACTION", required=True)
+
+    shards = actions.add_parser("shards", help="write images + depth into WebDataset shards",
+                                description="Images + pseudo-depth into WebDataset shards with manifest.json and rejects.jsonl. "
+                                            "Resumable: a rerun skips finished shards.")
+    shards.add_argument("--src", required=True, help="input folder")
+    shards.add_argument("--layout", required=True, choices=["release", "imagenet"],
+                        help="release: NAME.jpg + NAME_depth.png; imagenet: train/<wnid>/*.JPEG")
+    shards.add_argument("--out", required=True, help="output folder of the shards")
+    depth = shards.add_mutually_exclusive_group()
+    depth.add_argument("--depth-src", default="", help="folder of 16-bit depth PNGs with the images' stems")
+    depth.add_argument("--depth-model", default="", metavar="PATH",
+                       help="local directory of a transformers depth-estimation model (DPT, Depth Anything); needs the 'depth' extra")
+    shards.add_argument("--device", default="auto", help="device of the depth model (auto: cuda when present)")
+    shards.add_argument("--depth-batch", type=int, default=8, help="images per depth-model batch")
+    shards.add_argument("--synsets", default="", help="synset list file (one wnid per line) that fixes class indices")
+    _add_store_arguments(shards, default_resolutions=[256])
+    shards.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
+    shards.add_argument("--prefix", default="train", help="shard name prefix (PREFIX-000000.tar)")
+    shards.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    shards.add_argument("--shard-index", type=int, default=0, help="this job's index in a job array")
+    shards.add_argument("--num-shard-jobs", type=int, default=1, help="number of jobs in the array")
+    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shards.set_defaults(handler=run_shards)
+
+    validate = actions.add_parser("validate", help="re-read and check a shard folder against its manifest")
+    validate.add_argument("folder", metavar="DIR")
+    validate.add_argument("--no-progress", action="store_true")
+    validate.set_defaults(handler=run_validate)
+
+    synth = actions.add_parser("synth", help="write a procedural RGB-D dataset with exact depth",
+                               description="Textured primitives (sphere, cube, cylinder, cone = classes 0-3) in the "
+                                           "scene box, seen from the canonical camera, exact depth in the release encoding.")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, required=True, help="number of samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size", type=int, default=256)
+    synth.add_argument("--workers", type=int, default=1)
+    _add_store_arguments(synth, default_resolutions=[128])
+    synth.add_argument("--no-progress", action="store_true")
+    synth.set_defaults(handler=run_synth)
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser, default_resolutions: list[int]) -> None:
+    parser.add_argument("--resolution", type=int, nargs="+", default=default_resolutions,
+                        help=f"stored square resolutions (default {default_resolutions})")
+    parser.add_argument("--format", dest="image_format", choices=["jpg", "webp"], default="jpg")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    parser.add_argument("--min-size", type=int, default=64, help="reject inputs whose shorter side is smaller")
+
+
+def _command() -> str:
+    return " ".join(shlex.quote(a) for a in ["g3dr", *sys.argv[1:]])
+
+
+def _summary(result, extra: dict) -> int:
+    summary = {**extra, "written_shards": result.written_shards, "skipped_shards": result.skipped_shards,
+               "samples": result.samples, "rejected": result.rejected, "seconds": round(result.seconds, 2),
+               "images_per_s": round(result.images_per_second, 1), "manifest": result.manifest is not None}
+    if result.manifest is not None:
+        summary.update(total_samples=result.manifest["num_samples"], total_rejected=result.manifest["num_rejected"],
+                       rejected_by_reason=result.manifest["rejected_by_reason"], shards=result.manifest["num_shards"])
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
+    from g3dr.data_prep.sources import FileSource, StoreOptions, read_synsets
+
+    options = StoreOptions(resolutions=tuple(args.resolution), image_format=args.image_format,
+                           quality=args.quality, min_size=args.min_size)
+    source = FileSource(layout=args.layout, src=args.src, options=options, depth_src=args.depth_src,
+                        synsets=tuple(read_synsets(args.synsets)) if args.synsets else (),
+                        depth_model=args.depth_model, depth_batch=args.depth_batch, device=args.device)
+    spec = JobSpec(out=args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers,
+                   shard_index=args.shard_index, num_jobs=args.num_shard_jobs,
+                   batch=max(args.depth_batch, 1) if args.depth_model else 16)
+    config = {k: v for k, v in vars(args).items() if k != "handler"}
+    result = run_shard_job(source, spec, command=_command(), config=config, progress=not args.no_progress)
+    return _summary(result, {"out": args.out, "workers": args.workers})
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from g3dr.data_prep.validate import validate_folder
+    from g3dr.log import get_logger
+
+    problems, summary = validate_folder(args.folder, progress=not args.no_progress)
+    log = get_logger("g3dr.data_prep")
+    for problem in problems:
+        log.error("%s", problem)
+    print(json.dumps(summary, sort_keys=True))
+    return 1 if problems else 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from g3dr.data_prep.synth import write_synthetic_shards
+
+    result = write_synthetic_shards(args.out, args.n, tuple(args.resolution), seed=args.seed, shard_size=args.shard_size,
+                                    workers=args.workers, image_format=args.image_format, quality=args.quality,
+                                    progress=not args.no_progress, command=_command())
+    return _summary(result, {"out": args.out, "workers": args.workers})

@@ -1,0 +1,282 @@
+"""Writes prepared samples into WebDataset shards: parallel, deterministic, resumable, SLURM-array ready.
+
+Assignment is deterministic: the inputs, sorted by key, are cut into consecutive runs of ``shard_size``;
+shard ``s`` holds inputs ``[s * shard_size, (s + 1) * shard_size)`` minus the rejected ones. A job with
+``shard_index=i, num_jobs=j`` writes the shards ``s`` with ``s % j == i`` (one SLURM array task each).
+
+A shard is written to a temporary name and renamed only when complete; its record
+(``_records/<name>.json``: sample count, bytes, sha256, rejects, the plan fingerprint) is written before
+the rename, so "the tar exists" means "the shard and its record are complete". A rerun skips finished
+shards. When every shard of the plan is finished, the job that notices writes ``manifest.json`` and
+``rejects.jsonl`` and checks that inputs = written + rejected.
+
+This module knows nothing about image formats; a *source* (:mod:`g3dr.data_prep.sources`) prepares samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from g3dr.data_prep.sources import Item, Prepared, Rejected
+from g3dr.errors import DataError
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.data_prep")
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+RECORDS_DIR = "_records"
+FORMAT = "g3dr-shards/1"
+STALE_TMP_SECONDS = 3600
+
+
+class Source(Protocol):
+    def list_items(self) -> list[Item]: ...
+    def prepare_batch(self, items: Sequence[Item]) -> list[Prepared | Rejected]: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    out: str
+    shard_size: int = 1000
+    prefix: str = "train"
+    workers: int = 1
+    shard_index: int = 0
+    num_jobs: int = 1
+    batch: int = 16
+    """Inputs handed to the source at once (the depth model's batch)."""
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def plan_fingerprint(items: Sequence[Item], description: dict[str, Any], spec: JobSpec) -> str:
+    """A hash of everything that decides shard contents; all jobs of one dataset must agree on it."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"source": description, "shard_size": spec.shard_size, "prefix": spec.prefix},
+                        sort_keys=True).encode())
+    for item in items:
+        h.update(f"{item.key}\0{item.image}\0{item.depth}\0{item.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic bytes: the same inputs give the same sha256
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+# Per-process source (set once per worker by the pool initializer, so it is not pickled per task).
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fingerprint: str, batch: int) -> dict[str, Any]:
+    """Prepare ``items``, write shard ``name`` (temp name, then rename) and its record; returns the record."""
+    start = time.perf_counter()
+    for stale in out.glob(f".{name}.tmp-*"):
+        # Left by a killed run. Only old ones: another process may be writing the same shard right now
+        # (two ranks creating the synthetic set); both write identical bytes and the rename is atomic.
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    rejects: list[dict[str, str]] = []
+    count = 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for lo in range(0, len(items), batch):
+            for result in source.prepare_batch(items[lo:lo + batch]):
+                if isinstance(result, Rejected):
+                    rejects.append(result.to_json())
+                    continue
+                for ext in sorted(result.files):
+                    _add_member(tar, f"{result.key}.{ext}", result.files[ext])
+                count += 1
+    record = {"name": name, "samples": count, "inputs": len(items), "bytes": tmp.stat().st_size,
+              "sha256": sha256_file(tmp), "rejects": rejects, "fingerprint": fingerprint,
+              "seconds": round(time.perf_counter() - start, 3)}
+    _write_json_atomic(out / RECORDS_DIR / f"{name}.json", record)
+    os.replace(tmp, out / name)
+    return record
+
+
+def _write_shard_in_worker(items: Sequence[Item], out: str, name: str, fingerprint: str, batch: int) -> dict[str, Any]:
+    assert _WORKER_SOURCE is not None
+    return write_shard(_WORKER_SOURCE, items, Path(out), name, fingerprint, batch)
+
+
+def _read_record(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / RECORDS_DIR / f"{name}.json"
+    if not (out / name).is_file() or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class JobResult:
+    written_shards: int
+    skipped_shards: int
+    samples: int
+    rejected: int
+    seconds: float
+    manifest: dict[str, Any] | None
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.samples + self.rejected) / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict[str, Any] | None = None,
+                  progress: bool = True) -> JobResult:
+    """Write this job's shards of the plan, then the manifest if the whole plan is finished."""
+    if spec.shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {spec.shard_size}")
+    if not 0 <= spec.shard_index < spec.num_jobs:
+        raise DataError(f"--shard-index {spec.shard_index} must be in [0, --num-shard-jobs={spec.num_jobs})")
+    if spec.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {spec.workers}")
+    out = Path(spec.out)
+    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+
+    items = source.list_items()
+    description = source.describe()
+    fingerprint = plan_fingerprint(items, description, spec)
+    chunks = [items[lo:lo + spec.shard_size] for lo in range(0, len(items), spec.shard_size)]
+    names = [shard_name(spec.prefix, s) for s in range(len(chunks))]
+
+    mine = [s for s in range(len(chunks)) if s % spec.num_jobs == spec.shard_index]
+    todo, skipped = [], 0
+    for s in mine:
+        record = _read_record(out, names[s])
+        if record is None:
+            todo.append(s)
+        elif record.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{out / names[s]} was written by a different plan (other inputs or options: fingerprint "
+                f"{record.get('fingerprint')} != {fingerprint}); write to a new --out or delete the old shards")
+        else:
+            skipped += 1
+    log.info("%d inputs -> %d shards of <= %d; this job (%d/%d): %d to write, %d already finished",
+             len(items), len(chunks), spec.shard_size, spec.shard_index, spec.num_jobs, len(todo), skipped)
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    samples = rejected = 0
+    bar = tqdm(total=sum(len(chunks[s]) for s in todo), unit="img", desc="prep shards", disable=not progress,
+               dynamic_ncols=True)
+
+    def account(record: dict[str, Any]) -> None:
+        nonlocal samples, rejected
+        samples += record["samples"]
+        rejected += len(record["rejects"])
+        bar.update(record["inputs"])
+        bar.set_postfix(rejected=rejected)
+        for reject in record["rejects"]:
+            log.warning("rejected %s (%s): %s", reject["source"], reject["reason"], reject["detail"])
+
+    if spec.workers == 1 or len(todo) <= 1:
+        for s in todo:
+            account(write_shard(source, chunks[s], out, names[s], fingerprint, spec.batch))
+    else:
+        ctx = get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(spec.workers, len(todo)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(source,)) as pool:
+            futures = [pool.submit(_write_shard_in_worker, chunks[s], str(out), names[s], fingerprint, spec.batch)
+                       for s in todo]
+            for future in as_completed(futures):
+                account(future.result())
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    manifest = finalize(out, names, len(items), fingerprint, description, spec, command, config or {})
+    result = JobResult(len(todo), skipped, samples, rejected, seconds, manifest)
+    log.info("wrote %d shards (%d samples, %d rejected) in %.1fs: %.1f images/s with %d workers; skipped %d finished shards",
+             len(todo), samples, rejected, seconds, result.images_per_second, spec.workers, skipped)
+    return result
+
+
+def finalize(out: Path, names: Sequence[str], num_inputs: int, fingerprint: str, description: dict[str, Any],
+             spec: JobSpec, command: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Write ``manifest.json`` and ``rejects.jsonl`` when every shard of the plan is finished."""
+    records = [_read_record(out, name) for name in names]
+    missing = [name for name, record in zip(names, records) if record is None]
+    if missing:
+        log.info("%d of %d shards finished; the manifest is written when all are (missing e.g. %s)",
+                 len(names) - len(missing), len(names), missing[0])
+        return None
+    rejects = sorted((r for record in records for r in record["rejects"]), key=lambda r: r["key"])
+    written = sum(record["samples"] for record in records)
+    if written + len(rejects) != num_inputs:
+        raise DataError(f"inputs ({num_inputs}) != written ({written}) + rejected ({len(rejects)}) in {out}; "
+                        "the shard records are inconsistent: delete the output folder and rerun")
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "source": description,
+        "shard_size": spec.shard_size,
+        "num_inputs": num_inputs,
+        "num_samples": written,
+        "num_rejected": len(rejects),
+        "rejected_by_reason": _count_by(rejects, "reason"),
+        "num_shards": len(names),
+        "total_bytes": sum(record["bytes"] for record in records),
+        "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+                   for r in records],
+        "depth_encoding": {"png": "uint16 grayscale", "decode": "v / 65536 * 2 + 4"},
+        "command": command,
+        "config": config,
+    }
+    rejects_tmp = out / f".{REJECTS}.tmp-{os.getpid()}"
+    rejects_tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    os.replace(rejects_tmp, out / REJECTS)
+    _write_json_atomic(out / MANIFEST, manifest)
+    log.info("manifest: %d inputs = %d written + %d rejected %s, %d shards, %.1f MB",
+             num_inputs, written, len(rejects), manifest["rejected_by_reason"], len(names),
+             manifest["total_bytes"] / 1e6)
+    return manifest
+
+
+def _count_by(rows: Sequence[dict[str, str]], key: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[key]] = counts.get(row[key], 0) + 1
+    return dict(sorted(counts.items()))
