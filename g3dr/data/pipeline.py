@@ -1,0 +1,374 @@
+"""The training and evaluation data pipeline over WebDataset shards.
+
+Stages (per rank, per data-loader worker):
+
+- shard URLs: brace patterns, ``::``- or comma-separated lists, Python lists, local paths, a folder
+  (its ``manifest.json``), ``pipe:`` commands (opened by WebDataset's ``gopen``);
+- **train** (resampled): every (seed, rank, worker, epoch) draws shards with replacement from its own
+  seeded RNG (as open_clip's resampled mode), shuffles in a buffer, decodes, flips image and depth
+  together with p = ``flip_p``, batches, and stops after a fixed number of batches per epoch so every
+  rank runs the same number of steps;
+- **eval** (exact single pass): no shuffle, no flip; shards are split by rank and worker when there
+  are enough of them, otherwise every worker reads all shards and keeps every k-th sample; together
+  the ranks and workers see every sample exactly once;
+- decoding picks the smallest stored resolution >= the training resolution and resizes with Lanczos;
+  depth is decoded from the 16-bit PNG explicitly (never through an 8-bit image mode);
+- a sample that fails to read or decode is skipped, counted by reason and logged (rate-limited); the
+  counts are on :attr:`ShardStream.skipped` in the process that ran the stage and in the log of workers.
+
+Batches are dicts ``rgb`` float32 (B, 3, H, W) in [-1, 1], ``depth`` float32 (B, 1, H, W) in the
+release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str].
+
+The stream yields ``_worker`` / ``_consumed`` bookkeeping entries that :class:`TrainLoader` strips; they
+make the position exactly resumable (:meth:`TrainLoader.state_dict`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+
+from g3dr.data.depth_codec import decode_u16_png
+from g3dr.errors import DataError
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.data")
+
+_IMAGE_EXT = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|webp|png)$")
+_DEPTH_EXT = re.compile(r"^(?:(\d+)\.)?depth\.png$")
+_LOG_FIRST = 5
+_LOG_EVERY = 100
+
+
+# --------------------------------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a pattern, a list or a folder; order is preserved, duplicates are an error.
+
+    ``"/d/train-{000000..000003}.tar"`` -> 4 paths; ``"a.tar::b.tar"`` or ``"a.tar,b.tar"`` -> 2;
+    a folder with ``manifest.json`` -> its shards; ``"pipe:curl -s http://h/s-{0..1}.tar"`` -> 2 commands.
+    """
+    if isinstance(spec, (list, tuple)):
+        pieces = [str(s) for s in spec]
+    else:
+        pieces = [p for chunk in str(spec).split("::") for p in _split_top_level_commas(chunk)]
+    urls: list[str] = []
+    for piece in (p.strip() for p in pieces):
+        if not piece:
+            continue
+        if not piece.startswith("pipe:") and Path(piece).is_dir():
+            urls += shards_of_folder(piece)
+            continue
+        urls += list(braceexpand.braceexpand(piece))
+    if not urls:
+        raise DataError(f"no shard URLs in {spec!r}; set data.shards to a brace pattern, a list or a shard folder")
+    if len(set(urls)) != len(urls):
+        raise DataError(f"shard list {spec!r} names some shards twice; each shard must appear once")
+    return urls
+
+
+def shards_of_folder(folder: str | Path) -> list[str]:
+    """The shard paths listed in ``folder/manifest.json`` (written by ``g3dr prep``)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{folder} has no manifest.json; point data.shards at the shard files or run 'g3dr prep shards'")
+    return [str(Path(folder) / shard["name"]) for shard in manifest["shards"] if shard["samples"] > 0]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def manifest_num_samples(urls: Sequence[str]) -> int | None:
+    """Samples in ``urls`` according to the manifests beside them (local shards only), else None."""
+    by_folder: dict[Path, set[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            return None
+        by_folder.setdefault(Path(url).parent, set()).add(Path(url).name)
+    total = 0
+    for folder, names in by_folder.items():
+        manifest = read_manifest(folder)
+        if manifest is None:
+            return None
+        counts = {shard["name"]: shard["samples"] for shard in manifest["shards"]}
+        if not names <= counts.keys():
+            return None
+        total += sum(counts[name] for name in names)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def _pick(sample: dict[str, Any], pattern: re.Pattern, resolution: int) -> str | None:
+    """The extension of the smallest stored resolution >= ``resolution`` (else the largest; unsized last)."""
+    options = []
+    for ext in sample:
+        match = pattern.match(ext)
+        if match:
+            size = int(match.group(1)) if match.group(1) else 0
+            options.append((size, ext))
+    if not options:
+        return None
+    at_least = sorted(o for o in options if o[0] >= resolution)
+    return at_least[0][1] if at_least else max(options)[1]
+
+
+def _square(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def decode_sample(sample: dict[str, Any], resolution: int, depth_scale: float = 2.0,
+                  depth_offset: float = 4.0) -> dict[str, Any]:
+    """One raw WebDataset sample (``__key__`` + bytes per extension) -> numpy arrays at ``resolution``.
+
+    Returns ``rgb`` float32 (3, R, R) in [-1, 1], ``depth`` float32 (1, R, R), ``label`` int, ``key`` str.
+    Raises on anything missing or undecodable (the pipeline counts and skips those).
+    """
+    key = sample.get("__key__", "?")
+    image_ext = _pick(sample, _IMAGE_EXT, resolution)
+    depth_ext = _pick(sample, _DEPTH_EXT, resolution)
+    if image_ext is None or depth_ext is None:
+        raise ValueError(f"sample {key} lacks an image or a depth PNG (has {sorted(k for k in sample if not k.startswith('__'))})")
+    with Image.open(io.BytesIO(sample[image_ext])) as image:
+        image.load()
+        image = _square(image.convert("RGB"))
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        rgb = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    codes = decode_u16_png(sample[depth_ext])
+    if codes.shape[0] != codes.shape[1]:
+        side = min(codes.shape)
+        top, left = (codes.shape[0] - side) // 2, (codes.shape[1] - side) // 2
+        codes = codes[top:top + side, left:left + side]
+    if codes.shape != (resolution, resolution):
+        # Resize the codes as float (mode F): an 8-bit step would lose the 16-bit precision.
+        values = np.asarray(Image.fromarray(codes.astype(np.float32), mode="F")
+                            .resize((resolution, resolution), Image.Resampling.LANCZOS), dtype=np.float64)
+        values = np.clip(values, 0.0, 65535.0)  # Lanczos overshoot at edges
+    else:
+        values = codes.astype(np.float64)
+    depth = (values / 65536.0 * depth_scale + depth_offset).astype(np.float32)[None]
+    label = int(sample["cls"].decode()) if "cls" in sample else -1
+    return {"rgb": np.ascontiguousarray(rgb), "depth": depth, "label": label, "key": key}
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in samples])),
+        "depth": torch.from_numpy(np.stack([s["depth"] for s in samples])),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+# --------------------------------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions, unlike hash())."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 1
+
+
+@dataclass
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from shards for one rank; see the module docstring for the two modes."""
+
+    urls: list[str]
+    mode: Literal["train", "eval"]
+    resolution: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    flip_p: float = 0.5
+    depth_scale: float = 2.0
+    depth_offset: float = 4.0
+    batches_per_epoch: int = 0
+    """Train mode: batches this rank yields per epoch (over all its workers)."""
+    epoch: int = 0
+    resume_batches_done: int = 0
+    """Train mode: batches of this epoch already delivered (exact resume)."""
+    resume_consumed: dict[int, int] = field(default_factory=dict)
+    """Train mode: raw samples each (logical) worker already consumed in this epoch (exact resume)."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Samples skipped in this process, by reason."""
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if self.mode == "train" and self.batches_per_epoch < 1:
+            raise ValueError("train mode needs batches_per_epoch >= 1")
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _skip(self, reason: str, err: BaseException, where: str) -> None:
+        count = self.skipped.get(reason, 0) + 1
+        self.skipped[reason] = count
+        total = sum(self.skipped.values())
+        if total <= _LOG_FIRST or total % _LOG_EVERY == 0:
+            log.warning("skipped a sample (%s) in %s: %s [%d skipped so far in this worker: %s]",
+                        reason, where, err, total, dict(self.skipped))
+
+    def _samples_of(self, url: str) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard; read errors are counted and end the shard (the rest is unreachable)."""
+        from webdataset.tariterators import tarfile_samples
+
+        def handler(exn: BaseException) -> bool:
+            self._skip("unreadable_shard_data", exn, url)
+            return False  # stop this shard: a broken tar stream cannot be resynchronised
+
+        yield from tarfile_samples([{"url": url}], handler=handler)
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return decode_sample(raw, self.resolution, self.depth_scale, self.depth_offset)
+        except Exception as err:  # noqa: BLE001 - any corrupt sample is skipped, counted and logged
+            self._skip("undecodable_sample", err, str(raw.get("__url__", "?")))
+            return None
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    # ---- modes ----------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self._worker()
+        if self.mode == "train":
+            return self._iter_train(worker, num_workers)
+        return self._iter_eval(worker, num_workers)
+
+    def _iter_train(self, physical_worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        # Batch j of an epoch comes from logical worker j % W (the DataLoader takes workers round-robin).
+        # On resume after k batches, physical worker 0 must deliver batch k: it plays logical worker k % W.
+        done = self.resume_batches_done
+        worker = (physical_worker + done) % num_workers
+        rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch))
+        my_batches = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+        my_batches -= done // num_workers + (worker < done % num_workers)
+        to_skip = self.resume_consumed.get(worker, 0)
+        consumed = 0
+
+        def raw_stream() -> Iterator[dict[str, Any]]:
+            empty_in_a_row = 0
+            while True:
+                url = rng.choice(self.urls)
+                got = False
+                for raw in self._samples_of(url):
+                    got = True
+                    yield raw
+                if got:
+                    empty_in_a_row = 0
+                    continue
+                self._skip("empty_or_unreadable_shard", RuntimeError("no samples"), url)
+                empty_in_a_row += 1
+                if empty_in_a_row >= 2 * len(self.urls) + 10:
+                    raise DataError(f"{empty_in_a_row} shards in a row gave no samples (last: {url}); "
+                                    "check data.shards and run 'g3dr prep validate' on the shard folder")
+
+        buffer: list[dict[str, Any]] = []
+        capacity = max(self.shuffle_buffer, 1)
+        initial = min(capacity, 64)  # start emitting early; the buffer then grows to its capacity
+        produced = 0
+        pending: list[dict[str, Any]] = []
+        source = raw_stream()
+        while produced < my_batches:
+            while len(buffer) < initial:
+                buffer.append(next(source))
+            for _ in range(2):
+                if len(buffer) < capacity:
+                    buffer.append(next(source))
+            # Emit a random element, and draw its flip from the same RNG, so that skipping samples on
+            # resume (no decode) leaves every later decision identical.
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            raw = buffer.pop()
+            flip = rng.random() < self.flip_p
+            consumed += 1
+            if consumed <= to_skip:
+                continue
+            sample = self._decode(raw)
+            if sample is None:
+                continue
+            if flip:
+                sample["rgb"] = np.ascontiguousarray(sample["rgb"][:, :, ::-1])
+                sample["depth"] = np.ascontiguousarray(sample["depth"][:, :, ::-1])
+            pending.append(sample)
+            if len(pending) == self.batch_size:
+                batch = collate(pending)
+                batch["_worker"], batch["_consumed"] = worker, consumed
+                pending = []
+                produced += 1
+                yield batch
+
+    def _iter_eval(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        if len(self.urls) >= slots:
+            # Split by shard: slot k reads shards k, k + slots, ...
+            plan = [(url, None) for url in self.urls[slot::slots]]
+        else:
+            # Too few shards: every slot reads all shards and keeps samples j with j % slots == slot.
+            plan = [(url, "sample") for url in self.urls]
+        index = 0
+        pending: list[dict[str, Any]] = []
+        for url, split in plan:
+            for raw in self._samples_of(url):
+                keep = split is None or index % slots == slot
+                index += 1
+                if not keep:
+                    continue
+                sample = self._decode(raw)
+                if sample is None:
+                    continue
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield collate(pending)
+                    pending = []
+        if pending:
+            yield collate(pending)

@@ -1,0 +1,204 @@
+"""The shard reading pipeline: URLs, exact eval split, seeded training stream, resume, corrupt samples, flip."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from g3dr.config import load_config
+from g3dr.data import build_eval_loader, build_train_loader
+from g3dr.data.depth_codec import encode_u16_png
+from g3dr.data.pipeline import ShardStream, expand_shard_urls
+from g3dr.data_prep.synth import write_synthetic_shards
+from g3dr.distributed import DistEnv
+from g3dr.errors import DataError
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "shards"
+    write_synthetic_shards(str(out), N, (32,), seed=1, shard_size=3, progress=False)  # 8 shards of 3
+    return out
+
+
+def _cfg(synth_dir: Path, *overrides: str):
+    return load_config(None, ["data.source=shards", f"data.shards={synth_dir}", "data.resolution=32",
+                              "renderer.plane_resolutions=[32,16]", "model.channel_mults=[1,2]",
+                              "train.micro_batch_size=2", "train.global_batch_size=2", "data.shuffle_buffer=8",
+                              "data.num_workers=0", *overrides])
+
+
+def test_expand_urls(tmp_path, synth_dir):
+    assert expand_shard_urls("/d/s-{000..002}.tar") == ["/d/s-000.tar", "/d/s-001.tar", "/d/s-002.tar"]
+    assert expand_shard_urls("/a/{x,y}.tar,/b/z.tar") == ["/a/x.tar", "/a/y.tar", "/b/z.tar"]
+    assert expand_shard_urls("/a/x.tar::/b/{0..1}.tar") == ["/a/x.tar", "/b/0.tar", "/b/1.tar"]
+    assert expand_shard_urls(["/a/x.tar", "/b/y.tar"]) == ["/a/x.tar", "/b/y.tar"]
+    assert expand_shard_urls("pipe:cat /d/s-{0..1}.tar") == ["pipe:cat /d/s-0.tar", "pipe:cat /d/s-1.tar"]
+    folder = expand_shard_urls(str(synth_dir))
+    assert len(folder) == 8 and folder[0].endswith("synth-000000.tar")
+    with pytest.raises(DataError, match="twice"):
+        expand_shard_urls("/a/x.tar,/a/x.tar")
+    with pytest.raises(DataError, match="manifest"):
+        expand_shard_urls(str(tmp_path))
+
+
+def _eval_keys(urls, rank, world, workers) -> list[str]:
+    stream = ShardStream(urls=urls, mode="eval", resolution=32, batch_size=2, rank=rank, world_size=world)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [key for batch in loader for key in batch["key"]]
+
+
+@pytest.mark.parametrize("num_shards", [8, 3])  # split by shard (8 >= 2 ranks x 2 workers) and by sample (3 < 4)
+def test_two_ranks_two_workers_see_every_sample_once(synth_dir, num_shards):
+    urls = expand_shard_urls(str(synth_dir))[:num_shards]
+    expected = {f"synth_{i:07d}" for i in range(num_shards * 3)}
+    seen = [_eval_keys(urls, rank, 2, 2) for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    all_keys = seen[0] + seen[1]
+    assert len(all_keys) == len(set(all_keys)) == len(expected) and set(all_keys) == expected
+    assert all(seen)  # both ranks got work
+
+
+def test_eval_loader_single_pass_via_config(synth_dir):
+    batches = list(build_eval_loader(_cfg(synth_dir), DistEnv()))
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == [f"synth_{i:07d}" for i in range(N)]
+    b = batches[0]
+    assert b["rgb"].shape == (2, 3, 32, 32) and b["rgb"].dtype == torch.float32
+    assert b["depth"].shape == (2, 1, 32, 32) and b["label"].dtype == torch.int64
+    assert -1 <= b["rgb"].min() and b["rgb"].max() <= 1 and 4 < b["depth"].min() and b["depth"].max() < 6
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_train_stream_is_seeded_and_epoch_length_fixed(synth_dir):
+    cfg = _cfg(synth_dir)
+    loader = build_train_loader(cfg, DistEnv())
+    assert len(loader) == N // 2  # manifest samples / world / micro-batch
+    assert len(build_train_loader(cfg, DistEnv(rank=1, world_size=2))) == N // 4
+    a = _take(loader, 5)
+    b = _take(build_train_loader(cfg, DistEnv()), 5)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and torch.equal(x["rgb"], y["rgb"]) and torch.equal(x["depth"], y["depth"])
+    c = _take(build_train_loader(_cfg(synth_dir, "train.seed=7"), DistEnv()), 5)
+    assert [x["key"] for x in a] != [x["key"] for x in c]
+    other_rank = _take(build_train_loader(cfg, DistEnv(rank=1, world_size=2)), 5)
+    assert [x["key"] for x in a] != [x["key"] for x in other_rank]
+    assert set().union(*[x.keys() for x in a]) == {"rgb", "depth", "label", "key"}
+
+
+def test_resume_position_is_exact_across_workers_and_epochs(synth_dir):
+    cfg = _cfg(synth_dir, "data.num_workers=2", "data.epoch_length=10")  # 5 batches per epoch
+    reference = _take(build_train_loader(cfg, DistEnv()), 9)
+    first = build_train_loader(cfg, DistEnv())
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+    resumed = build_train_loader(cfg, DistEnv())
+    resumed.load_state_dict(state)
+    rest = _take(resumed, 6)  # 2 more of epoch 0, then 4 of epoch 1
+    for x, y in zip(reference[3:], rest):
+        assert x["key"] == y["key"] and torch.equal(x["rgb"], y["rgb"])
+    assert resumed.epoch == 1
+
+
+def test_joint_flip_flips_image_and_depth_together(synth_dir):
+    urls = expand_shard_urls(str(synth_dir))
+    plain = ShardStream(urls=urls, mode="train", resolution=32, batch_size=4, seed=3, flip_p=0.0, batches_per_epoch=1)
+    flipped = ShardStream(urls=urls, mode="train", resolution=32, batch_size=4, seed=3, flip_p=1.0, batches_per_epoch=1)
+    a, b = next(iter(plain)), next(iter(flipped))
+    assert a["key"] == b["key"]
+    assert torch.equal(b["rgb"], a["rgb"].flip(-1)) and torch.equal(b["depth"], a["depth"].flip(-1))
+    assert not torch.equal(a["rgb"], b["rgb"])
+    half = ShardStream(urls=urls, mode="train", resolution=32, batch_size=24, seed=3, flip_p=0.5, batches_per_epoch=1)
+    c = next(iter(half))
+    plain24 = next(iter(ShardStream(urls=urls, mode="train", resolution=32, batch_size=24, seed=3, flip_p=0.0, batches_per_epoch=1)))
+    n_flipped = sum(not torch.equal(x, y) for x, y in zip(c["rgb"], plain24["rgb"]))
+    assert 4 <= n_flipped <= 20
+
+
+def _member(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(synth_dir, tmp_path, caplog):
+    good = next(iter(ShardStream(urls=[str(synth_dir / "synth-000000.tar")], mode="eval", resolution=32, batch_size=1)))
+    assert good["key"] == ["synth_0000000"]
+    src = tarfile.open(synth_dir / "synth-000000.tar")
+    members = {m.name: src.extractfile(m).read() for m in src}
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, payload in members.items():
+            _member(tar, name, payload)
+        _member(tar, "broken_jpeg.32.jpg", members["synth_0000000.32.jpg"][:100])
+        _member(tar, "broken_jpeg.32.depth.png", members["synth_0000000.32.depth.png"])
+        _member(tar, "no_depth.32.jpg", members["synth_0000000.32.jpg"])
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, format="PNG")
+        _member(tar, "eight_bit.32.jpg", members["synth_0000000.32.jpg"])
+        _member(tar, "eight_bit.32.depth.png", buf.getvalue())
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(bad.read_bytes()[: bad.stat().st_size * 3 // 5])  # a stream cut mid-way
+    stream = ShardStream(urls=[str(bad), str(truncated)], mode="eval", resolution=32, batch_size=2)
+    with caplog.at_level("WARNING", logger="g3dr.data"):
+        keys = [k for batch in stream for k in batch["key"]]
+    assert keys[:3] == ["synth_0000000", "synth_0000001", "synth_0000002"]
+    assert stream.skipped["undecodable_sample"] >= 3
+    assert stream.skipped.get("unreadable_shard_data", 0) == 1
+    assert "skipped a sample" in caplog.text
+
+
+def test_depth_is_exact_at_the_stored_resolution(synth_dir):
+    import tarfile as tf
+
+    from g3dr.data.depth_codec import decode_u16_png
+
+    with tf.open(synth_dir / "synth-000001.tar") as tar:
+        codes = {m.name.split(".")[0]: decode_u16_png(tar.extractfile(m).read()) for m in tar if m.name.endswith("depth.png")}
+    batch = next(iter(ShardStream(urls=[str(synth_dir / "synth-000001.tar")], mode="eval", resolution=32, batch_size=3)))
+    for key, depth in zip(batch["key"], batch["depth"]):
+        expected = (codes[key].astype(np.float64) / 65536 * 2 + 4).astype(np.float32)
+        np.testing.assert_array_equal(depth[0].numpy(), expected)
+
+
+def test_lanczos_resize_matches_pil_on_release_data(release_samples, tmp_path):
+    from g3dr.cli import main
+
+    out = tmp_path / "rel"
+    assert main(["prep", "shards", "--src", str(release_samples / "1"), "--layout", "release", "--out", str(out),
+                 "--resolution", "256", "--no-progress"]) == 0
+    batch = next(iter(ShardStream(urls=expand_shard_urls(str(out)), mode="eval", resolution=128, batch_size=2)))
+    for key, rgb, depth in zip(batch["key"], batch["rgb"], batch["depth"]):
+        image = Image.open(release_samples / "1" / f"{key}.jpg").convert("RGB").resize((128, 128), Image.Resampling.LANCZOS)
+        np.testing.assert_allclose(rgb.numpy(), np.asarray(image, np.float32).transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+        codes = np.array(Image.open(release_samples / "1" / f"{key}_depth.png")).astype(np.float32)
+        ref = np.asarray(Image.fromarray(codes, mode="F").resize((128, 128), Image.Resampling.LANCZOS), np.float64)
+        np.testing.assert_allclose(depth[0].numpy(), np.clip(ref, 0, 65535) / 65536 * 2 + 4, atol=1e-5)
+        assert 4 <= depth.min() and depth.max() <= 6
+
+
+def test_synthetic_source_is_created_on_first_use(tmp_path, tiny_config_path):
+    folder = tmp_path / "syn"
+    cfg = load_config(tiny_config_path, [f"data.synthetic_dir={folder}", "data.synthetic_size=8"])
+    loader = build_train_loader(cfg, DistEnv())
+    batch = next(iter(loader))
+    assert (folder / "manifest.json").is_file() and len(loader) == 4
+    assert batch["rgb"].shape == (2, 3, cfg.data.resolution, cfg.data.resolution)
+    assert sorted(k for b in build_eval_loader(cfg, DistEnv()) for k in b["key"]) == [f"synth_{i:07d}" for i in range(8)]
+    with pytest.raises(DataError, match="synthetic_size"):
+        build_train_loader(load_config(tiny_config_path, [f"data.synthetic_dir={folder}", "data.synthetic_size=9"]), DistEnv())
