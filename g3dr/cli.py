@@ -20,6 +20,7 @@ from g3dr.log import setup_logging
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.config_cli",
     "g3dr.models.import_cli",
+    "g3dr.models.render_cli",
     "g3dr.data_prep.cli",
 )
 

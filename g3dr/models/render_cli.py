@@ -1,0 +1,189 @@
+"""``g3dr render``: lift one RGB-D image to a triplane with a checkpoint and render a view or a video.
+
+The image and its release-format depth PNG go through the same decoding as training data
+(:func:`g3dr.data.pipeline.decode_sample`: centre square, Lanczos resize to ``data.resolution``, exact
+16-bit depth decoding). Views are rendered as the reference code renders for evaluation and videos:
+without the depth prior (``--depth-prior`` renders the canonical view as in training instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from g3dr.errors import ConfigError, DataError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "render", help="render the canonical view, a novel view or a video of one RGB-D image",
+        description="Build the triplane of IMAGE + DEPTH with a checkpoint (ours; convert the reference's with "
+                    "'g3dr import-official') and render it. Without --yaw/--pitch/--video the canonical (input) "
+                    "view is rendered. Angles are absolute spherical angles in radians (3DGP convention: the "
+                    "canonical view is yaw = pitch = pi/2).",
+        epilog="Example: g3dr render --checkpoint g3dr.safetensors --image cat.jpg --depth cat_depth.png "
+               "--yaw 1.77 --deterministic --png novel.png --save-npz novel.npz")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="f_trigen .safetensors checkpoint")
+    parser.add_argument("--image", required=True, metavar="IMG", help="RGB image (jpg/png)")
+    parser.add_argument("--depth", required=True, metavar="DEPTH_PNG",
+                        help="16-bit release-format depth PNG (depth = v / 65536 * 2 + 4)")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--video", metavar="OUT.mp4",
+                      help="render the circular video trajectory (paper S.6) to an mp4: RGB | depth side by side")
+    view.add_argument("--yaw", type=float, help="camera yaw in radians (default: canonical)")
+    parser.add_argument("--pitch", type=float, help="camera pitch in radians (default: canonical)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="no stratified jitter, evenly spaced importance samples: bit-reproducible renders")
+    parser.add_argument("--sigma-scale", type=float, metavar="S", help="multiply the density (paper S.3 sweep)")
+    parser.add_argument("--depth-prior", action="store_true",
+                        help="canonical view only: use the input depth for the fine samples, as in training")
+    parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
+    parser.add_argument("--frames", type=int, default=128, help="video frames (default 128, as the reference)")
+    parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40, as the reference)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the renderer's random sampling (non-deterministic mode)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--save-npz", metavar="OUT.npz",
+                        help="float32 arrays rgb (3,H,W) in [-1,1], depth (1,H,W), weight_sum (1,H,W); with --video "
+                             "a leading frame axis")
+    parser.add_argument("--png", metavar="OUT.png", help="the rendered RGB as an 8-bit PNG")
+    parser.set_defaults(handler=run)
+
+
+def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, depth_scale: float = 2.0,
+              depth_offset: float = 4.0):
+    """``(rgb (1, 3, R, R) in [-1, 1], depth (1, 1, R, R))`` float32 tensors of one image + depth PNG pair."""
+    import torch
+
+    from g3dr.data.pipeline import decode_sample
+
+    for path, what in ((image_path, "image"), (depth_path, "depth PNG")):
+        if not Path(path).is_file():
+            raise DataError(f"{what} {path} does not exist")
+    sample = {"__key__": Path(image_path).stem, "jpg": Path(image_path).read_bytes(),
+              "depth.png": Path(depth_path).read_bytes()}
+    try:
+        out = decode_sample(sample, resolution, depth_scale=depth_scale, depth_offset=depth_offset)
+    except DataError:
+        raise
+    except Exception as err:  # PIL and the depth codec raise many types for unreadable files
+        raise DataError(f"cannot decode {image_path} + {depth_path}: {err}") from None
+    return torch.from_numpy(out["rgb"])[None], torch.from_numpy(out["depth"])[None]
+
+
+def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, generator=None, progress=False):
+    """Render ``planes`` (1, 3, C, H, W) from every (yaw[i], pitch[i]); returns dict of (N, ...) CPU tensors.
+
+    ``depth`` (1, 1, R, R), when given, is used as the depth prior (canonical renders as in training).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from g3dr.render import camera_to_world_from_angles
+
+    outputs: dict[str, list] = {}
+    frames = range(yaw.shape[0])
+    for i in tqdm(frames, desc="render", unit="frame", disable=not progress or len(frames) == 1):
+        cam2world = camera_to_world_from_angles(yaw[i:i + 1], pitch[i:i + 1], model.cfg.camera.radius)
+        with torch.no_grad():
+            images = model.render(planes, cam2world.to(planes.device), canonical=depth is not None, depth=depth,
+                                  resolution=resolution, generator=generator)
+        for key, value in images.items():
+            outputs.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in outputs.items()}
+
+
+def _uint8_rgb(rgb):
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _uint8_depth(depth, near: float, far: float):
+    # Near is bright; the fixed range [near, far] keeps frames comparable (no per-frame normalisation).
+    value = ((far - depth.clamp(near, far)) / (far - near) * 255).round().byte()
+    return value.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+
+
+def write_video(path: str | Path, rgb, depth, fps: int, near: float, far: float) -> None:
+    """Write frames (N, 3, H, W) RGB in [-1, 1] beside their depth (N, 1, H, W) as an H.264 mp4."""
+    import numpy as np
+
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise ConfigError("--video needs imageio with ffmpeg: pip install 'g3dr-scale[video]' "
+                          "(or pip install 'imageio[ffmpeg]')") from None
+    frames = np.concatenate([_uint8_rgb(rgb), _uint8_depth(depth, near, far)], axis=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(str(path), list(frames), fps=fps, quality=8, macro_block_size=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from g3dr.log import get_logger
+    from g3dr.models.checkpoint_io import load_f_trigen
+
+    log = get_logger("g3dr.render_cli")
+    if not (args.png or args.save_npz or args.video):
+        raise ConfigError("nothing to write: give --png OUT.png, --save-npz OUT.npz and/or --video OUT.mp4")
+    if args.video and args.pitch is not None:
+        raise ConfigError("--pitch cannot be combined with --video (the video follows its own trajectory)")
+    if args.video and args.png:
+        raise ConfigError("--png writes a single view; with --video use --save-npz for the frames' values")
+    novel = args.yaw is not None or args.pitch is not None
+    if args.depth_prior and (novel or args.video):
+        raise ConfigError("--depth-prior applies to the canonical view only (no --yaw/--pitch/--video)")
+    if args.frames < 1 or args.fps < 1:
+        raise ConfigError(f"--frames and --fps must be >= 1, got {args.frames} and {args.fps}")
+
+    overrides = []
+    if args.deterministic:
+        overrides.append("renderer.deterministic=true")
+    if args.sigma_scale is not None:
+        overrides.append(f"renderer.sigma_scale={args.sigma_scale!r}")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA device is available")
+        device = torch.device(args.device)
+    model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)
+    resolution = args.resolution or cfg.data.resolution
+    rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
+    rgb, depth = rgb.to(device), depth.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    with torch.no_grad():
+        planes = model.make_planes(rgb, depth)
+    cam = cfg.camera
+    if args.video:
+        from g3dr.render import video_trajectory
+
+        yaw, pitch = video_trajectory(args.frames, cam)
+    else:
+        yaw = torch.tensor([cam.canonical_yaw if args.yaw is None else args.yaw])
+        pitch = torch.tensor([cam.canonical_pitch if args.pitch is None else args.pitch])
+    if args.depth_prior and resolution != cfg.data.resolution:
+        raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
+    images = render_angles(model, planes, yaw, pitch, resolution=resolution,
+                           depth=depth if args.depth_prior else None, generator=generator, progress=True)
+
+    half = cfg.renderer.box_warp / 2
+    if args.video:
+        write_video(args.video, images["rgb"], images["depth"], args.fps, cam.radius - half, cam.radius + half)
+        log.info("wrote %s (%d frames at %d fps)", args.video, args.frames, args.fps)
+    if args.save_npz:
+        squeeze = not args.video
+        arrays = {key: (images[key][0] if squeeze else images[key]).numpy().astype(np.float32)
+                  for key in ("rgb", "depth", "weight_sum")}
+        Path(args.save_npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.save_npz, **arrays)
+        log.info("wrote %s", args.save_npz)
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_uint8_rgb(images["rgb"])[0]).save(args.png)
+        log.info("wrote %s", args.png)
+    print(f"rendered {yaw.shape[0]} view(s) at {resolution}x{resolution} from {args.checkpoint} (step {meta['step']}): "
+          f"mean weight_sum {images['weight_sum'].mean().item():.4f}, mean depth {images['depth'].mean().item():.4f}")
+    return 0
