@@ -117,7 +117,9 @@ def rays_from_cameras(
     z = -torch.ones(fov.shape[0], height * width, dtype=dtype, device=device) / torch.tan(fov_rad * 0.5)
     x, y = x.expand_as(z), y.expand_as(z)
     directions_cam = _normalize(torch.stack([x, y, z], dim=2)).expand(batch, -1, -1)  # (B, R, 3)
-    directions = torch.bmm(cam2world[:, :3, :3], directions_cam.transpose(1, 2)).transpose(1, 2)
+    # Ray geometry stays in the input precision even under autocast (a bf16 bmm would bend the rays).
+    with torch.autocast(device_type=device.type, enabled=False):
+        directions = torch.bmm(cam2world[:, :3, :3], directions_cam.transpose(1, 2)).transpose(1, 2)
     directions = F.normalize(directions, dim=2)
     origins = cam2world[:, None, :3, 3].expand(batch, height * width, 3)
     return origins, directions

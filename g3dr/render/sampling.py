@@ -197,7 +197,9 @@ def depths_from_importance(
         raise ValueError(f"weights {tuple(weights.shape)} must be (B, R, S - 1, 1) for depths {tuple(depths_coarse.shape)}")
     with torch.no_grad():
         z = depths_coarse.reshape(batch * rays, samples)
-        w = smooth_weights_for_importance(weights.reshape(batch * rays, samples - 1))
+        # At least float32 (the reference casts to float; float64 stays float64 for the tests).
+        w = weights.reshape(batch * rays, samples - 1)
+        w = smooth_weights_for_importance(w.to(torch.promote_types(w.dtype, torch.float32)))
         mids = 0.5 * (z[:, :-1] + z[:, 1:])
         fine = depths_from_pdf(mids, w[:, 1:-1], num_samples, deterministic=deterministic, generator=generator)
     return fine.detach().reshape(batch, rays, num_samples, 1)

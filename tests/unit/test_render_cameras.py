@@ -119,3 +119,12 @@ def test_video_trajectory():
     assert float(yaw[1]) == pytest.approx(math.pi / 2 + 0.35)
     with pytest.raises(ValueError):
         video_trajectory(0, cfg)
+
+
+def test_rays_keep_precision_under_autocast():
+    c2w = camera_to_world_from_angles(torch.tensor([1.0]), torch.tensor([1.5]), 5.0)
+    plain = rays_from_cameras(c2w, 18.0, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = rays_from_cameras(c2w, 18.0, 8)
+    assert mixed[1].dtype == torch.float32
+    assert torch.equal(plain[0], mixed[0]) and torch.equal(plain[1], mixed[1])
