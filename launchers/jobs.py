@@ -1,0 +1,115 @@
+"""The callables that launched jobs run: small, picklable, the same object under the local and SLURM executors.
+
+A job holds only plain arguments (paths, argument lists); heavy code is imported inside ``__call__``. Every
+job follows submitit's checkpoint/requeue protocol: on the preemption or time-limit signal (USR2) rank 0 calls
+``checkpoint()``, which returns a delayed resubmission of the job itself; submitit then requeues the SLURM job
+and the next run calls ``__call__`` again. The jobs keep their state in their output folders (training resumes
+from its newest checkpoint in ``run_dir``; shard writing skips finished shards), so the resubmitted object
+needs nothing new except its requeue count.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any, Sequence
+
+from g3dr.launchers.rendezvous import Rendezvous, rendezvous_from_env
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.launchers")
+
+
+class LaunchedJob:
+    """Base of every launched job: rendezvous, requeue bookkeeping, then :meth:`run`.
+
+    Subclasses implement ``run(rdv) -> result`` and may override :meth:`on_signal` (called on rank 0 before
+    the requeue, e.g. to flush state).
+    """
+
+    name = "job"
+
+    def __init__(self) -> None:
+        self.requeues = 0
+        """Times this job object was resubmitted by :meth:`checkpoint` (counts local requeues too)."""
+
+    def requeue_count(self, rdv: Rendezvous) -> int:
+        """Times this job was requeued: SLURM's restart count, or our own count where SLURM has none."""
+        return max(self.requeues, rdv.restarts)
+
+    def __call__(self) -> Any:
+        from g3dr.log import setup_logging
+
+        rdv = rendezvous_from_env(os.environ)
+        os.environ.update(rdv.env())
+        setup_logging(os.environ.get("G3DR_LOG_LEVEL", "INFO"))
+        log.info("%s: task %d/%d (local %d) on %s, job %s (%s), master %s:%d, requeue count %d",
+                 self.name, rdv.rank, rdv.world_size, rdv.local_rank, socket.gethostname(), rdv.job_id, rdv.source,
+                 rdv.master_addr, rdv.master_port, self.requeue_count(rdv))
+        return self.run(rdv)
+
+    def run(self, rdv: Rendezvous) -> Any:
+        raise NotImplementedError
+
+    def on_signal(self) -> None:
+        """Hook run on rank 0 when the job is signalled, before it is requeued."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's protocol: a delayed resubmission of this job, with its requeue count advanced."""
+        import submitit
+
+        self.on_signal()
+        resubmitted = copy.copy(self)
+        resubmitted.requeues = self.requeues + 1
+        log.warning("%s: signalled (preemption or time limit); requeueing, this will be requeue #%d",
+                    self.name, resubmitted.requeues)
+        return submitit.helpers.DelayedSubmission(resubmitted, *args, **kwargs)
+
+
+class CommandJob(LaunchedJob):
+    """Run ``g3dr`` subcommands in this process, one after the other (``steps`` are argument lists).
+
+    The job fails (raises) on the first step whose exit code is not 0; the result is the list of exit codes.
+    """
+
+    def __init__(self, steps: Sequence[Sequence[str]], name: str = "g3dr") -> None:
+        super().__init__()
+        if not steps or any(not step for step in steps):
+            raise ValueError("CommandJob needs at least one non-empty g3dr argument list")
+        self.steps = tuple(tuple(str(a) for a in step) for step in steps)
+        self.name = name
+
+    def run(self, rdv: Rendezvous) -> list[int]:
+        from g3dr.cli import main
+
+        codes = []
+        for step in self.steps:
+            log.info("%s: g3dr %s", self.name, " ".join(step))
+            code = main(list(step))
+            codes.append(code)
+            if code != 0:
+                raise RuntimeError(f"`g3dr {' '.join(step)}` exited with status {code} (see the log above)")
+        return codes
+
+    def __repr__(self) -> str:
+        return f"CommandJob(name={self.name!r}, steps={self.steps!r}, requeues={self.requeues})"
+
+
+def train_job(config: str | None, overrides: Sequence[str]) -> CommandJob:
+    """One task of ``g3dr train``; every task of the job runs it and they meet at the rendezvous."""
+    argv = ["train", *(["--config", config] if config else []), *overrides]
+    return CommandJob([argv], name="train")
+
+
+def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:
+    """The array of ``g3dr prep shards`` jobs: job ``i`` writes the shards ``s`` with ``s % num_jobs == i``."""
+    return [CommandJob([["prep", "shards", *prep_args, "--shard-index", str(i), "--num-shard-jobs", str(num_jobs)]],
+                       name=f"prep-{i}") for i in range(num_jobs)]
+
+
+def prep_merge_job(prep_args: Sequence[str], out: str) -> CommandJob:
+    """After the array: the same plan as one job (finished shards are skipped, so this only writes the
+    manifest from the per-shard records; a shard an array job lost is written here), then ``prep validate``."""
+    return CommandJob([["prep", "shards", *prep_args, "--shard-index", "0", "--num-shard-jobs", "1"],
+                       ["prep", "validate", out]], name="prep-merge")

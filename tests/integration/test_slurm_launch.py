@@ -1,0 +1,147 @@
+"""The launcher against a real single-node SLURM cluster on this machine (tests/slurm/start_cluster.sh).
+
+Stand-in callables (defined here, pickled by value) prove the protocol end to end: rendezvous of a two-task
+job, and a job whose short time limit brings the USR2 signal, whose ``checkpoint()`` requeues it, and whose
+requeued run finishes the work exactly once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from g3dr.errors import ConfigError
+from g3dr.launchers.jobs import LaunchedJob
+from g3dr.launchers.rendezvous import port_from_job_id
+from g3dr.launchers.submit import LaunchOptions, job_restarts, submit_jobs, wait_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(400)]
+
+
+def _cluster_helper():
+    name = "g3dr_tests_slurm_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "slurm" / "cluster.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = _cluster_helper().ensure_cluster()
+    if reason:
+        pytest.skip(reason)
+    import cloudpickle
+
+    # The stand-in jobs live in this test module, which the job process cannot import: ship them by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+class WhoAmI(LaunchedJob):
+    """Reports the rendezvous each task computed."""
+
+    name = "whoami"
+
+    def run(self, rdv):
+        return {"rank": rdv.rank, "world": rdv.world_size, "local": rdv.local_rank, "addr": rdv.master_addr,
+                "port": rdv.master_port, "job": rdv.job_id, "env_rank": os.environ["RANK"],
+                "env_port": os.environ["MASTER_PORT"], "source": rdv.source}
+
+
+class StepCounter(LaunchedJob):
+    """Does ``total`` one-second steps, appending each finished step to ``log``; resumes from the log."""
+
+    name = "step-counter"
+
+    def __init__(self, log: str, total: int, step_s: float = 1.0) -> None:
+        super().__init__()
+        self.log, self.total, self.step_s = log, total, step_s
+
+    def run(self, rdv):
+        path = Path(self.log)
+        done = len(path.read_text().split()) if path.exists() else 0
+        starts = Path(self.log + ".starts")
+        with starts.open("a") as f:
+            f.write(f"{done} {self.requeue_count(rdv)} {time.time():.1f}\n")
+        for step in range(done, self.total):
+            time.sleep(self.step_s)
+            with path.open("a") as f:
+                f.write(f"{step}\n")
+        return {"steps": self.total, "requeues": self.requeue_count(rdv)}
+
+
+def test_dry_run_prints_sbatch_without_submitting(cluster, tmp_path):
+    opts = LaunchOptions(job_name="g3dr-dry", nodes=1, tasks_per_node=2, cpus_per_task=1, time_min=7, mem_gb=2,
+                         signal_delay_s=30, partition="debug")
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    text = submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", opts, dry_run=True)
+    for line in ("#SBATCH --job-name=g3dr-dry", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --cpus-per-task=1", "#SBATCH --time=7", "#SBATCH --mem=2GB", "#SBATCH --partition=debug",
+                 "#SBATCH --signal=USR2@30", f"#SBATCH --output={tmp_path}/%j/%j_0_log.out", "#SBATCH --open-mode=append"):
+        assert line in text.splitlines(), f"{line!r} missing from:\n{text}"
+    assert "srun" in text and "submitit.core._submit" in text
+    assert not any(tmp_path.iterdir()), "a dry run must not write job files"
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    array = submit_jobs([WhoAmI()] * 3, "slurm", tmp_path / "%j", opts, dry_run=True)
+    assert "#SBATCH --array=0-2%3" in array.splitlines()
+    assert f"#SBATCH --output={tmp_path}/%A_%a/%A_%a_0_log.out" in array.splitlines()
+
+
+def test_clear_errors_for_missing_partition_and_too_many_nodes(cluster, tmp_path):
+    with pytest.raises(ConfigError, match="partition 'no-such-partition' does not exist.*debug"):
+        submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(partition="no-such-partition"))
+    with pytest.raises(ConfigError, match=r"--nodes 64 is more than partition 'debug' has \(1 nodes\)"):
+        submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(nodes=64), dry_run=True)
+    with pytest.raises(ConfigError, match="has no GPUs"):
+        submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(gpus_per_node=1))
+    with pytest.raises(ConfigError, match="CPUs per node"):
+        submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(tasks_per_node=64))
+    assert not any(tmp_path.iterdir())
+
+
+def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path):
+    start = time.monotonic()
+    [job] = submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(job_name="g3dr-whoami", tasks_per_node=2,
+                                                                             time_min=2))
+    [results] = wait_jobs([job], timeout_s=120, poll_s=0.5)
+    print(f"two-task job {job.job_id}: {time.monotonic() - start:.1f}s from submit to results")
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert {r["world"] for r in results} == {2}
+    assert {(r["addr"], r["port"]) for r in results} == {(host, port_from_job_id(job.job_id))}
+    assert all(r["env_rank"] == str(r["rank"]) and r["env_port"] == str(r["port"]) for r in results)
+    assert {r["source"] for r in results} == {"slurm"}
+    assert job.paths.folder == tmp_path / job.job_id, "one log folder per job (%j)"
+    assert "master {}:{}, requeue count 0".format(host, port_from_job_id(job.job_id)) in job.paths.stderr.read_text()
+
+
+def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path):
+    """A 1-minute job with 40 one-second steps: USR2 comes early (the signal delay exceeds the limit), the
+    job requeues itself, and the requeued run does the remaining steps, each exactly once."""
+    total = 40
+    log = tmp_path / "steps.txt"
+    opts = LaunchOptions(job_name="g3dr-requeue", time_min=1, signal_delay_s=90, max_requeues=3)
+    start = time.monotonic()
+    [job] = submit_jobs([StepCounter(str(log), total)], "slurm", tmp_path / "%j", opts)
+    result = wait_jobs([job], timeout_s=300, poll_s=1)[0]
+    elapsed = time.monotonic() - start
+    starts = [line.split() for line in Path(str(log) + ".starts").read_text().splitlines()]
+    print(f"requeue job {job.job_id}: {elapsed:.1f}s, runs (steps done at start, requeue count, time): {starts}")
+    assert [int(s) for s in log.read_text().split()] == list(range(total)), "every step exactly once, in order"
+    assert len(starts) >= 2 and int(starts[0][0]) == 0 and 0 < int(starts[1][0]) < total, starts
+    assert [int(s[1]) for s in starts] == list(range(len(starts))), "requeue count logged as 0, 1, ..."
+    assert result == {"steps": total, "requeues": len(starts) - 1}
+    assert job_restarts(job) == len(starts) - 1
+    out = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "Caught signal SIGUSR2" in out and "requeueing, this will be requeue #1" in out

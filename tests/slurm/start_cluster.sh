@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Start (or reuse) a single-node SLURM cluster on this machine, for the launcher tests and CI.
+#
+#   tests/slurm/start_cluster.sh          install slurm-wlm + munge when missing, start munged, slurmctld, slurmd
+#   tests/slurm/start_cluster.sh --stop   stop the daemons this script started (found by its pid files)
+#
+# Idempotent: when `scontrol ping` already reaches a controller with a usable node, nothing is touched.
+# Exit status: 0 the cluster is up; 3 it cannot be started here (the reason is on stderr; tests skip with it).
+# The cluster: one node (this host, its real CPU count and memory from `slurmd -C`), one partition `debug`,
+# proctrack/linuxproc + task/none (no cgroups needed), select/cons_tres, daemons running as root, no accounting
+# database (so `sacct` is unavailable: the launcher reads job states with `scontrol show job`). Scheduling and
+# kill delays are short so that tests take seconds.
+set -uo pipefail
+
+CONF_DIR=/etc/slurm
+CONF=$CONF_DIR/slurm.conf
+MARKER="# g3dr-scale single-node test cluster (tests/slurm/start_cluster.sh)"
+PARTITION=${G3DR_SLURM_PARTITION:-debug}
+STATE=/var/spool/slurmctld
+SPOOL=/var/spool/slurmd
+LOGS=/var/log/slurm
+CTLD_PID=/run/slurmctld-g3dr.pid
+SLURMD_PID=/run/slurmd-g3dr.pid
+MUNGE_PID=/run/munge/munged-g3dr.pid
+
+say() { echo "start_cluster: $*" >&2; }
+cannot() { say "cannot start SLURM here: $*"; exit 3; }
+
+cluster_up() {
+    scontrol ping 2>/dev/null | grep -q "is UP" || return 1
+    sinfo -h -o "%t" 2>/dev/null | grep -Eq "^(idle|mix|alloc|comp)" || return 1
+}
+
+stop_pidfile() {
+    local f=$1
+    [[ -f $f ]] || return 0
+    local pid; pid=$(cat "$f")
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -f "$f"
+}
+
+if [[ ${1:-} == "--stop" ]]; then
+    stop_pidfile $SLURMD_PID
+    stop_pidfile $CTLD_PID
+    stop_pidfile $MUNGE_PID
+    say "stopped"
+    exit 0
+fi
+
+if command -v scontrol >/dev/null && cluster_up; then
+    say "a SLURM cluster is already up: $(sinfo -h -o '%P %D nodes %c cpus %t' | tr '\n' ';')"
+    exit 0
+fi
+
+[[ $(id -u) == 0 ]] || cannot "no SLURM controller answers and starting one needs root (running as $(id -un))"
+
+# 1. Packages (Debian's slurm-wlm and munge).
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
+        || ! command -v sbatch >/dev/null; then
+    command -v apt-get >/dev/null || cannot "slurm-wlm is not installed and there is no apt-get to install it"
+    say "installing slurm-wlm and munge with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y --no-install-recommends slurm-wlm munge >/tmp/g3dr-slurm-apt.log 2>&1; then
+        apt-get update >>/tmp/g3dr-slurm-apt.log 2>&1
+        apt-get install -y --no-install-recommends slurm-wlm munge >>/tmp/g3dr-slurm-apt.log 2>&1 \
+            || cannot "apt-get install slurm-wlm munge failed (see /tmp/g3dr-slurm-apt.log)"
+    fi
+fi
+
+# 2. Munge: a key, its directories, the daemon.
+install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
+install -d -o munge -g munge -m 0755 /run/munge
+if [[ ! -s /etc/munge/munge.key ]]; then
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none || cannot "could not write a munge key"
+fi
+chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    runuser -u munge -- /usr/sbin/munged --pid-file=$MUNGE_PID 2>/tmp/g3dr-munged.err \
+        || cannot "munged did not start: $(cat /tmp/g3dr-munged.err)"
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+    munge -n | unmunge >/dev/null 2>&1 || cannot "munged started but credentials do not verify"
+fi
+
+# 3. slurm.conf: ours, unless someone else's is there.
+if [[ -f $CONF ]] && ! grep -qF "$MARKER" $CONF; then
+    cannot "$CONF exists and was not written by this script; refusing to replace it (and no controller answers)"
+fi
+NODE_LINE=$(slurmd -C 2>/dev/null | head -1)
+[[ $NODE_LINE == NodeName=* ]] || cannot "slurmd -C could not describe this node"
+NODE=$(hostname -s)
+# slurmd -C names the node after `hostname -s`; address it by loopback so no DNS is needed.
+NODE_LINE="${NODE_LINE/NodeName=* CPUs=/NodeName=$NODE NodeAddr=127.0.0.1 CPUs=} State=UNKNOWN"
+install -d -m 0755 $CONF_DIR $STATE $SPOOL $LOGS
+NEW_CONF=$(mktemp)
+cat >"$NEW_CONF" <<CONFEOF
+$MARKER
+ClusterName=g3drtest
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# A requeued job waits cred_expire+1 seconds before it may start again (default 120).
+AuthInfo=cred_expire=5
+StateSaveLocation=$STATE
+SlurmdSpoolDir=$SPOOL
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$LOGS/slurmctld.log
+SlurmdLogFile=$LOGS/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+# Short delays: tests wait seconds, not minutes.
+SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=100000
+MessageTimeout=5
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+Waittime=0
+MinJobAge=600
+ReturnToService=2
+JobRequeue=1
+MpiDefault=none
+SwitchType=switch/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+$NODE_LINE
+PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+CONFEOF
+if ! cmp -s "$NEW_CONF" $CONF; then
+    install -m 0644 "$NEW_CONF" $CONF
+    CONF_CHANGED=1
+else
+    CONF_CHANGED=0
+fi
+rm -f "$NEW_CONF"
+
+# 4. Daemons. A controller left from an older config of ours is restarted.
+if [[ $CONF_CHANGED == 1 ]]; then
+    stop_pidfile $SLURMD_PID
+    stop_pidfile $CTLD_PID
+fi
+if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
+    slurmctld 2>/tmp/g3dr-slurmctld.err || cannot "slurmctld did not start: $(cat /tmp/g3dr-slurmctld.err)"
+    for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q "is UP" && break; sleep 0.1; done
+    scontrol ping 2>/dev/null | grep -q "is UP" || cannot "slurmctld started but does not answer (see $LOGS/slurmctld.log)"
+fi
+if ! { [[ -f $SLURMD_PID ]] && kill -0 "$(cat $SLURMD_PID)" 2>/dev/null; }; then
+    slurmd 2>/tmp/g3dr-slurmd.err || cannot "slurmd did not start: $(cat /tmp/g3dr-slurmd.err)"
+fi
+for _ in $(seq 150); do
+    STATE_NOW=$(sinfo -h -n "$NODE" -o "%t" 2>/dev/null | head -1)
+    case $STATE_NOW in
+        idle*|mix*|alloc*|comp*) break ;;
+        down*|drain*|drng*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 ;;
+    esac
+    sleep 0.2
+done
+cluster_up || cannot "the node did not become idle (state: ${STATE_NOW:-unknown}; see $LOGS/slurmd.log)"
+say "up: $(sinfo -h -o '%P %D node(s) %c cpus %m MB %t' | tr '\n' ';')"
+exit 0
