@@ -46,11 +46,16 @@ def non_flatness_score(depth, near: float, far: float, bins: int = 64) -> float:
     Values are clamped to ``[near, far]`` and binned into ``bins`` equal bins. A flat map scores 1; a map
     whose pixels spread evenly over all bins scores ``bins``.
     """
+    return float(non_flatness_per_map(depth, near, far, bins).mean())
+
+
+def non_flatness_per_map(depth, near: float, far: float, bins: int = 64) -> np.ndarray:
+    """``exp(H)`` of each map's depth histogram, ``(N,)``; NFS is their mean (kept apart for exact gathering)."""
     hist = depth_histograms(depth, near, far, bins)
     p = hist / hist.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
-    return float(np.exp(entropy).mean())
+    return np.exp(entropy)
 
 
 def normalize_depth(depth, eps: float = 1e-8) -> np.ndarray:
@@ -70,8 +75,13 @@ def depth_accuracy(rendered, target) -> float:
     Invariant to a positive affine change ``a * d + b`` (a > 0) of either input. Shapes must match.
     0 for identical (or affinely related) maps; 2 for uncorrelated ones on average; 4 for inverted ones.
     """
+    return float(depth_accuracy_per_map(rendered, target).mean())
+
+
+def depth_accuracy_per_map(rendered, target) -> np.ndarray:
+    """The normalised-depth MSE of each map, ``(N,)``; DA is their mean."""
     r = normalize_depth(rendered)
     t = normalize_depth(target)
     if r.shape != t.shape:
         raise ValueError(f"depth_accuracy: rendered {r.shape} and target {t.shape} differ in shape")
-    return float(((r - t) ** 2).mean(axis=1).mean())
+    return ((r - t) ** 2).mean(axis=1)

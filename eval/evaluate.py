@@ -1,0 +1,304 @@
+"""Evaluate one f_trigen: lift dataset RGB-D images to triplanes, render them at every sigma scale, score.
+
+For each input sample (the first ``eval.num_samples`` of the eval stream), the triplane is built once and
+rendered, per sigma scale, in the canonical view (NFS on the median depth, DA against the input's
+pseudo-depth, and FID/IS when ``canonical`` is among the views) and in a novel view (FID/IS). Novel
+cameras are a function of the sample index (seeded per sample, or the video trajectory), and eval renders
+are deterministic by default, so the scores do not depend on batch size or on how samples are split
+across ranks.
+
+Ranks: every rank reads the same input stream and keeps the samples of its contiguous block
+(:func:`g3dr.metrics.gather.shard_range`); moments are all-reduced and per-sample values gathered, so the
+scores use exactly N samples. Nothing here talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from g3dr.config import CameraConfig, Config, EvalConfig
+from g3dr.errors import DataError
+from g3dr.eval.report import metric_key
+from g3dr.log import get_logger
+from g3dr.metrics.depth import depth_accuracy_per_map, non_flatness_per_map
+from g3dr.metrics.fid import FeatureMoments, frechet_distance
+from g3dr.metrics.gather import _world, all_reduce_moments, as_numpy, gather_rows, shard_range
+from g3dr.metrics.inception import FEATURE_DIM, InceptionDetector, quantize_images
+from g3dr.metrics.inception_score import inception_score
+
+log = get_logger("g3dr.eval")
+
+PROTOCOL_VERSION = "g3dr-eval/1"
+"""Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run."""
+
+
+class EvalInterrupted(RuntimeError):
+    """Raised inside an evaluation when a stop was requested (SIGTERM): nothing may be logged as complete."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Everything that determines the scores of a checkpoint (besides its weights and the data)."""
+
+    metrics: tuple[str, ...]
+    sigma_scales: tuple[float, ...]
+    num_samples: int
+    views: tuple[str, ...]
+    novel_camera: str
+    nfs_bins: int
+    nfs_near: float
+    nfs_far: float
+    is_splits: int
+    num_real: int
+    deterministic_render: bool
+    seed: int
+    resolution: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> EvalSpec:
+        e: EvalConfig = cfg.eval
+        return cls(metrics=tuple(e.metrics), sigma_scales=tuple(float(s) for s in e.sigma_scales),
+                   num_samples=e.num_samples, views=tuple(e.views), novel_camera=e.novel_camera,
+                   nfs_bins=e.nfs_bins, nfs_near=e.nfs_near, nfs_far=e.nfs_far, is_splits=e.is_splits,
+                   num_real=e.num_real, deterministic_render=e.deterministic_render, seed=e.seed,
+                   resolution=cfg.data.resolution)
+
+    def params(self) -> dict[str, str]:
+        """Flat string params (for MLflow and the eval hash)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f"eval.{f.name}"] = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        return out
+
+    @property
+    def needs_inception(self) -> bool:
+        return "fid" in self.metrics or "is" in self.metrics
+
+
+def eval_hash(spec: EvalSpec, **identity: str) -> str:
+    """Short hash of the spec, the protocol version and identity strings (dataset hash, detector sha256)."""
+    payload = {"protocol": PROTOCOL_VERSION, **spec.params(), **{k: str(v) for k, v in identity.items()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cameras
+# ------------------------------------------------------------------------------------------------
+
+
+def novel_angles(indices: Sequence[int], spec: EvalSpec, cam_cfg: CameraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yaw (n,), pitch (n,)) of the novel views of samples ``indices``, a function of each index alone.
+
+    ``sampled``: the training distribution at the end of training (progress 1), drawn from a generator
+    seeded by ``(eval.seed, index)``; ``video``: point ``index`` of the video trajectory through N points.
+    """
+    from g3dr.render.cameras import sample_novel_angles, video_trajectory
+
+    if spec.novel_camera == "video":
+        yaw, pitch = video_trajectory(spec.num_samples, cam_cfg)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return yaw[idx], pitch[idx]
+    yaws, pitches = [], []
+    for i in indices:
+        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + int(i))
+        y, p = sample_novel_angles(1, 1.0, cam_cfg, generator=gen)
+        yaws.append(y)
+        pitches.append(p)
+    return torch.cat(yaws), torch.cat(pitches)
+
+
+def cameras(indices: Sequence[int], view: str, spec: EvalSpec, cam_cfg: CameraConfig) -> torch.Tensor:
+    """cam2world (n, 4, 4) of the ``canonical`` or ``novel`` view of samples ``indices``."""
+    from g3dr.render.cameras import camera_to_world_from_angles, canonical_angles
+
+    if view == "canonical":
+        yaw, pitch = canonical_angles(len(indices), cam_cfg)
+    else:
+        yaw, pitch = novel_angles(indices, spec, cam_cfg)
+    return camera_to_world_from_angles(yaw, pitch, cam_cfg.radius)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input samples
+# ------------------------------------------------------------------------------------------------
+
+
+def take_block(batches: Iterable[dict], block: range, batch_size: int, total: int) -> Iterator[tuple[list[int], dict]]:
+    """From a stream of dataset batches (the same on every rank), yield ``(indices, batch)`` re-batched to
+    ``batch_size`` holding exactly the samples whose global index is in ``block``. Reads the first ``total``
+    samples on every rank (decoding is cheap next to rendering) so that all ranks agree on errors.
+
+    A stream with fewer than ``total`` samples is a :class:`~g3dr.errors.DataError`.
+    """
+    seen = 0
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for batch in batches:
+        rgb, depth = batch["rgb"], batch["depth"]
+        for j in range(rgb.shape[0]):
+            i = seen + j
+            if i in block:
+                pending.append((i, rgb[j], depth[j]))
+                if len(pending) == batch_size:
+                    yield _stack(pending)
+                    pending = []
+        seen += rgb.shape[0]
+        if seen >= total:  # every rank reads all N, so a short stream fails on every rank alike
+            break
+    if seen < total:
+        raise DataError(f"the eval data holds {seen} samples but eval.num_samples={total}; lower it or use more data")
+    if pending:
+        yield _stack(pending)
+
+
+def _stack(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[list[int], dict]:
+    return [i for i, _, _ in items], {"rgb": torch.stack([r for _, r, _ in items]),
+                                      "depth": torch.stack([d for _, _, d in items])}
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering at a sigma scale
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def render_settings(model: torch.nn.Module, sigma_scale: float, deterministic: bool):
+    """Temporarily render ``model`` (an FTrigen) with ``sigma_scale`` (and deterministic sampling)."""
+    renderer = model.renderer
+    original = renderer.cfg
+    renderer.cfg = dataclasses.replace(original, sigma_scale=float(sigma_scale),
+                                       deterministic=original.deterministic or deterministic)
+    try:
+        yield
+    finally:
+        renderer.cfg = original
+
+
+@dataclass
+class _Scores:
+    """Per-(view, scale) accumulators on one rank."""
+
+    moments: FeatureMoments
+    probs: list[torch.Tensor]
+    nfs: list[np.ndarray]
+    da: list[np.ndarray]
+
+
+def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict], spec: EvalSpec,
+                   detector: InceptionDetector | None, real_stats: tuple[np.ndarray, np.ndarray] | None,
+                   device: torch.device | str = "cpu", batch_size: int | None = None,
+                   grid_samples: int = 0, should_stop: Callable[[], bool] = lambda: False,
+                   progress: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Scores of ``model`` on the first ``spec.num_samples`` samples of ``batches``; returns
+    ``(results, grids)``: results by MLflow metric name (``fid/s5``...), identical on every rank, and on
+    rank 0 the first ``grid_samples`` renders per view and scale (``rgb_novel_s5``, ``depth_canonical_s5``).
+
+    ``detector`` and ``real_stats`` (``mu, sigma`` of the dataset's Inception features) are needed for FID
+    (``real_stats``) and IS (``detector``). ``should_stop`` is polled between batches; when it returns
+    True an :class:`EvalInterrupted` is raised.
+    """
+    if spec.needs_inception and detector is None:
+        raise ValueError("FID/IS need the Inception detector")
+    if "fid" in spec.metrics and real_stats is None:
+        raise ValueError("FID needs the dataset statistics")
+    rank, world = _world()
+    block = shard_range(spec.num_samples, rank, world)
+    batch_size = batch_size or cfg.eval.batch_size
+    image_views = list(spec.views) if spec.needs_inception else []
+    render_views = sorted(set(image_views) | ({"canonical"} if {"nfs", "da"} & set(spec.metrics) else set()))
+    scores = {(v, s): _Scores(FeatureMoments(FEATURE_DIM), [], [], []) for v in render_views for s in spec.sigma_scales}
+    grids: dict[str, list[torch.Tensor]] = {}
+    model.eval()
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(block), desc="eval samples", unit="img", leave=False)
+    with torch.no_grad():
+        for indices, batch in take_block(batches, block, batch_size, spec.num_samples):
+            if should_stop():
+                raise EvalInterrupted("stop requested during evaluation")
+            rgb = batch["rgb"].to(device)
+            depth = batch["depth"].to(device)
+            planes = model.make_planes(rgb, depth)
+            cams = {v: cameras(indices, v, spec, cfg.camera).to(device) for v in render_views}
+            for scale in spec.sigma_scales:
+                with render_settings(model, scale, spec.deterministic_render):
+                    for view in render_views:
+                        out = model.renderer(planes, model.decoder, cams[view], spec.resolution,
+                                             depth=None, canonical=view == "canonical")
+                        acc = scores[(view, scale)]
+                        if view in image_views:
+                            images = quantize_images(out["rgb"])
+                            if "fid" in spec.metrics:
+                                acc.moments.update(detector.features(images))
+                            if "is" in spec.metrics:
+                                acc.probs.append(detector.probabilities(images))
+                        if view == "canonical":
+                            if "nfs" in spec.metrics:
+                                acc.nfs.append(non_flatness_per_map(out["median_depth"], spec.nfs_near,
+                                                                    spec.nfs_far, spec.nfs_bins))
+                            if "da" in spec.metrics:
+                                acc.da.append(depth_accuracy_per_map(out["depth"], depth))
+                        _keep_grid(grids, indices, grid_samples, view, scale, out)
+            if bar is not None:
+                bar.update(len(indices))
+    if bar is not None:
+        bar.close()
+    results = _reduce(scores, spec, real_stats)
+    return results, {k: torch.cat(v) for k, v in grids.items()}
+
+
+def _keep_grid(grids, indices, grid_samples, view, scale, out) -> None:
+    keep = [j for j, i in enumerate(indices) if i < grid_samples]
+    if not keep:
+        return
+    tag = f"{view}_s{metric_key('x', scale).split('/s')[1]}"
+    grids.setdefault(f"rgb_{tag}", []).append(out["rgb"][keep].float().cpu())
+    grids.setdefault(f"depth_{tag}", []).append(out["median_depth"][keep].float().cpu())
+
+
+def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
+            real_stats: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
+    """Combine the ranks' accumulators into final scores (every rank runs the same collectives in order)."""
+    results: dict[str, float] = {}
+    n = spec.num_samples
+    for (view, scale), acc in sorted(scores.items()):
+        image_view = view in spec.views and spec.needs_inception
+        if image_view and "fid" in spec.metrics:
+            total = all_reduce_moments(acc.moments)
+            _check_count(total.count, n, "FID features")
+            mu, sigma = total.mean_cov()
+            results[metric_key("fid", scale, view, spec.views)] = frechet_distance(mu, sigma, *real_stats)
+        if image_view and "is" in spec.metrics:
+            local = torch.cat(acc.probs) if acc.probs else torch.zeros(0, 1008)
+            probs = gather_rows(local)
+            _check_count(probs.shape[0], n, "IS probabilities")
+            mean, std = inception_score(as_numpy(probs), spec.is_splits)
+            results[metric_key("is", scale, view, spec.views)] = mean
+            results[metric_key("is_std", scale, view, spec.views)] = std
+        if view == "canonical":
+            for name, parts in (("nfs", acc.nfs), ("da", acc.da)):
+                if name not in spec.metrics:
+                    continue
+                local = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+                values = gather_rows(local)
+                _check_count(values.shape[0], n, name.upper())
+                results[metric_key(name, scale)] = float(values.double().mean())
+    for key, value in results.items():
+        if not math.isfinite(value):
+            log.warning("%s is %s", key, value)
+    return results
+
+
+def _check_count(got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise RuntimeError(f"{what}: gathered {got} samples, expected exactly {expected}")

@@ -1,0 +1,143 @@
+"""The evaluation core on a tiny random f_trigen: exact sample blocks, index-only cameras, scores that match
+a direct one-batch computation and do not depend on batching, sigma scale applied, interruption."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from g3dr.config import load_config
+from g3dr.errors import DataError
+from g3dr.eval.evaluate import (EvalInterrupted, EvalSpec, cameras, eval_hash, evaluate_model, novel_angles,
+                                render_settings, take_block)
+from g3dr.metrics.depth import depth_accuracy, non_flatness_score
+from g3dr.metrics.gather import shard_range
+from g3dr.metrics.inception import load_inception, quantize_images
+from g3dr.metrics.inception_score import inception_score
+
+
+def _helper(name: str):
+    key = f"g3dr_test_helper_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "helpers" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def _batches(n: int, size: int, res: int = 32, seed: int = 1) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(n, 3, res, res, generator=gen) * 2 - 1
+    depth = 4.5 + torch.rand(n, 1, res, res, generator=gen)
+    return [{"rgb": rgb[i:i + size], "depth": depth[i:i + size]} for i in range(0, n, size)]
+
+
+def test_take_block_partitions_the_stream():
+    stream = _batches(10, 3, res=2)
+    seen = []
+    for rank in range(3):
+        block = shard_range(7, rank, 3)
+        for indices, batch in take_block(stream, block, 2, 7):
+            assert len(indices) <= 2 and batch["rgb"].shape[0] == len(indices)
+            assert all(i in block for i in indices)
+            seen.extend(indices)
+    assert sorted(seen) == list(range(7))
+    # the samples are the stream's samples at those indices
+    (indices, batch), = list(take_block(stream, range(4, 5), 8, 7))
+    assert indices == [4] and torch.equal(batch["rgb"][0], stream[1]["rgb"][1])
+    with pytest.raises(DataError, match="holds 10 samples"):
+        list(take_block(stream, range(0, 6), 4, 12))
+
+
+def test_cameras_depend_on_the_sample_index_only(tiny_config_path):
+    cfg = load_config(tiny_config_path)
+    spec = EvalSpec.from_config(cfg)
+    yaw_all, pitch_all = novel_angles(range(8), spec, cfg.camera)
+    yaw, pitch = novel_angles([3, 5], spec, cfg.camera)
+    assert torch.equal(yaw, yaw_all[[3, 5]]) and torch.equal(pitch, pitch_all[[3, 5]])
+    assert len(set(yaw_all.tolist())) == 8
+    # end-of-training range: |yaw - pi/2| <= pi / den_end
+    assert ((yaw_all - cfg.camera.canonical_yaw).abs() <= np.pi / cfg.camera.novel_yaw_den_end + 1e-6).all()
+    other_seed = dataclasses.replace(spec, seed=1)
+    assert not torch.equal(novel_angles(range(8), other_seed, cfg.camera)[0], yaw_all)
+    video = dataclasses.replace(spec, novel_camera="video")
+    vy, _ = novel_angles([0, 2], video, cfg.camera)
+    assert vy[0] == pytest.approx(cfg.camera.canonical_yaw)
+    canon = cameras([0, 1], "canonical", spec, cfg.camera)
+    assert torch.allclose(canon[0], canon[1])
+    assert canon[0, :3, 3].norm() == pytest.approx(cfg.camera.radius, rel=1e-6)
+
+
+def test_eval_hash_changes_with_the_protocol_inputs(tiny_config_path):
+    spec = EvalSpec.from_config(load_config(tiny_config_path))
+    base = eval_hash(spec, dataset="d", detector="x")
+    assert base == eval_hash(spec, dataset="d", detector="x")
+    assert base != eval_hash(dataclasses.replace(spec, sigma_scales=(1.0,)), dataset="d", detector="x")
+    assert base != eval_hash(spec, dataset="e", detector="x")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from g3dr.models.f_trigen import FTrigen
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    torch.manual_seed(0)
+    model = FTrigen(cfg).eval()
+    detector = load_inception(_helper("tiny_inception").save_tiny_inception(tmp_path_factory.mktemp("inc") / "i.pt"))
+    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da"), num_samples=6, is_splits=2)
+    return cfg, model, detector, spec
+
+
+def test_scores_match_a_direct_computation_and_ignore_batching(tiny_setup):
+    cfg, model, detector, spec = tiny_setup
+    stream = _batches(8, 4)
+    results, grids = evaluate_model(model, cfg, stream, spec, detector, None, batch_size=4, grid_samples=2,
+                                    progress=False)
+    again, _ = evaluate_model(model, cfg, _batches(8, 3), spec, detector, None, batch_size=5, progress=False)
+    assert set(results) == {"is/s1", "is_std/s1", "is_canonical/s1", "is_std_canonical/s1", "nfs/s1", "da/s1",
+                            "is/s50", "is_std/s50", "is_canonical/s50", "is_std_canonical/s50", "nfs/s50", "da/s50"}
+    for key, value in results.items():
+        assert np.isfinite(value)
+        assert again[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # direct: all six samples in one batch, rendered by hand
+    rgb = torch.cat([b["rgb"] for b in stream])[:6]
+    depth = torch.cat([b["depth"] for b in stream])[:6]
+    with torch.no_grad():
+        planes = model.make_planes(rgb, depth)
+        for scale in (1.0, 50.0):
+            model.renderer.cfg = dataclasses.replace(model.renderer.cfg, sigma_scale=scale, deterministic=True)
+            try:
+                canon = model.renderer(planes, model.decoder, cameras(range(6), "canonical", spec, cfg.camera), 32)
+                novel = model.renderer(planes, model.decoder, cameras(range(6), "novel", spec, cfg.camera), 32)
+            finally:
+                model.renderer.cfg = dataclasses.replace(model.renderer.cfg, sigma_scale=1.0, deterministic=False)
+            s = "1" if scale == 1.0 else "50"
+            assert results[f"nfs/s{s}"] == pytest.approx(
+                non_flatness_score(canon["median_depth"], spec.nfs_near, spec.nfs_far, spec.nfs_bins), rel=1e-9)
+            assert results[f"da/s{s}"] == pytest.approx(depth_accuracy(canon["depth"], depth), rel=1e-6)
+            probs = detector.probabilities(quantize_images(novel["rgb"])).numpy()
+            assert results[f"is/s{s}"] == pytest.approx(inception_score(probs, 2)[0], rel=1e-5)
+    # the sigma scale reaches the renderer: renders at 50 differ from renders at 1
+    assert not torch.allclose(grids["depth_canonical_s1"], grids["depth_canonical_s50"])
+    assert grids["rgb_novel_s1"].shape == (2, 3, 32, 32) and grids["depth_canonical_s50"].shape == (2, 1, 32, 32)
+    assert model.renderer.cfg.sigma_scale == cfg.renderer.sigma_scale
+
+
+def test_stop_request_interrupts_and_restores_the_renderer(tiny_setup):
+    cfg, model, detector, spec = tiny_setup
+    original = model.renderer.cfg
+    with pytest.raises(EvalInterrupted):
+        evaluate_model(model, cfg, _batches(8, 4), spec, detector, None, should_stop=lambda: True, progress=False)
+    assert model.renderer.cfg is original
+    with pytest.raises(RuntimeError), render_settings(model, 5.0, True):
+        assert model.renderer.cfg.sigma_scale == 5.0
+        raise RuntimeError("boom")
+    assert model.renderer.cfg is original
