@@ -96,10 +96,66 @@ class CommandJob(LaunchedJob):
         return f"CommandJob(name={self.name!r}, steps={self.steps!r}, requeues={self.requeues})"
 
 
-def train_job(config: str | None, overrides: Sequence[str]) -> CommandJob:
-    """One task of ``g3dr train``; every task of the job runs it and they meet at the rendezvous."""
-    argv = ["train", *(["--config", config] if config else []), *overrides]
-    return CommandJob([argv], name="train")
+EXIT_PREEMPTED = 75
+"""``g3dr train``'s exit status after it checkpointed on a stop signal (EX_TEMPFAIL; see g3dr.train.trainer)."""
+
+
+class TrainJob(CommandJob):
+    """One task of ``g3dr train --resume auto``; every task of the job runs it and they meet at the rendezvous.
+
+    The preemption/time-limit signal (USR2, sent by SLURM to every task) is handed to the trainer's own stop
+    handler (the one it installs for SIGTERM/SIGUSR1 while training): all ranks finish the current step, save
+    a checkpoint and return ``EXIT_PREEMPTED``; then rank 0 runs submitit's requeue (``checkpoint()`` below)
+    and the requeued job resumes from that checkpoint and the same MLflow run. A signal outside the training
+    loop (start-up, export) goes straight to submitit: requeue now, resume from the newest checkpoint.
+    """
+
+    def __init__(self, config: str | None, overrides: Sequence[str]) -> None:
+        argv = ["train", *(["--config", config] if config else []), "--resume", "auto", *overrides]
+        super().__init__([argv], name="train")
+
+    def run(self, rdv: Rendezvous) -> list[int]:
+        import signal
+        import time
+
+        from g3dr.cli import main
+
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        received: list[int] = []
+
+        def on_usr2(signum: int, frame: Any) -> None:
+            trainer_stop = signal.getsignal(signal.SIGUSR1)
+            if type(getattr(trainer_stop, "__self__", None)).__name__ == "StopSignal":  # the trainer's, in its loop
+                log.warning("train: USR2 received: checkpointing at the end of this step, then requeueing")
+                received.append(signum)
+                trainer_stop(signal.SIGUSR1, frame)
+            elif callable(submitit_handler):
+                submitit_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR2, on_usr2)
+        try:
+            log.info("train: g3dr %s", " ".join(self.steps[0]))
+            code = main(list(self.steps[0]))
+        finally:
+            signal.signal(signal.SIGUSR2, submitit_handler)
+        if code == EXIT_PREEMPTED:
+            # The trainer saved a checkpoint on every rank. Rank 0 requeues (submitit: checkpoint() + scontrol
+            # requeue + exit); the other ranks wait for the requeue to end them.
+            log.warning("train: stopped after a checkpoint (%s); requeueing", "USR2" if received else "SIGTERM/USR1")
+            if callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)
+            if rdv.rank != 0:
+                time.sleep(120)
+            raise RuntimeError("training stopped by a signal and the job could not be requeued; "
+                               "resubmit it (it resumes from its newest checkpoint)")
+        if code != 0:
+            raise RuntimeError(f"`g3dr {' '.join(self.steps[0])}` exited with status {code} (see the log above)")
+        return [code]
+
+
+def train_job(config: str | None, overrides: Sequence[str]) -> TrainJob:
+    """The job of ``g3dr submit train``: see :class:`TrainJob`."""
+    return TrainJob(config, overrides)
 
 
 def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:

@@ -122,7 +122,7 @@ def test_render_sbatch_multi_node_gpu(tmp_path):
 
 def test_jobs_pickle_and_checkpoint_returns_a_requeue_of_themselves():
     job = train_job("configs/tiny.yaml", ["train.total_steps=4"])
-    assert job.steps == (("train", "--config", "configs/tiny.yaml", "train.total_steps=4"),)
+    assert job.steps == (("train", "--config", "configs/tiny.yaml", "--resume", "auto", "train.total_steps=4"),)
     again = pickle.loads(pickle.dumps(job))
     assert again.steps == job.steps and again.requeues == 0
     delayed = again.checkpoint()

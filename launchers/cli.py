@@ -1,0 +1,218 @@
+"""``g3dr submit``: run training, data preparation and evaluation as SLURM (or local) jobs.
+
+    g3dr submit train [LAUNCH OPTIONS] --config FILE [KEY=VALUE ...]
+    g3dr submit prep shards [LAUNCH OPTIONS] --num-shard-jobs N -- PREP-SHARDS-ARGS (--src .. --layout .. --out ..)
+    g3dr submit eval [LAUNCH OPTIONS] --checkpoints CK [CK ...] -- EVAL-ARGS
+
+Launch options: ``--executor local|slurm`` (default slurm where ``sbatch`` exists), ``--nodes``,
+``--gpus-per-node`` (one task per GPU), ``--tasks-per-node`` (CPU ranks), ``--cpus-per-task``, ``--partition``,
+``--time`` (minutes), ``--account``, ``--qos``, ``--constraint``, ``--mem-gb``, ``--dry-run`` (print the sbatch
+script, submit nothing), ``--wait``. Every job's arguments are parsed by the ``g3dr`` parser before anything is
+submitted, so a typo fails here and not in the queue. Registering is cheap: submitit is imported in handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _launch_arguments() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("launch options")
+    g.add_argument("--executor", choices=["local", "slurm"], default=None,
+                   help="where to run: slurm (default where sbatch exists) or local (this machine, same callable)")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default partition)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per job")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task (rank) per GPU")
+    g.add_argument("--tasks-per-node", type=int, default=0,
+                   help="ranks per node on a CPU-only request (default 1; with GPUs it equals --gpus-per-node)")
+    g.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per task (data loader workers + 1)")
+    g.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit per run in minutes")
+    g.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB")
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--constraint", default=None, help="node feature constraint (e.g. h100)")
+    g.add_argument("--signal-delay-s", type=int, default=120,
+                   help="USR2 this many seconds before the time limit: the job checkpoints and requeues itself")
+    g.add_argument("--max-requeues", type=int, default=3, help="time-limit requeues allowed per job")
+    g.add_argument("--job-name", default=None, help="SLURM job name (default g3dr-<kind>)")
+    g.add_argument("--log-dir", default=None,
+                   help="folder of per-job logs and submitit files (a %%j subfolder per job); default: see each kind")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
+    g.add_argument("--wait", action="store_true",
+                   help="wait for the jobs and fail if one fails (always on with --executor local)")
+    g.add_argument("--wait-timeout", type=float, default=24 * 3600.0, metavar="S", help="give up waiting after S s")
+    return p
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from g3dr.config_cli import add_config_arguments
+
+    launch = _launch_arguments()
+    parser = subparsers.add_parser("submit", help="run train / prep / eval as SLURM or local jobs",
+                                   description="Submit g3dr jobs through submitit (SLURM or this machine).")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    train = kinds.add_parser("train", parents=[launch], help="one training job: nodes x tasks ranks",
+                             description="Submit `g3dr train` as one job; every task is one rank. The job "
+                                         "requeues itself on preemption or time limit and resumes from run_dir.")
+    add_config_arguments(train)
+    train.set_defaults(handler=run_train)
+
+    prep = kinds.add_parser("prep", help="data preparation arrays")
+    prep_kinds = prep.add_subparsers(dest="prep_kind", metavar="ACTION", required=True)
+    shards = prep_kinds.add_parser("shards", parents=[launch], help="an array of `g3dr prep shards` + merge/validate",
+                                   description="A job array over --shard-index/--num-shard-jobs, then one job "
+                                               "(after all succeed) that writes the manifest and validates.")
+    shards.add_argument("--num-shard-jobs", type=int, required=True, help="array size")
+    shards.add_argument("prep_args", nargs="*", metavar="-- ARGS",
+                        help="arguments of `g3dr prep shards` after --, without --shard-index/--num-shard-jobs")
+    shards.set_defaults(handler=run_prep_shards)
+
+    ev = kinds.add_parser("eval", parents=[launch], help="an array of `g3dr eval`, one job per checkpoint",
+                          description="A job array: job i runs `g3dr eval EVAL-ARGS --checkpoint CK_i`.")
+    ev.add_argument("--checkpoints", nargs="+", required=True, metavar="CK")
+    ev.add_argument("eval_args", nargs="*", metavar="-- ARGS", help="arguments of `g3dr eval` after --")
+    ev.set_defaults(handler=run_eval)
+
+
+def _options(args: argparse.Namespace, kind: str):
+    from g3dr.launchers.submit import LaunchOptions
+
+    return LaunchOptions(
+        job_name=args.job_name or f"g3dr-{kind}", partition=args.partition, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+        time_min=args.time, mem_gb=args.mem_gb, account=args.account, qos=args.qos, constraint=args.constraint,
+        signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues)
+
+
+def check_g3dr_arguments(argv: list[str]) -> None:
+    """Parse ``g3dr ARGV`` as the job will, before submitting: a ConfigError with argparse's message if it fails."""
+    import contextlib
+    import io
+
+    from g3dr.cli import build_parser
+    from g3dr.errors import ConfigError
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        if exit_.code:
+            msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
+            raise ConfigError(f"the job would run `g3dr {' '.join(argv)}`, which is invalid: {msg}") from None
+
+
+def _executor(args: argparse.Namespace) -> str:
+    from g3dr.launchers.submit import default_executor
+
+    return args.executor or default_executor()
+
+
+def _finish(args: argparse.Namespace, executor: str, jobs, what: str) -> int:
+    from g3dr.launchers.submit import wait_jobs
+
+    for job in jobs:
+        print(f"{what}: {executor} job {job.job_id}  logs: {job.paths.folder}")
+    if jobs and (args.wait or executor == "local"):
+        try:
+            wait_jobs(jobs, timeout_s=args.wait_timeout, poll_s=2.0 if executor == "slurm" else 0.5)
+        except (RuntimeError, TimeoutError) as err:
+            print(f"g3dr submit: {what} failed: {err}", file=sys.stderr)
+            return 1
+        print(f"{what}: finished")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from g3dr.config import load_config
+    from g3dr.launchers.jobs import train_job
+    from g3dr.launchers.submit import submit_jobs
+
+    executor = _executor(args)
+    options = _options(args, "train")
+    cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
+    cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
+    job = train_job(str(Path(args.config).resolve()) if args.config else None, args.overrides)
+    check_g3dr_arguments(list(job.steps[0]))
+    # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
+    folder = Path(args.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
+    out = submit_jobs([job], executor, folder, options, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(out)
+        return 0
+    return _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def run_prep_shards(args: argparse.Namespace) -> int:
+    from g3dr.errors import ConfigError
+    from g3dr.launchers.jobs import prep_merge_job, prep_shard_jobs
+    from dataclasses import replace
+
+    from g3dr.launchers.submit import submit_jobs
+
+    if args.num_shard_jobs < 1:
+        raise ConfigError(f"--num-shard-jobs must be >= 1, got {args.num_shard_jobs}")
+    prep_args = list(args.prep_args)
+    if any(a.startswith(("--shard-index", "--num-shard-jobs")) for a in prep_args):
+        raise ConfigError("give --num-shard-jobs to `g3dr submit prep shards`, not after --: the launcher sets "
+                          "--shard-index and --num-shard-jobs of each array job")
+    out = _option_value(prep_args, "--out")
+    if not out:
+        raise ConfigError("the arguments after -- need --out DIR (the shard folder), as `g3dr prep shards` does")
+    out = str(Path(out).resolve())
+    array = prep_shard_jobs(prep_args, args.num_shard_jobs)
+    merge = prep_merge_job(prep_args, out)
+    for job in [*array, merge]:
+        for step in job.steps:
+            check_g3dr_arguments(list(step))
+    executor = _executor(args)
+    options = _options(args, "prep")
+    folder = Path(args.log_dir or Path(out).parent / f"{Path(out).name}-slurm").resolve()
+    if args.dry_run:
+        sys.stdout.write(submit_jobs(array, executor, folder / "%j", options, dry_run=True))
+        merge_options = replace(options, job_name=options.job_name + "-merge", dependency="afterok:<array job id>")
+        sys.stdout.write(submit_jobs([merge], executor, folder / "%j", merge_options, dry_run=True))
+        return 0
+    jobs = submit_jobs(array, executor, folder / "%j", options)
+    if executor == "slurm":
+        array_id = jobs[0].job_id.split("_")[0]
+        merge_options = replace(options, job_name=options.job_name + "-merge", dependency=f"afterok:{array_id}")
+        merge_jobs = submit_jobs([merge], executor, folder / "%j", merge_options)
+    else:  # local jobs have no dependencies: wait, then merge
+        if _finish(args, executor, jobs, f"prep shards ({args.num_shard_jobs} jobs)"):
+            return 1
+        merge_jobs = submit_jobs([merge], executor, folder / "%j", options)
+    if executor == "slurm" and _finish(args, executor, jobs, f"prep shards ({args.num_shard_jobs} jobs)"):
+        return 1
+    return _finish(args, executor, merge_jobs, "prep merge + validate")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from g3dr.launchers.jobs import CommandJob
+    from g3dr.launchers.submit import submit_jobs
+
+    jobs_to_run = [CommandJob([["eval", *args.eval_args, "--checkpoint", str(Path(ck).resolve())]],
+                              name=f"eval-{i}") for i, ck in enumerate(args.checkpoints)]
+    for job in jobs_to_run:
+        check_g3dr_arguments(list(job.steps[0]))
+    executor = _executor(args)
+    options = _options(args, "eval")
+    folder = Path(args.log_dir or "outputs/eval-slurm").resolve() / "%j"
+    out = submit_jobs(jobs_to_run, executor, folder, options, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(out)
+        return 0
+    return _finish(args, executor, out, f"eval ({len(jobs_to_run)} checkpoints)")
