@@ -50,6 +50,29 @@ def manifest_content_hash(manifest_path: str | Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
+def dataset_content_hash(urls: list[str]) -> str:
+    """SHA-256 of the content of the shards ``urls``: their ``(name, samples, sha256)`` from the manifests
+    beside them (so a subset of a folder hashes differently from the whole, and moving shards changes nothing).
+    """
+    by_folder: dict[Path, set[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            raise DataError(f"cannot hash remote shards ({url}); evaluate from local shards with a manifest.json")
+        by_folder.setdefault(Path(url).parent, set()).add(Path(url).name)
+    listing = []
+    for folder, names in sorted(by_folder.items()):
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            raise DataError(f"no {MANIFEST_NAME} beside the shards in {folder}; FID statistics and eval runs are "
+                            f"keyed by it (write shards with 'g3dr prep shards', which writes the manifest last)")
+        entries = {str(s.get("name")): s for s in json.loads(path.read_text()).get("shards", [])}
+        missing = sorted(names - entries.keys())
+        if missing:
+            raise DataError(f"{path} does not list the shards {missing[:3]}; the folder changed after it was written")
+        listing += [(n, int(entries[n].get("samples", -1)), str(entries[n].get("sha256", ""))) for n in names]
+    return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
+
+
 def find_manifest(shards: str) -> Path:
     """The ``manifest.json`` beside the shards named by a brace pattern, comma list or directory."""
     first = shards.split(",")[0].strip()

@@ -87,3 +87,20 @@ def test_stats_are_cached_by_key(tmp_path):
         assert stats_path(tmp_path, other) != path
     cached_dataset_stats(tmp_path, stats_key("dataset-hash", 64, "detector-sha", None), compute)
     assert len(calls) == 2
+
+
+def test_dataset_content_hash_of_shard_urls(tmp_path):
+    from g3dr.metrics.dataset_stats import dataset_content_hash
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        _manifest(folder, SHARDS)
+    urls = [str(a / "train-000000.tar"), str(a / "train-000001.tar")]
+    whole = dataset_content_hash(urls)
+    assert dataset_content_hash([str(b / "train-000001.tar"), str(b / "train-000000.tar")]) == whole  # moved copy
+    assert dataset_content_hash(urls[:1]) != whole  # a subset
+    with pytest.raises(DataError, match="does not list"):
+        dataset_content_hash([str(a / "train-000009.tar")])
+    with pytest.raises(DataError, match="no manifest.json"):
+        dataset_content_hash([str(tmp_path / "elsewhere" / "x.tar")])

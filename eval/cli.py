@@ -1,0 +1,138 @@
+"""``g3dr eval``: score one checkpoint, or sweep a training directory, and record it in MLflow.
+
+    g3dr eval --checkpoint RUN/f_trigen.safetensors [--data SHARDS] [--metrics fid,is,nfs,da]
+              [--sigma-scales 1,5,10,50] [--num-samples N] [--views canonical,novel]
+              [--mlflow-uri URI] [--experiment NAME] [KEY=VALUE ...]
+    g3dr eval --sweep RUN_DIR [--watch [--poll-seconds 60]] ...
+
+The config of each checkpoint is the one stored in it, with the flags and ``KEY=VALUE`` overrides applied
+on top (``eval.*``, ``data.*``, render settings). Multi-rank: run it under torchrun/srun; samples are split
+across ranks and gathered exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="FID, IS, NFS and depth accuracy of checkpoints at every sigma scale, logged to MLflow",
+        description="Evaluate f_trigen checkpoints (paper S.5) and log one MLflow run per checkpoint and eval config.")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--checkpoint", metavar="PATH", help="an f_trigen .safetensors file")
+    target.add_argument("--sweep", metavar="DIR",
+                        help="evaluate every checkpoint under DIR without a finished run for this eval config, newest first")
+    parser.add_argument("--watch", action="store_true", help="with --sweep: keep polling for new checkpoints until SIGTERM")
+    parser.add_argument("--poll-seconds", type=float, default=60.0, metavar="S", help="with --watch: seconds between polls")
+    parser.add_argument("--data", metavar="SHARDS", help="eval input shards (brace pattern, comma list or folder); "
+                        "default: the checkpoint's data config")
+    parser.add_argument("--metrics", metavar="LIST", help="comma list of fid,is,nfs,da")
+    parser.add_argument("--sigma-scales", metavar="LIST", help="comma list of density scale factors, e.g. 1,5,10,50")
+    parser.add_argument("--num-samples", type=int, metavar="N", help="samples per metric and scale (default 256)")
+    parser.add_argument("--views", metavar="LIST", help="comma list of canonical,novel")
+    parser.add_argument("--novel-camera", choices=["sampled", "video"], help="novel views as in training, or the video path")
+    parser.add_argument("--inception", metavar="PATH", help="the Inception-v3 2015-12-05 file (eval.inception_weights)")
+    parser.add_argument("--mlflow-uri", default="", metavar="URI",
+                        help="tracking URI (sqlite:///x.db or http://host:port); default: the checkpoint's "
+                             "logging.mlflow_uri, else a sqlite store in the sweep dir / beside the checkpoint")
+    parser.add_argument("--experiment", default="g3dr-eval", metavar="NAME", help="MLflow experiment (default g3dr-eval)")
+    parser.add_argument("--out", metavar="DIR", help="eval output folder (default: eval/ beside the checkpoint or in the sweep dir)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--retries", type=int, default=3, metavar="N", help="attempts per MLflow call before failing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides of the checkpoint's stored config, e.g. eval.batch_size=32")
+    parser.set_defaults(handler=run)
+
+
+def _list(text: str) -> str:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return "[" + ", ".join(items) + "]"
+
+
+def overrides_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags as dotted config overrides (applied before the trailing KEY=VALUE ones)."""
+    out = []
+    if args.data:
+        out += ["data.source=shards", f"data.shards={args.data}"]
+    if args.metrics:
+        out.append(f"eval.metrics={_list(args.metrics)}")
+    if args.sigma_scales:
+        out.append(f"eval.sigma_scales={_list(args.sigma_scales)}")
+    if args.num_samples is not None:
+        out.append(f"eval.num_samples={args.num_samples}")
+    if args.views:
+        out.append(f"eval.views={_list(args.views)}")
+    if args.novel_camera:
+        out.append(f"eval.novel_camera={args.novel_camera}")
+    if args.inception:
+        out.append(f"eval.inception_weights={args.inception}")
+    return (*out, *args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from g3dr.errors import ConfigError
+    from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, checkpoint_ref, run_sweep
+    from g3dr.log import get_logger
+
+    log = get_logger("g3dr.eval")
+    if args.watch and not args.sweep:
+        raise ConfigError("--watch needs --sweep DIR")
+    dist, owns_group = _init_distributed()
+    stop = StopFlag().install()
+    try:
+        sweep_dir = Path(args.sweep) if args.sweep else None
+        if sweep_dir is not None and not sweep_dir.is_dir():
+            raise ConfigError(f"--sweep {sweep_dir}: not a directory")
+        out = Path(args.out) if args.out else (sweep_dir / "eval" if sweep_dir else None)
+        options = EvalOptions(
+            overrides=overrides_from_args(args), out_dir=out, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+            tracking_base=sweep_dir or Path(args.checkpoint).parent, device=args.device, attempts=max(1, args.retries),
+            progress=not args.no_progress)
+        evaluator = Evaluator(options, dist, stop)
+        if sweep_dir is None:
+            outcome = evaluator.evaluate(checkpoint_ref(args.checkpoint))
+            if dist.is_main:
+                _print_outcome(outcome)
+            return 0
+        report = run_sweep(sweep_dir, evaluator, watch=args.watch, poll_s=args.poll_seconds)
+        if dist.is_main:
+            for outcome in report.outcomes:
+                _print_outcome(outcome)
+            log.info("sweep: %d evaluated, %d uploaded, %d skipped%s", report.count("evaluated"),
+                     report.count("uploaded"), report.count("skipped"), " (stopped)" if stop() else "")
+        return 0
+    finally:
+        stop.uninstall()
+        if owns_group:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+
+def _print_outcome(outcome) -> None:
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.results.items()))
+    print(f"{outcome.status}\t{outcome.checkpoint.path}\tstep={outcome.checkpoint.step}\t"
+          f"eval_hash={outcome.eval_hash}\trun={outcome.run_id or '-'}\t{metrics}", flush=True)
+
+
+def _init_distributed():
+    """Join the process group when launched with several ranks (torchrun / srun); returns (dist, owns_group)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as tdist
+
+    from g3dr.distributed import resolve_dist_env
+
+    dist = resolve_dist_env()
+    if dist.world_size == 1 or tdist.is_initialized():
+        return dist, False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+    tdist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size, timeout=timedelta(minutes=30))
+    return dist, True

@@ -1,0 +1,460 @@
+"""Evaluate checkpoints end to end: discovery, idempotent sweeps, results on disk and in MLflow.
+
+One :class:`Evaluator` per process holds what is reused across checkpoints (the Inception network, the
+dataset statistics, the MLflow client on rank 0). For each checkpoint it resolves the eval config (the
+checkpoint's stored config plus the user's overrides), hashes it with the data and detector identity,
+and then
+
+1. skips the checkpoint when MLflow holds a FINISHED run with the same checkpoint id and eval hash;
+2. uploads ``results.json`` without recomputing when a previous evaluation finished but its upload failed;
+3. otherwise evaluates, writes ``results.json`` (``complete: true``) and the report files, logs them and
+   only then marks the MLflow run FINISHED. Any failure or a stop request ends the run as FAILED or
+   KILLED and leaves ``complete: false`` on disk.
+
+Sweeps (:func:`run_sweep`) take checkpoints newest first and, with ``watch``, poll for new ones until a
+SIGTERM (:class:`StopFlag`) arrives; the stop is honoured between batches and between checkpoints.
+Only rank 0 talks to MLflow and writes files; decisions are broadcast so every rank does the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from g3dr.config import Config, config_from_dict
+from g3dr.distributed import DistEnv
+from g3dr.errors import WeightsError
+from g3dr.eval.evaluate import EvalInterrupted, EvalSpec, eval_hash, evaluate_model
+from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
+from g3dr.eval.tracking import EvalTracker, resolve_tracking
+from g3dr.log import get_logger
+from g3dr.metrics.gather import broadcast_object
+
+log = get_logger("g3dr.eval")
+
+RESULTS_FILE = "results.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop requests
+# ------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set by SIGTERM (once installed) or by hand; polled between batches and checkpoints."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def request(self, *_: Any) -> None:
+        if not self.requested:
+            log.warning("stop requested: finishing nothing new; an evaluation in progress is abandoned")
+        self.requested = True
+
+    def install(self) -> StopFlag:
+        self._previous = signal.signal(signal.SIGTERM, self.request)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """An f_trigen ``.safetensors`` checkpoint found on disk."""
+
+    path: Path
+    step: int
+    mtime: float
+    training_run_id: str = ""
+
+    @property
+    def id(self) -> str:
+        """Identity used by sweeps: the resolved path and the step (a re-export at a new step is new)."""
+        return hashlib.sha256(f"{self.path.resolve()}|{self.step}".encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.stem}-step{self.step}"
+
+
+def checkpoint_ref(path: str | Path) -> CheckpointRef:
+    """Read a checkpoint's step (and its training run id, if recorded) from its metadata header."""
+    from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+    path = Path(path)
+    meta = read_f_trigen_metadata(path)
+    run_id = str(meta.get("mlflow_run_id") or meta.get("training_run_id") or "")
+    return CheckpointRef(path=path, step=int(meta["step"]), mtime=path.stat().st_mtime, training_run_id=run_id)
+
+
+def discover_checkpoints(directory: str | Path, exclude: Path | None = None) -> list[CheckpointRef]:
+    """Every readable f_trigen ``.safetensors`` under ``directory``, newest (highest step, then latest) first.
+
+    Files in unfinished trainer checkpoints (``*.partial``) and under ``exclude`` (the eval output) are
+    ignored; unreadable files are skipped with a logged reason (a file still being written is never seen:
+    writers rename ``*.tmp`` files into place).
+    """
+    directory = Path(directory)
+    refs, skipped = [], 0
+    for path in sorted(directory.rglob("*.safetensors")):
+        rel_parts = path.relative_to(directory).parts
+        if any(p.endswith(".partial") or p.startswith(".") for p in rel_parts):
+            continue
+        if exclude is not None and exclude.resolve() in path.resolve().parents:
+            continue
+        try:
+            refs.append(checkpoint_ref(path))
+        except WeightsError as err:
+            skipped += 1
+            log.warning("sweep: skipping %s: %s", path, err)
+    if skipped:
+        log.warning("sweep: %d unreadable .safetensors file(s) skipped under %s", skipped, directory)
+    return sorted(refs, key=lambda r: (r.step, r.mtime), reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluator
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOptions:
+    """What the user chose for every checkpoint of one ``g3dr eval`` invocation."""
+
+    overrides: tuple[str, ...] = ()
+    """Dotted overrides applied to each checkpoint's stored config (``eval.*``, ``data.*``, render settings)."""
+    out_dir: Path | None = None
+    """Where per-checkpoint eval folders go (default: beside the checkpoint / in the sweep dir, ``eval/``)."""
+    mlflow_uri: str = ""
+    experiment: str = "g3dr-eval"
+    tracking_base: Path | None = None
+    """Folder of the default sqlite store when neither ``mlflow_uri`` nor the config names one."""
+    device: str = "auto"
+    attempts: int = 3
+    retry_wait_s: float = 1.0
+    progress: bool = True
+
+
+@dataclass
+class Outcome:
+    status: str
+    """``evaluated``, ``uploaded`` (from an earlier results.json), ``skipped`` (finished run exists)."""
+    checkpoint: CheckpointRef
+    eval_hash: str
+    run_id: str | None = None
+    results: dict[str, float] = field(default_factory=dict)
+    eval_dir: Path | None = None
+
+
+class Evaluator:
+    """Evaluates checkpoints one after another; see the module docstring."""
+
+    def __init__(self, options: EvalOptions, dist: DistEnv, stop: StopFlag | None = None):
+        self.options = options
+        self.dist = dist
+        self.stop = stop or StopFlag()
+        self.tracker: EvalTracker | None = None
+        self._detectors: dict[str, Any] = {}
+        self._real_stats: dict[str, tuple[Any, Any]] = {}
+        self._urls: dict[str, list[str]] = {}
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def config_for(self, ref: CheckpointRef) -> Config:
+        from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+        meta = read_f_trigen_metadata(ref.path)
+        return config_from_dict(meta["config"], self.options.overrides, source=f"{ref.path} (stored config)")
+
+    def device(self) -> torch.device:
+        choice = self.options.device
+        if choice == "auto":
+            choice = "cuda" if torch.cuda.is_available() else "cpu"
+        if choice == "cuda":
+            return torch.device("cuda", self.dist.local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
+
+    def data_urls(self, cfg: Config) -> list[str]:
+        from g3dr.data.loader import ensure_synthetic
+        from g3dr.data.pipeline import expand_shard_urls
+
+        key = f"{cfg.data.source}|{cfg.data.shards}|{cfg.data.synthetic_dir}"
+        if key not in self._urls:
+            if cfg.data.source == "synthetic":
+                # rank 0 writes the synthetic shards if absent; the others wait for it
+                folder = ensure_synthetic(cfg) if self.dist.is_main else None
+                folder = broadcast_object(folder)
+                urls = expand_shard_urls(folder)
+            else:
+                urls = expand_shard_urls(cfg.data.shards)
+            self._urls[key] = urls
+        return self._urls[key]
+
+    def detector(self, cfg: Config):
+        from g3dr.metrics.inception import load_inception
+
+        path = cfg.eval.inception_weights
+        if path not in self._detectors:
+            self._detectors[path] = load_inception(path, self.device())
+        return self._detectors[path]
+
+    def identity(self, cfg: Config, spec: EvalSpec) -> dict[str, str]:
+        from g3dr.metrics.dataset_stats import dataset_content_hash
+
+        ident = {"dataset": dataset_content_hash(self.data_urls(cfg))}
+        if spec.needs_inception:
+            ident["detector"] = self.detector(cfg).sha256
+        return ident
+
+    def real_stats(self, cfg: Config, ident: dict[str, str]):
+        from g3dr.data.loader import build_eval_loader
+        from g3dr.metrics.dataset_stats import cached_dataset_stats, compute_dataset_moments, stats_key
+
+        detector = self.detector(cfg)
+        num_real = cfg.eval.num_real or None
+        key = stats_key(ident["dataset"], cfg.data.resolution, detector.sha256, num_real)
+        cache_id = json.dumps(key, sort_keys=True)
+        if cache_id not in self._real_stats:
+            def compute():
+                loader = build_eval_loader(cfg, self.dist, shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size)
+                return compute_dataset_moments(loader, detector.features, max_items=num_real,
+                                               progress=self.options.progress)
+
+            mu, sigma, _, _ = cached_dataset_stats(cfg.eval.stats_cache, key, compute)
+            self._real_stats[cache_id] = (mu, sigma)
+        return self._real_stats[cache_id]
+
+    def eval_dir(self, ref: CheckpointRef, ehash: str) -> Path:
+        base = self.options.out_dir or ref.path.parent / "eval"
+        return Path(base) / f"{ref.label}-{ehash}"
+
+    # -- tracking (rank 0) ------------------------------------------------------------------------
+
+    def ensure_tracker(self, cfg: Config) -> EvalTracker | None:
+        if not self.dist.is_main:
+            return None
+        if self.tracker is None:
+            uri = self.options.mlflow_uri or cfg.logging.mlflow_uri
+            base = self.options.tracking_base or Path(".")
+            uri, artifacts = resolve_tracking(uri, base)
+            self.tracker = EvalTracker(uri, self.options.experiment, artifacts, attempts=self.options.attempts,
+                                       retry_wait_s=self.options.retry_wait_s)
+            log.info("MLflow: %s, experiment %s", uri, self.options.experiment)
+        return self.tracker
+
+    # -- one checkpoint ---------------------------------------------------------------------------
+
+    def evaluate(self, ref: CheckpointRef, parent_run_id: str | None = None,
+                 parent_factory=None) -> Outcome:
+        """Evaluate ``ref`` unless already done; ``parent_factory()`` gives the sweep run id lazily."""
+        cfg = self.config_for(ref)
+        spec = EvalSpec.from_config(cfg)
+        ident = self.identity(cfg, spec)
+        ehash = eval_hash(spec, **ident)
+        out_dir = self.eval_dir(ref, ehash)
+        tracker = self.ensure_tracker(cfg)
+
+        decision = None
+        if tracker is not None:
+            finished = tracker.find_finished(ref.id, ehash)
+            saved = _read_results(out_dir)
+            decision = ("skip", finished) if finished else ("upload", None) if saved.get("complete") else ("run", None)
+        decision = broadcast_object(decision)
+        if decision[0] == "skip":
+            log.info("%s: finished eval run %s exists for eval config %s; skipping", ref.label, decision[1], ehash)
+            return Outcome("skipped", ref, ehash, run_id=decision[1], eval_dir=out_dir)
+        if parent_run_id is None and parent_factory is not None:
+            parent_run_id = parent_factory()
+        params = self._params(ref, cfg, spec, ident, ehash)
+        tags = self._tags(ref, ehash)
+        if decision[0] == "upload":
+            run_id = None
+            saved = _read_results(out_dir)
+            if tracker is not None:
+                log.info("%s: uploading the finished results in %s (an earlier upload failed)", ref.label, out_dir)
+                run_id = self._log_run(tracker, ref, parent_run_id, params, tags, saved["metrics"], out_dir)
+            return Outcome("uploaded", ref, ehash, run_id=run_id, results=dict(saved.get("metrics", {})),
+                           eval_dir=out_dir)
+
+        run_id = tracker.start_run(ref.label, tags, parent_run_id) if tracker is not None else None
+        if tracker is not None:
+            tracker.log_params(run_id, params)
+            _write_results(out_dir, {"complete": False, "status": "running", "run_id": run_id, **_header(ref, ehash, params)})
+        try:
+            results, grids = self._compute(ref, cfg, spec, ident)
+        except EvalInterrupted:
+            if tracker is not None:
+                tracker.end_run_quietly(run_id, "KILLED")
+                _write_results(out_dir, {"complete": False, "status": "interrupted", "run_id": run_id,
+                                         **_header(ref, ehash, params)})
+            raise
+        except BaseException:
+            if tracker is not None:
+                tracker.end_run_quietly(run_id, "FAILED")
+                _write_results(out_dir, {"complete": False, "status": "failed", "run_id": run_id,
+                                         **_header(ref, ehash, params)})
+            raise
+        if tracker is not None:
+            self._write_report(out_dir, ref, spec, results, grids, cfg)
+            _write_results(out_dir, {"complete": True, "status": "finished", "run_id": run_id,
+                                     **_header(ref, ehash, params), "metrics": results})
+            try:
+                tracker.log_metrics(run_id, results, step=ref.step)
+                tracker.log_artifacts(run_id, out_dir)
+                tracker.end_run(run_id, "FINISHED")
+            except BaseException:
+                tracker.end_run_quietly(run_id, "FAILED")
+                raise
+            log.info("%s: %s", ref.label, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+        return Outcome("evaluated", ref, ehash, run_id=run_id, results=results, eval_dir=out_dir)
+
+    def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str]):
+        from g3dr.data.loader import build_eval_loader
+        from g3dr.models.checkpoint_io import load_f_trigen
+
+        device = self.device()
+        model, _, _ = load_f_trigen(ref.path, device, overrides=self.options.overrides)
+        detector = self.detector(cfg) if spec.needs_inception else None
+        real = self.real_stats(cfg, ident) if "fid" in spec.metrics else None
+        # Every rank reads the same stream and keeps its own block of samples (exact N, rank-independent).
+        stream = build_eval_loader(cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size)
+        return evaluate_model(model, cfg, stream, spec, detector, real, device=device,
+                              grid_samples=cfg.eval.grid_samples if self.dist.is_main else 0,
+                              should_stop=self.stop, progress=self.options.progress)
+
+    def _params(self, ref, cfg: Config, spec: EvalSpec, ident: dict[str, str], ehash: str) -> dict[str, str]:
+        return {"checkpoint": str(ref.path.resolve()), "checkpoint_step": str(ref.step), "eval_hash": ehash,
+                "dataset_manifest_hash": ident["dataset"], "detector_sha256": ident.get("detector", ""),
+                "data.source": cfg.data.source, "data.shards": cfg.data.shards,
+                "eval.inception_weights": cfg.eval.inception_weights, "renderer.impl": cfg.renderer.impl,
+                "overrides": " ".join(self.options.overrides), **spec.params()}
+
+    def _tags(self, ref: CheckpointRef, ehash: str) -> dict[str, str]:
+        tags = {"g3dr.kind": "eval", "g3dr.checkpoint": str(ref.path.resolve()), "g3dr.checkpoint_id": ref.id,
+                "g3dr.step": str(ref.step), "g3dr.eval_hash": ehash}
+        if ref.training_run_id:
+            tags["g3dr.training_run_id"] = ref.training_run_id
+        return tags
+
+    def _log_run(self, tracker, ref, parent_run_id, params, tags, metrics, out_dir) -> str:
+        run_id = tracker.start_run(ref.label, tags, parent_run_id)
+        try:
+            tracker.log_params(run_id, params)
+            tracker.log_metrics(run_id, metrics, step=ref.step)
+            tracker.log_artifacts(run_id, out_dir)
+            tracker.end_run(run_id, "FINISHED")
+        except BaseException:
+            tracker.end_run_quietly(run_id, "FAILED")
+            raise
+        return run_id
+
+    def _write_report(self, out_dir: Path, ref: CheckpointRef, spec: EvalSpec, results: dict[str, float],
+                      grids: dict[str, torch.Tensor], cfg: Config) -> None:
+        rows = table_rows(results, spec.sigma_scales)
+        (out_dir / "table.csv").write_text(table_csv(rows))
+        (out_dir / "table.md").write_text(table_markdown(rows, title=f"{ref.label} ({ref.path})"))
+        plot_metrics(results, spec.sigma_scales, out_dir / "metrics_vs_sigma_scale.png")
+        for name, images in sorted(grids.items()):
+            value_range = (spec.nfs_near, spec.nfs_far) if name.startswith("depth_") else (-1.0, 1.0)
+            save_grid(images, out_dir / "grids" / f"{name}.png", value_range=value_range)
+
+
+def _header(ref: CheckpointRef, ehash: str, params: dict[str, str]) -> dict[str, Any]:
+    return {"checkpoint": str(ref.path), "step": ref.step, "checkpoint_id": ref.id, "eval_hash": ehash,
+            "params": params}
+
+
+def _read_results(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RESULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is not valid JSON; ignoring it", path)
+        return {}
+
+
+def _write_results(out_dir: Path, data: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{RESULTS_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(out_dir / RESULTS_FILE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    parent_run_id: str | None = None
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, poll_s: float = 60.0) -> SweepReport:
+    """Evaluate every checkpoint under ``directory`` that lacks a finished run for its eval config, newest
+    first; with ``watch``, keep polling every ``poll_s`` seconds until a stop is requested."""
+    directory = Path(directory)
+    report = SweepReport()
+    out_dir = evaluator.options.out_dir
+    stop = evaluator.stop
+
+    def parent() -> str | None:
+        if report.parent_run_id is None and evaluator.tracker is not None:
+            report.parent_run_id = evaluator.tracker.start_run(
+                f"sweep {directory.name}", {"g3dr.kind": "sweep", "g3dr.sweep_dir": str(directory.resolve())})
+        return report.parent_run_id
+
+    try:
+        while True:
+            refs = discover_checkpoints(directory, exclude=out_dir) if evaluator.dist.is_main else None
+            refs = broadcast_object(refs)
+            log.info("sweep: %d checkpoint(s) under %s", len(refs), directory)
+            for ref in refs:
+                if broadcast_object(stop()):
+                    break
+                report.outcomes.append(evaluator.evaluate(ref, parent_factory=parent))
+            if not watch or broadcast_object(stop()):
+                break
+            deadline = time.monotonic() + poll_s
+            while time.monotonic() < deadline and not stop():
+                time.sleep(min(0.2, poll_s))
+            if broadcast_object(stop()):
+                break
+    except EvalInterrupted:
+        report.interrupted = True
+        log.warning("sweep: stopped during an evaluation; that run is marked KILLED and will be redone")
+    finally:
+        if report.parent_run_id is not None and evaluator.tracker is not None:
+            evaluator.tracker.end_run_quietly(report.parent_run_id, "KILLED" if report.interrupted else "FINISHED")
+    return report
+
+
+def replace_options(options: EvalOptions, **changes: Any) -> EvalOptions:
+    return dataclasses.replace(options, **changes)

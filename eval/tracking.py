@@ -1,0 +1,141 @@
+"""MLflow bookkeeping of evaluations: one run per (checkpoint, eval config), nested under a sweep run.
+
+Unlike training (which must never stop because tracking is down), an evaluation exists to be recorded:
+every MLflow call is retried a few times and then fails the job with a :class:`TrackingError`. The
+results are also in the eval directory as JSON, so a failed upload loses nothing and the next sweep
+uploads them without recomputing.
+
+A run counts as done only with status ``FINISHED``; it is marked so after its metrics and artifacts are
+logged. An interrupted or failed evaluation ends its run as ``KILLED`` / ``FAILED``, which sweeps redo.
+
+Tags on every eval run: ``g3dr.kind=eval``, ``g3dr.checkpoint`` (path), ``g3dr.checkpoint_id`` (hash of the
+resolved path and step), ``g3dr.step``, ``g3dr.eval_hash``, ``g3dr.training_run_id`` (when the checkpoint
+names its training run) and ``mlflow.parentRunId`` (the sweep run).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from g3dr.errors import G3DRError
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.eval")
+
+T = TypeVar("T")
+_PARAM_MAX = 6000
+
+
+class TrackingError(G3DRError):
+    """The MLflow tracking store could not be reached or refused a write (after retries)."""
+
+
+def resolve_tracking(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
+    """``(tracking_uri, artifact_location)``: ``uri`` as given, or a sqlite store ``base_dir/mlflow.db``
+    with artifacts in ``base_dir/mlartifacts`` (the training run's own store when ``base_dir`` is its run
+    directory). MLflow 3 refuses ``file:`` stores.
+    """
+    if uri:
+        if uri.startswith("file:"):
+            raise TrackingError(f"MLflow 3 does not accept file: stores ({uri}); use sqlite:///PATH.db or http://HOST:PORT")
+        return uri, None
+    base = Path(base_dir).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri()
+
+
+class EvalTracker:
+    """Rank-0 MLflow client for evaluation runs, with bounded retries on every call."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
+                 attempts: int = 3, retry_wait_s: float = 1.0):
+        # Bound MLflow's own HTTP back-off so that "down" costs seconds, then our retries decide.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.attempts = max(1, attempts)
+        self.retry_wait_s = retry_wait_s
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._call(lambda: self._experiment(experiment, artifact_location),
+                                        f"open experiment {experiment!r}")
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=artifact_location)
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
+                if attempt == self.attempts:
+                    raise TrackingError(f"MLflow at {self.uri}: {what} failed after {self.attempts} attempts "
+                                        f"({type(err).__name__}: {str(err)[:300]}); check that the tracking server "
+                                        f"is up (results stay in the eval directory as JSON)") from None
+                log.warning("MLflow: %s failed (attempt %d/%d: %s); retrying", what, attempt, self.attempts,
+                            type(err).__name__)
+                time.sleep(self.retry_wait_s * attempt)
+        raise AssertionError("unreachable")
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def find_finished(self, checkpoint_id: str, eval_hash: str) -> str | None:
+        """Run id of a FINISHED eval run of this checkpoint with this eval config, or None."""
+        query = (f"tags.`g3dr.checkpoint_id` = '{checkpoint_id}' and tags.`g3dr.eval_hash` = '{eval_hash}' "
+                 f"and attributes.status = 'FINISHED'")
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1),
+                          "search finished eval runs")
+        return runs[0].info.run_id if runs else None
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def start_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags),
+                         f"create run {name!r}")
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow's batch limit on params
+            chunk = items[i:i + 100]
+            self._call(lambda: self.client.log_batch(run_id, params=chunk), "log params")
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), 1000):
+            chunk = items[i:i + 1000]
+            self._call(lambda: self.client.log_batch(run_id, metrics=chunk), "log metrics")
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifacts(run_id, str(directory), artifact_path), "upload artifacts")
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_tag(run_id, key, value), f"set tag {key}")
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(lambda: self.client.set_terminated(run_id, status), f"end run as {status}")
+
+    def end_run_quietly(self, run_id: str | None, status: str) -> None:
+        """Best-effort end of a run on the failure path (never raises; the original error matters more)."""
+        if run_id is None:
+            return
+        try:
+            self.client.set_terminated(run_id, status)
+        except Exception as err:  # the store may be the thing that failed
+            log.warning("MLflow: could not mark run %s as %s (%s)", run_id, status, type(err).__name__)
