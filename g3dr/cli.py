@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.data_prep.cli",
     "g3dr.eval.cli",
     "g3dr.launchers.cli",
+    "g3dr.train.cli",
 )
 
 

@@ -1,0 +1,39 @@
+"""``g3dr train --config FILE [overrides] [--resume auto|PATH]``: the thin entry point of training.
+
+Runs as one process or as one rank of a ``torchrun`` / DeepSpeed-launcher / SLURM job (rank and world
+size from the environment). Registering is cheap; torch and deepspeed are imported in the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from g3dr.config_cli import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train f_trigen on DeepSpeed (one process, or one rank of torchrun/SLURM)",
+        description="Train G3DR's f_trigen with the full objective. Checkpoints go to <run_dir>/checkpoints, "
+                    "the fp32 export to <run_dir>/f_trigen.safetensors, metrics to MLflow (rank 0).")
+    add_config_arguments(parser, required=True)
+    parser.add_argument("--resume", metavar="auto|PATH", default=None,
+                        help="'auto': continue from the newest complete checkpoint of run_dir (fresh start if "
+                             "none); PATH: a checkpoint directory step-N")
+    parser.add_argument("--no-export", action="store_true", help="skip the fp32 safetensors export at the end")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from g3dr.config import load_config
+    from g3dr.log import get_logger
+    from g3dr.train.trainer import EXIT_PREEMPTED, train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, export=not args.no_export)
+    log = get_logger("g3dr.train")
+    if result.preempted:
+        return EXIT_PREEMPTED
+    log.info("done: step %d, checkpoint %s, export %s, MLflow run %s", result.step, result.checkpoint,
+             result.export, result.run_id)
+    return 0

@@ -1,0 +1,416 @@
+"""The training loop of G3DR on DeepSpeed, and the setup around it (process group, engine, resume, export).
+
+``train(cfg, resume)`` reads like the paper: for every optimizer step, for every micro-batch, choose the
+view by Eq. 1, render, weight the losses, backward; then step. Checkpoints, tracking, images and signals
+are reached through small components with ``should_*`` checks.
+
+Seeds: the model is initialised from ``train.seed`` on every rank (DeepSpeed also broadcasts rank 0's
+weights); afterwards each rank seeds its RNGs from ``(train.seed, rank)``, so view choice, novel cameras
+and renderer jitter differ between ranks, and the whole run is reproducible from the one seed. The RNG
+states and the data position of every rank are saved with each checkpoint, so a resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from g3dr.config import Config, config_to_dict, save_config
+from g3dr.distributed import DistEnv, resolve_dist_env
+from g3dr.errors import ConfigError, G3DRError
+from g3dr.log import get_logger
+
+log = get_logger("g3dr.train")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume auto
+EXPORT_FILENAME = "f_trigen.safetensors"
+
+
+class NonFiniteLossError(G3DRError):
+    """Too many non-finite losses in a row; a checkpoint of the last good state was written."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run did (returned on every rank)."""
+
+    start_step: int
+    step: int
+    losses: list[float] = field(default_factory=list)
+    """Rank-local ``loss/total`` of every optimizer step run by this process (mean over micro-batches)."""
+    skipped: int = 0
+    checkpoint: Path | None = None
+    export: Path | None = None
+    run_id: str | None = None
+    preempted: bool = False
+    view_draws: list[float] = field(default_factory=list)
+    """The Eq. 1 draws ``r`` of this rank, one per micro-batch (they differ between ranks)."""
+    param_digest: str = ""
+    """sha256 of this rank's fp32 parameters at the end (checked equal on every rank)."""
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The RNG seed of ``rank``, derived from the run's one seed (distinct per rank, stable across runs)."""
+    return (seed * 1_000_003 + rank * 7919 + 1) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: Config, dist: DistEnv) -> torch.device:
+    """``cfg.device`` (``auto``: CUDA if available) with this rank's local GPU."""
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available; set device=cpu or device=auto")
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None:
+    """Initialise torch.distributed through DeepSpeed: gloo on CPU, NCCL on CUDA (or ``distributed.backend``)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("RANK", str(dist.rank))
+    os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+    if dist.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
+                          "launch with torchrun, the DeepSpeed launcher or `g3dr submit train`")
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
+                               rank=dist.rank, world_size=dist.world_size)
+
+
+def _all_ranks_true(flag: bool, device: torch.device) -> bool:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _any_rank_true(flag: bool, device: torch.device) -> bool:
+    return not _all_ranks_true(not flag, device)
+
+
+def _broadcast(value: Any) -> Any:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype: torch.dtype, n: int = 4) -> Any:
+    """uint8 (H, W, 3) grid, one row per sample: input, canonical render, two novel renders (yaw at the edges of
+    the novel range), canonical depth, pseudo-depth. Uses a forked RNG, so training randomness is untouched."""
+    import numpy as np
+    from torchvision.utils import make_grid
+
+    from g3dr.render.cameras import camera_to_world_from_angles
+
+    cam = cfg.camera
+    rgb, depth = batch["rgb"][:n], batch["depth"][:n]
+    b = rgb.shape[0]
+    dev = rgb.device
+    spread = math.pi / cam.novel_yaw_den_end
+    with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        planes = model.make_planes(rgb.to(dtype), depth.to(dtype))
+        tiles = [rgb.float()]
+        depths = []
+        for yaw_offset in (0.0, -spread, spread):
+            yaw = torch.full((b,), cam.canonical_yaw + yaw_offset, device=dev)
+            pitch = torch.full((b,), cam.canonical_pitch, device=dev)
+            c2w = camera_to_world_from_angles(yaw, pitch, cam.radius).to(dtype)
+            out = model.render(planes, c2w, canonical=yaw_offset == 0.0, depth=depth.to(dtype))
+            tiles.append(out["rgb"].float())
+            depths.append(out["depth"].float())
+        lo, hi = float(depth.min()), float(depth.max()) + 1e-6
+        for d in (depths[0], depth.float()):
+            tiles.append(((d - lo) / (hi - lo) * 2 - 1).clamp(-1, 1).expand(-1, 3, -1, -1))
+    rows = torch.stack(tiles, dim=1).flatten(0, 1)  # sample-major: one row of len(tiles) tiles per sample
+    grid = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=len(tiles), padding=1)
+    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def export_f_trigen(cfg: Config, checkpoint: Path, out: Path) -> Path:
+    """Write one fp32 ``.safetensors`` of f_trigen from a complete checkpoint directory (rank 0, after a save).
+
+    With ZeRO 1/2 the fp32 master weights are rebuilt from the optimizer partitions (DeepSpeed's
+    ``zero_to_fp32``); with ZeRO 0 the module weights are fp32 only in fp32 training (bf16 with ZeRO 0
+    exports the bf16 module weights upcast, with a warning).
+    """
+    from g3dr.models.checkpoint_io import save_f_trigen
+    from g3dr.models.f_trigen import FTrigen
+    from g3dr.train.checkpoint import step_of
+
+    step = step_of(checkpoint)
+    model = FTrigen(cfg)
+    if cfg.train.zero_stage in (1, 2):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:
+        if cfg.train.precision != "fp32":
+            log.warning("exporting bf16 module weights upcast to fp32 (ZeRO stage 0 keeps no fp32 copy on disk)")
+        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return save_f_trigen(model, cfg, out, step=step, source="train")
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names and fp32 values of ``module``'s parameters (identical replicas, identical digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_replicas_agree(module: torch.nn.Module) -> str:
+    digest = parameter_digest(module)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        digests: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"model replicas diverged between ranks (parameter digests {digests})")
+    return digest
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(cfg: Config, resume: str | None = None,
+          build_loader: Callable[[Config, DistEnv], Iterable[dict[str, Any]]] | None = None,
+          export: bool = True, stop_at: int | None = None) -> TrainResult:
+    """Train f_trigen as configured; ``resume``: None, ``auto`` or a checkpoint directory.
+
+    ``build_loader`` defaults to :func:`g3dr.data.build_train_loader`. ``stop_at``: end this process after
+    that optimizer step with a checkpoint (schedules still run to ``train.total_steps``; a later
+    ``--resume auto`` continues). Returns a :class:`TrainResult`.
+    """
+    from tqdm import tqdm
+
+    from g3dr.losses import build_critics
+    from g3dr.models.f_trigen import FTrigen
+    from g3dr.train import checkpoint as ckpt
+    from g3dr.train.ds_config import deepspeed_config
+    from g3dr.train.schedules import learning_rate
+    from g3dr.train.task import G3DRTask
+    from g3dr.train.tracking import build_tracker
+
+    dist = resolve_dist_env()
+    device = resolve_device(cfg, dist)
+    accumulation = cfg.train.grad_accumulation(dist.world_size)  # a ConfigError before anything starts
+    init_process_group(cfg, dist, device)
+    import deepspeed
+
+    run_dir = Path(cfg.run_dir)
+    root = ckpt.checkpoints_root(run_dir)
+    train_cfg = cfg.train
+
+    # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
+    seed_everything(train_cfg.seed)
+    model = FTrigen(cfg)
+    ds_config = deepspeed_config(cfg, dist.world_size, device.type)
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, train_cfg) / train_cfg.lr)
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   config=ds_config, lr_scheduler=schedule,
+                                                   dist_init_required=False)
+    dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+    critics_dtype = dtype if device.type == "cuda" else torch.float32
+    task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype), model_dtype=dtype)
+    loader = (build_loader or _default_loader)(cfg, dist)
+
+    # Resume: rank 0 picks the checkpoint, every rank loads the same one.
+    resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None) if resume else None
+    start_step, run_id = 0, None
+    seed_everything(rank_seed(train_cfg.seed, dist.rank))
+    if resume_path is not None:
+        client_state, rank_state = ckpt.load_checkpoint(engine, resume_path, dist.rank)
+        start_step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
+        if rank_state is not None:
+            ckpt.set_rng_state(rank_state["rng"])
+            if rank_state.get("data") is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(rank_state["data"])
+        else:
+            log.warning("checkpoint %s has no state for rank %d (saved by %s ranks): RNG and data position "
+                        "re-derived from the seed and the step", resume_path, dist.rank, client_state.get("world_size"))
+            seed_everything(rank_seed(train_cfg.seed + start_step, dist.rank))
+        log.info("resumed from %s at step %d", resume_path, start_step)
+    elif resume == "auto":
+        log.info("--resume auto: no complete checkpoint under %s; starting fresh", root)
+
+    tracker = build_tracker(cfg, dist.is_main, run_id=run_id)
+    if dist.is_main:
+        save_config(cfg, run_dir)
+    result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id)
+
+    def save(step: int) -> Path:
+        client = {"step": step, "mlflow_run_id": tracker.run_id, "world_size": dist.world_size,
+                  "config": config_to_dict(cfg)}
+        rank_state = {"rng": ckpt.rng_state(),
+                      "data": loader.state_dict() if hasattr(loader, "state_dict") else None}
+        path = ckpt.save_checkpoint(engine, root, step, client, rank_state, dist.rank, dist.world_size,
+                                    train_cfg.keep_last)
+        result.checkpoint = path
+        return path
+
+    step = start_step
+    batches = iter(loader)
+    samples_per_step = train_cfg.global_batch_size
+    bad_in_row = 0
+    window: dict[str, list[float]] = {}
+    window_start, window_steps = time.time(), 0
+    bar = tqdm(total=train_cfg.total_steps, initial=start_step, disable=not dist.is_main, unit="step",
+               dynamic_ncols=True)
+    status = "FINISHED"
+    try:
+        with StopSignal() as stop:
+            end = train_cfg.total_steps if stop_at is None else min(stop_at, train_cfg.total_steps)
+            while step < end:
+                # One optimizer step: `accumulation` good micro-batches (Eq. 1 view, render, losses, backward).
+                lr = float(engine.get_lr()[0])
+                reports = []
+                while len(reports) < accumulation:
+                    with torch.random.fork_rng(devices=[]):  # the loader must not consume training randomness
+                        batch = _to_device(next(batches), device)
+                    loss, report = task(engine, batch, step)
+                    if not _all_ranks_true(bool(torch.isfinite(loss)), device):
+                        result.skipped += 1
+                        bad_in_row += 1
+                        log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped on every rank",
+                                    step, bad_in_row)
+                        if bad_in_row >= train_cfg.max_nonfinite_in_row:
+                            path = save(step)
+                            raise NonFiniteLossError(
+                                f"{bad_in_row} non-finite losses in a row at step {step}; the last good state is "
+                                f"in {path}. Lower train.lr or check the data, then rerun with --resume auto")
+                        continue
+                    bad_in_row = 0
+                    engine.backward(loss)
+                    engine.step()
+                    reports.append(report)
+                    result.view_draws.append(report["view_r"])
+                step += 1
+                result.step = step
+                window_steps += 1
+                step_loss = sum(r["loss/total"] for r in reports) / len(reports)
+                result.losses.append(step_loss)
+                for r in reports:
+                    for k, v in r.items():
+                        if k.startswith(("loss/", "weight/")):
+                            window.setdefault(k, []).append(v)
+                    window.setdefault("canonical_fraction", []).append(float(r["canonical"]))
+                bar.update(1)
+                if step % train_cfg.log_every == 0 or step == train_cfg.total_steps:
+                    elapsed = time.time() - window_start
+                    metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                    metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
+                                    "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
+                                    "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})
+                    tracker.log_metrics(metrics, step)
+                    bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", lr=f"{lr:.2e}",
+                                    sps=f"{metrics['samples_per_second']:.1f}")
+                    window, window_start, window_steps = {}, time.time(), 0
+                if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
+                    grid = image_grid(engine.module, cfg, batch, dtype)
+                    tracker.log_image(grid, f"samples/step-{step:08d}.png")
+                if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at):
+                    save(step)
+                if _any_rank_true(stop.received is not None, device):
+                    if result.checkpoint is None or ckpt.step_of(result.checkpoint) != step:
+                        save(step)
+                    log.warning("stopped by a signal at step %d after a checkpoint; rerun with --resume auto", step)
+                    result.preempted, status = True, "KILLED"
+                    break
+        result.param_digest = _check_replicas_agree(engine.module)
+        if export and not result.preempted and dist.is_main and result.checkpoint is not None:
+            result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME)
+            log.info("exported f_trigen (fp32) to %s", result.export)
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        bar.close()
+        tracker.close(status)
+        if hasattr(loader, "close"):
+            loader.close()
+    return result
+
+
+def _default_loader(cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
+    from g3dr.data import build_train_loader
+
+    return build_train_loader(cfg, dist)
