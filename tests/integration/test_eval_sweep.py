@@ -1,0 +1,190 @@
+"""Sweeps on a sqlite MLflow store: newest first, skip what is finished, redo what was interrupted,
+upload results whose upload failed without recomputing, exit cleanly on SIGTERM in watch mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from g3dr.distributed import DistEnv
+from g3dr.eval.evaluate import EvalInterrupted
+from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, discover_checkpoints, run_sweep
+from g3dr.eval.tracking import TrackingError
+
+_spec = importlib.util.spec_from_file_location(
+    "g3dr_test_helper_eval_fixtures", Path(__file__).resolve().parents[1] / "helpers" / "eval_fixtures.py")
+fx = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = fx
+_spec.loader.exec_module(fx)
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    cfg = fx.tiny_config(tmp_path)
+    fx.make_inception(cfg)
+    run = tmp_path / "run"
+    fx.make_checkpoint(cfg, run / "exports" / "step-10.safetensors", step=10, seed=1)
+    fx.make_checkpoint(cfg, run / "exports" / "step-20.safetensors", step=20, seed=2, training_run_id="train-run-1")
+    (run / "checkpoints" / "step-30.partial").mkdir(parents=True)
+    fx.make_checkpoint(cfg, run / "checkpoints" / "step-30.partial" / "f_trigen.safetensors", step=30)
+    (run / "broken.safetensors").write_bytes(b"garbage")
+    return run
+
+
+def _options(run_dir: Path, **kw) -> EvalOptions:
+    return EvalOptions(out_dir=run_dir / "eval", mlflow_uri=f"sqlite:///{run_dir / 'mlflow.db'}",
+                       experiment="eval-test", tracking_base=run_dir, progress=False, retry_wait_s=0.05,
+                       overrides=("eval.sigma_scales=[1.0]", "eval.views=[canonical]", *kw.pop("overrides", ())), **kw)
+
+
+def _runs(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eval-test")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_discovery_is_newest_first_and_ignores_partial_and_broken(run_dir):
+    refs = discover_checkpoints(run_dir)
+    assert [r.step for r in refs] == [20, 10]
+    assert refs[0].training_run_id == "train-run-1" and refs[1].training_run_id == ""
+    assert refs[0].id != refs[1].id
+
+
+def test_sweep_skips_finished_and_redoes_interrupted(run_dir):
+    # 1) interrupted during the first (newest) checkpoint: its run is KILLED, nothing complete on disk
+    stop = StopFlag()
+    calls = {"n": 0}
+
+    def stop_after_first_batch() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1 or stop.requested
+
+    evaluator = Evaluator(_options(run_dir, overrides=("eval.batch_size=3",)), DistEnv(), stop)
+    evaluator.stop = stop_after_first_batch
+    report = run_sweep(run_dir, evaluator)
+    assert report.interrupted and report.outcomes == []
+    client, runs = _runs(run_dir)
+    eval_runs = [r for r in runs if r.data.tags.get("g3dr.kind") == "eval"]
+    assert [r.info.status for r in eval_runs] == ["KILLED"]
+    assert eval_runs[0].data.tags["g3dr.step"] == "20" and not eval_runs[0].data.metrics
+    saved = json.loads(next((run_dir / "eval").glob("step-20-step20-*/results.json")).read_text())
+    assert saved["complete"] is False and saved["status"] == "interrupted"
+
+    # 2) a full sweep evaluates both, newest first, nested under one sweep run
+    report = run_sweep(run_dir, Evaluator(_options(run_dir, overrides=("eval.batch_size=3",)), DistEnv()))
+    assert [(o.status, o.checkpoint.step) for o in report.outcomes] == [("evaluated", 20), ("evaluated", 10)]
+    client, runs = _runs(run_dir)
+    finished = [r for r in runs if r.data.tags.get("g3dr.kind") == "eval" and r.info.status == "FINISHED"]
+    assert [r.data.tags["g3dr.step"] for r in finished] == ["20", "10"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in finished} == {report.parent_run_id}
+    assert client.get_run(report.parent_run_id).info.status == "FINISHED"
+    assert finished[0].data.tags["g3dr.training_run_id"] == "train-run-1"
+    # only canonical views were rendered: they are the table view, so FID/IS carry no view suffix
+    assert set(finished[0].data.metrics) == {"is/s1", "is_std/s1", "nfs/s1", "da/s1"}
+    assert finished[0].data.params["checkpoint_step"] == "20"
+
+    # 3) the same eval config again: nothing to do, no new runs (not even a sweep run)
+    before = len(runs)
+    report = run_sweep(run_dir, Evaluator(_options(run_dir, overrides=("eval.batch_size=3",)), DistEnv()))
+    assert [o.status for o in report.outcomes] == ["skipped", "skipped"] and report.parent_run_id is None
+    assert len(_runs(run_dir)[1]) == before
+
+    # 4) batch size is not part of the eval config; the number of samples is
+    report = run_sweep(run_dir, Evaluator(_options(run_dir, overrides=("eval.batch_size=4",)), DistEnv()))
+    assert [o.status for o in report.outcomes] == ["skipped", "skipped"]
+    report = run_sweep(run_dir, Evaluator(_options(run_dir, overrides=("eval.num_samples=4",)), DistEnv()))
+    assert [o.status for o in report.outcomes] == ["evaluated", "evaluated"]
+
+
+def test_failed_upload_keeps_results_and_the_next_sweep_uploads_them(run_dir, monkeypatch):
+    evaluator = Evaluator(_options(run_dir), DistEnv())
+    ref = discover_checkpoints(run_dir)[1]
+    evaluator.ensure_tracker(evaluator.config_for(ref))
+    real_log_batch = evaluator.tracker.client.log_batch
+
+    def failing_log_batch(run_id, metrics=(), params=(), tags=()):
+        if metrics:
+            raise ConnectionError("tracking server went away")
+        return real_log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(evaluator.tracker.client, "log_batch", failing_log_batch)
+    with pytest.raises(TrackingError, match="3 attempts"):
+        evaluator.evaluate(ref)
+    saved = json.loads(next((run_dir / "eval").glob("step-10-step10-*/results.json")).read_text())
+    assert saved["complete"] is True and set(saved["metrics"]) >= {"nfs/s1", "da/s1"}
+    client, runs = _runs(run_dir)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+    # the next evaluation uploads the saved numbers instead of recomputing (the model is never loaded)
+    monkeypatch.undo()
+    fresh = Evaluator(_options(run_dir), DistEnv())
+    monkeypatch.setattr(fresh, "_compute", lambda *a, **k: pytest.fail("recomputed finished results"))
+    outcome = fresh.evaluate(ref)
+    assert outcome.status == "uploaded" and outcome.results == saved["metrics"]
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == pytest.approx(saved["metrics"])
+    assert {a.path for a in client.list_artifacts(outcome.run_id)} >= {"results.json", "table.csv", "table.md"}
+    assert fresh.evaluate(ref).status == "skipped"
+
+
+def test_dead_tracking_server_is_a_clear_failure(run_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    proc = subprocess.run([sys.executable, "-m", "g3dr.cli", "eval", "--checkpoint",
+                           str(run_dir / "exports" / "step-10.safetensors"), "--mlflow-uri", f"http://127.0.0.1:{port}",
+                           "--retries", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "MLflow at http://127.0.0.1" in proc.stderr and "failed after 2 attempts" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_watch_exits_cleanly_on_sigterm(run_dir, tmp_path):
+    cfg = fx.tiny_config(tmp_path)
+    (run_dir / "broken.safetensors").unlink()
+    (run_dir / "exports" / "step-20.safetensors").unlink()
+    cmd = [sys.executable, "-m", "g3dr.cli", "eval", "--sweep", str(run_dir), "--watch", "--poll-seconds", "0.5",
+           "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}", "--experiment", "eval-test", "--no-progress",
+           "eval.sigma_scales=[1.0]", "eval.views=[canonical]", "eval.metrics=[nfs, da]"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def wait_for(step: int, timeout: float = 240) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for path in (run_dir / "eval").glob(f"*-step{step}-*/results.json"):
+                    if json.loads(path.read_text()).get("complete"):
+                        return
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.3)
+            pytest.fail(f"step {step} was not evaluated in {timeout}s")
+
+        wait_for(10)
+        fx.make_checkpoint(cfg, run_dir / "exports" / "step-40.safetensors", step=40, seed=4)
+        wait_for(40)  # picked up by polling
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    client, runs = _runs(run_dir)
+    eval_runs = [r for r in runs if r.data.tags.get("g3dr.kind") == "eval"]
+    assert [(r.data.tags["g3dr.step"], r.info.status) for r in eval_runs] == [("10", "FINISHED"), ("40", "FINISHED")]
+    sweeps = [r for r in runs if r.data.tags.get("g3dr.kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
