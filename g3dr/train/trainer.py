@@ -413,4 +413,12 @@ def train(cfg: Config, resume: str | None = None,
 def _default_loader(cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
     from g3dr.data import build_train_loader
 
+    if cfg.data.source == "synthetic":
+        # Rank 0 writes the synthetic shards once; the other ranks wait instead of racing it.
+        from g3dr.data.loader import ensure_synthetic
+
+        if dist.is_main:
+            ensure_synthetic(cfg, progress=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     return build_train_loader(cfg, dist)
