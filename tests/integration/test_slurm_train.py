@@ -1,0 +1,120 @@
+"""``g3dr submit train`` on the local SLURM cluster: the tiny config as a two-task job, uninterrupted and
+preempted + requeued; both must end at the same step with the same per-step losses in one MLflow run."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from g3dr.launchers.jobs import train_job
+from g3dr.launchers.submit import LaunchOptions, job_restarts, submit_jobs, wait_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+G3DR = Path(sys.executable).with_name("g3dr")
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+STEPS = 8
+
+
+def _cluster_helper():
+    name = "g3dr_tests_slurm_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "slurm" / "cluster.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if importlib.util.find_spec("g3dr.train.cli") is None:
+        pytest.skip("g3dr train is not in this checkout")
+    reason = _cluster_helper().ensure_cluster()
+    if reason:
+        pytest.skip(reason)
+
+
+def _overrides(root: Path) -> list[str]:
+    return [f"run_dir={root / 'run'}", f"data.synthetic_dir={root.parent / 'synth'}",
+            f"logging.mlflow_uri=sqlite:///{root / 'mlflow.db'}", f"train.total_steps={STEPS}",
+            "train.checkpoint_every=2", "train.global_batch_size=4", "train.image_every=0"]
+
+
+def _history(root: Path) -> tuple[set[str], dict[int, float]]:
+    """Run ids and the last logged ``loss/total`` per step from the run's MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    losses: dict[int, float] = {}
+    for run in runs:
+        for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"), key=lambda m: m.timestamp):
+            losses[m.step] = m.value
+    return {r.info.run_id for r in runs}, losses
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(run_dir.glob("slurm/*/*_log.*")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    """The tiny config trained by `g3dr submit train --tasks-per-node 2 --wait` (the CLI, end to end)."""
+    root = tmp_path_factory.mktemp("train") / "straight"
+    start = time.monotonic()
+    out = subprocess.run([str(G3DR), "submit", "train", "--tasks-per-node", "2", "--time", "10", "--wait",
+                          "--config", str(REPO / "configs" / "tiny.yaml"), *_overrides(root)],
+                         capture_output=True, text=True, timeout=400)
+    elapsed = time.monotonic() - start
+    assert out.returncode == 0, out.stdout + out.stderr + _logs(root / "run")
+    print(f"uninterrupted two-task tiny training ({STEPS} steps) via SLURM: {elapsed:.1f}s")
+    return root
+
+
+def test_tiny_config_trains_as_two_task_job(uninterrupted):
+    run = uninterrupted / "run"
+    assert (run / "checkpoints" / f"step-{STEPS}").is_dir() and (run / "f_trigen.safetensors").is_file()
+    logs = _logs(run)
+    assert "task 0/2" in logs and "requeue count 0" in logs  # rank 1 logs warnings only; submitit names it:
+    assert "global_rank=0(2)" in logs and "global_rank=1(2)" in logs
+    run_ids, losses = _history(uninterrupted)
+    assert len(run_ids) == 1 and sorted(losses) == list(range(1, STEPS + 1)), losses
+
+
+def test_preempted_training_requeues_and_matches_uninterrupted(uninterrupted, tmp_path):
+    root = tmp_path / "preempted"
+    job = train_job(str(REPO / "configs" / "tiny.yaml"), _overrides(root))
+    start = time.monotonic()
+    [submitted] = submit_jobs([job], "slurm", root / "run" / "slurm" / "%j",
+                              LaunchOptions(job_name="g3dr-train-preempt", tasks_per_node=2, time_min=10))
+    # Preempt once training has checkpointed step 2 (as SLURM does: USR2 to every task of the job).
+    deadline = time.monotonic() + 300
+    while not (root / "run" / "checkpoints" / "step-2").is_dir():
+        assert time.monotonic() < deadline, _logs(root / "run")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", submitted.job_id], check=True)
+    signalled = time.monotonic()
+    wait_jobs([submitted], timeout_s=400, poll_s=0.5)
+    elapsed = time.monotonic() - start
+    logs = _logs(root / "run")
+    stopped = [int(s) for s in re.findall(r"stopped by a signal at step (\d+) after a checkpoint", logs)]
+    print(f"preempted two-task training: {elapsed:.1f}s total, {time.monotonic() - signalled:.1f}s from the "
+          f"signal to the end; stopped at steps {stopped}, restarts {job_restarts(submitted)}")
+    assert job_restarts(submitted) == 1
+    assert stopped and 2 <= stopped[0] < STEPS, logs
+    assert "requeueing, this will be requeue #1" in logs and "requeue count 1" in logs
+    assert f"--resume auto: " in logs or "resum" in logs.lower()
+    assert (root / "run" / "checkpoints" / f"step-{STEPS}").is_dir()
+    run_ids, losses = _history(root)
+    straight_ids, straight = _history(uninterrupted)
+    assert len(run_ids) == 1, f"the requeued job must continue the same MLflow run, got {run_ids}"
+    assert sorted(losses) == sorted(straight) == list(range(1, STEPS + 1))
+    worst = max(abs(losses[s] - straight[s]) / max(abs(straight[s]), 1e-12) for s in straight)
+    print(f"max relative loss difference preempted vs uninterrupted over {STEPS} steps: {worst:.2e}")
+    assert worst <= 1e-6, {s: (losses[s], straight[s]) for s in straight}
