@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("src", metavar="SRC", help="reference checkpoint, e.g. checkpoint_generic.pt")
     parser.add_argument("dst", metavar="DST", help="output checkpoint, e.g. weights/g3dr-imagenet128.safetensors")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow full unpickling of SRC (runs code from the file: only for trusted files) when "
-                             "the safe tensor-only loader refuses it")
+                        help="unpickle SRC fully (runs code from the file and needs every package it references: "
+                             "only for trusted files, and only if the default data-only reading fails)")
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 

@@ -28,8 +28,11 @@ R: ``mlp.1.*``, ``block{1,2}.proj.*``,             ``time_proj.*``, ``block{1,2}
 
 from __future__ import annotations
 
+import builtins
+import collections
 import pickle
 import re
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -146,26 +149,99 @@ def convert_reference_state_dict(reference: Mapping[str, torch.Tensor],
     return out
 
 
+class _Opaque:
+    """Stands in for an object of the checkpoint that is not needed (optimizer or scheduler internals)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Opaque":
+        return _Opaque()
+
+
+def _opaque_getattr(*args: Any) -> _Opaque:
+    # Bound methods (e.g. an old OneCycleLR's anneal function) are pickled as getattr(obj, name).
+    return _Opaque()
+
+
+def _data_globals() -> dict[tuple[str, str], Any]:
+    """Globals a tensor checkpoint legitimately needs: tensor rebuilding, dtypes, plain containers."""
+    allowed: dict[tuple[str, str], Any] = {}
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                 "_rebuild_parameter_with_state"):
+        if hasattr(torch._utils, name):
+            allowed[("torch._utils", name)] = getattr(torch._utils, name)
+    allowed[("torch._tensor", "_rebuild_from_type_v2")] = torch._tensor._rebuild_from_type_v2
+    allowed[("torch", "Tensor")] = torch.Tensor
+    allowed[("torch.nn.parameter", "Parameter")] = torch.nn.Parameter
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch", "device")] = torch.device
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    for name in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "complex", "bool", "bytearray",
+                 "slice", "range"):
+        allowed[("builtins", name)] = getattr(builtins, name)
+    allowed[("builtins", "getattr")] = _opaque_getattr
+    return allowed
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles tensors and plain containers; every other global becomes an inert :class:`_Opaque` stand-in.
+
+    No module outside the allow-list is imported and no callable outside it is called, so reading a file
+    runs none of its code. Used when ``weights_only`` refuses a checkpoint because its optimizer or
+    scheduler state holds Python objects; the model weights never need them.
+    """
+
+    allowed = _data_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        type(self).replaced.add(f"{module}.{name}")
+        return type(name, (_Opaque,), {})
+
+
+_DataOnlyUnpickler.replaced = set()
+_data_only_pickle = types.ModuleType("g3dr_data_only_pickle")
+_data_only_pickle.Unpickler = _DataOnlyUnpickler
+_data_only_pickle.load = lambda f, **kwargs: _DataOnlyUnpickler(f, **kwargs).load()
+
+
 def read_reference_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """``(model_state_dict, step)`` of a reference ``checkpoint_generic.pt``.
 
-    Loads with ``weights_only=True`` (no code from the file runs). A file that needs full unpickling (old
-    scheduler states can hold Python objects) is refused unless ``allow_pickle`` is set, which must only be
-    done for files from a trusted source.
+    Loads with ``weights_only=True``. When that refuses the file (optimizer or scheduler state holding
+    Python objects, e.g. accelerate's wrappers or an old OneCycleLR's bound method), it is read again with
+    a data-only unpickler that replaces every object outside tensors and plain containers by an inert
+    stand-in; no code from the file runs either way. ``allow_pickle`` instead unpickles fully (runs code
+    from the file, needs every referenced package installed): only for trusted files, as a last resort.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"reference checkpoint {path} does not exist (the G3DR release's checkpoint_generic.pt)")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as err:
         if allow_pickle:
-            raise WeightsError(f"{path} is not a readable torch checkpoint: {err}") from None
-        raise WeightsError(f"{path} holds Python objects besides tensors and cannot be read safely "
-                           f"({str(err).splitlines()[0]}); if the file comes from a trusted source, rerun with "
-                           "--allow-pickle") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise WeightsError(f"{path} is not a readable torch checkpoint: {err}") from None
+            data = torch.load(str(path), map_location="cpu", weights_only=False)
+        else:
+            try:
+                data = torch.load(str(path), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                log.info("weights_only loading refused %s (%s); reading it with the data-only unpickler",
+                         path.name, str(err).splitlines()[0])
+                _DataOnlyUnpickler.replaced = set()
+                data = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_data_only_pickle)
+                if _DataOnlyUnpickler.replaced:
+                    log.info("ignored objects of types %s (not part of the model weights)",
+                             ", ".join(sorted(_DataOnlyUnpickler.replaced)))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ImportError, AttributeError) as err:
+        hint = "" if allow_pickle else "; if the file comes from a trusted source, --allow-pickle unpickles it fully"
+        raise WeightsError(f"{path} is not a readable torch checkpoint: {err}{hint}") from None
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], Mapping):
         state, step = data["model"], data.get("step", 0)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -44,12 +46,12 @@ def reference_state(cfg, seed=0):
     return ref.random_reference_state(layout, seed=seed, dtype=torch.float32)
 
 
-def save_reference_checkpoint(path, state, prefix="module.", step=4321, **extra):
+def save_reference_checkpoint(path, state, prefix="module.", step=4321, scheduler=None, **extra):
     """What the reference's ``save()`` writes: step, model, optimizer and scheduler state dicts."""
     model = {f"{prefix}{k}": v for k, v in state.items()}
     opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
            "param_groups": [{"lr": 5e-5, "betas": (0.9, 0.99), "params": [0]}]}
-    scheduler = {"total_steps": 1800000, "last_epoch": step, "_step_count": step + 1}
+    scheduler = {"total_steps": 1800000, "last_epoch": step, "_step_count": step + 1, **(scheduler or {})}
     torch.save({"step": step, "model": model, "opt": opt, "scheduler": scheduler, **extra}, str(path))
     return path
 
@@ -121,12 +123,47 @@ def test_orthogonal_convention_is_refused(tiny_config_path, tmp_path):
         import_official(src, tmp_path / "out.safetensors", cfg)
 
 
-def test_unsafe_pickle_needs_explicit_permission(cfg, tmp_path):
-    src = save_reference_checkpoint(tmp_path / "obj.pt", reference_state(cfg), saved_at=datetime.datetime(2024, 1, 1))
-    with pytest.raises(WeightsError, match="--allow-pickle"):
+class AnnealingScheduler:
+    """Like an old OneCycleLR: its state dict holds a bound method, pickled as getattr(self, name)."""
+
+    def cosine(self, x):
+        return x
+
+
+class Payload:
+    """An object whose unpickling would run code: os.makedirs(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_python_objects_outside_the_model_are_skipped_without_running_code(cfg, tmp_path):
+    state = reference_state(cfg)
+    marker = str(tmp_path / "code-ran")
+    src = save_reference_checkpoint(tmp_path / "obj.pt", state, saved_at=datetime.datetime(2024, 1, 1),
+                                    scheduler={"anneal_func": AnnealingScheduler().cosine, "payload": Payload(marker)})
+    with pytest.raises(pickle.UnpicklingError):  # the plain weights_only loader refuses this file
+        torch.load(str(src), weights_only=True)
+    loaded, step = read_reference_checkpoint(src)
+    assert step == 4321 and not os.path.exists(marker)
+    assert set(loaded) == {f"module.{k}" for k in state}
+    assert all(torch.equal(loaded[f"module.{k}"], v) for k, v in state.items())
+    import_official(src, tmp_path / "ok.safetensors", cfg)
+    assert not os.path.exists(marker)
+    # Full unpickling (trusted files only) does run the file's code.
+    read_reference_checkpoint(src, allow_pickle=True)
+    assert os.path.exists(marker)
+
+
+def test_non_tensor_model_entries_are_refused(cfg, tmp_path):
+    state = dict(reference_state(cfg))
+    state["pos_embed"] = datetime.datetime(2024, 1, 1)
+    src = save_reference_checkpoint(tmp_path / "bad.pt", state)
+    with pytest.raises(WeightsError, match="not tensors: module.pos_embed"):
         read_reference_checkpoint(src)
-    state, step = read_reference_checkpoint(src, allow_pickle=True)
-    assert step == 4321 and "module.pos_embed" in state
 
 
 def test_not_a_reference_checkpoint(tmp_path):
