@@ -25,6 +25,8 @@ from torch import nn
 from g3dr.config import ModelConfig
 
 COLOR_CHANNELS = 3
+COLOR_STRETCH = 1e-3
+"""The colour is ``sigmoid(x) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH`` (MipNeRF's widened sigmoid)."""
 
 
 class EqualizedLinear(nn.Module):
@@ -42,11 +44,16 @@ class EqualizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
         self.weight_gain = lr_mul / math.sqrt(in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype) * self.weight_gain
-        bias = self.bias.to(x.dtype)
+    def applied_weight_bias(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight (out, in) and bias (out,) actually applied, differentiable in the stored parameters."""
+        weight = self.weight.to(dtype) * self.weight_gain
+        bias = self.bias.to(dtype)
         if self.lr_mul != 1:
             bias = bias * self.lr_mul
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.applied_weight_bias(x.dtype)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
@@ -78,6 +85,16 @@ class TriplaneDecoder(nn.Module):
         if features.dim() != 3 or features.shape[-1] != self.in_features:
             raise ValueError(f"features must be (B, N, {self.in_features}), got {tuple(features.shape)}")
         x = self.out(F.softplus(self.hidden(features)))
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2e-3) - 1e-3
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH
         sigma_raw = x[..., :1]
         return rgb, sigma_raw
+
+    def mlp_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MLP in functional form for fused renderers (``g3dr.render.fused``).
+
+        Returns the applied (gain-scaled) ``hidden_weight (hidden, C)``, ``hidden_bias (hidden,)``,
+        ``out_weight (1 + 3, hidden)``, ``out_bias (1 + 3,)``, differentiable in the parameters. With them,
+        ``forward`` is ``x = softplus(f @ hidden_weight.T + hidden_bias) @ out_weight.T + out_bias``,
+        ``sigma_raw = x[..., :1]``, ``rgb = sigmoid(x[..., 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH``.
+        """
+        return (*self.hidden.applied_weight_bias(dtype), *self.out.applied_weight_bias(dtype))
