@@ -28,6 +28,7 @@ R: ``mlp.1.*``, ``block{1,2}.proj.*``,             ``time_proj.*``, ``block{1,2}
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import collections
 import pickle
@@ -183,6 +184,7 @@ def _data_globals() -> dict[tuple[str, str], Any]:
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    allowed[("collections", "defaultdict")] = collections.defaultdict
     for name in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "complex", "bool", "bytearray",
                  "slice", "range"):
         allowed[("builtins", name)] = getattr(builtins, name)
@@ -201,6 +203,10 @@ class _DataOnlyUnpickler(pickle.Unpickler):
     allowed = _data_globals()
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's default) name Python 2 modules, e.g. __builtin__.dict.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
         type(self).replaced.add(f"{module}.{name}")

@@ -144,7 +144,8 @@ def test_python_objects_outside_the_model_are_skipped_without_running_code(cfg, 
     state = reference_state(cfg)
     marker = str(tmp_path / "code-ran")
     src = save_reference_checkpoint(tmp_path / "obj.pt", state, saved_at=datetime.datetime(2024, 1, 1),
-                                    scheduler={"anneal_func": AnnealingScheduler().cosine, "payload": Payload(marker)})
+                                    scheduler={"anneal_func": AnnealingScheduler().cosine, "payload": Payload(marker),
+                                               "optimizer": torch.optim.Adam(torch.nn.Linear(2, 2).parameters())})
     with pytest.raises(pickle.UnpicklingError):  # the plain weights_only loader refuses this file
         torch.load(str(src), weights_only=True)
     loaded, step = read_reference_checkpoint(src)
