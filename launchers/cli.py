@@ -183,7 +183,7 @@ def run_prep_shards(args: argparse.Namespace) -> int:
     folder = Path(args.log_dir or Path(out).parent / f"{Path(out).name}-slurm").resolve()
     if args.dry_run:
         sys.stdout.write(submit_jobs(array, executor, folder / "%j", options, dry_run=True))
-        merge_options = replace(options, job_name=options.job_name + "-merge", dependency="afterok:<array job id>")
+        merge_options = replace(options, job_name=options.job_name + "-merge", dependency="afterok:ARRAY_JOB_ID")
         sys.stdout.write(submit_jobs([merge], executor, folder / "%j", merge_options, dry_run=True))
         return 0
     jobs = submit_jobs(array, executor, folder / "%j", options)
