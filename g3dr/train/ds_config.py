@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from g3dr.config import Config
+from g3dr.errors import ConfigError
 
 # DeepSpeed prints its own step summary every N steps; the trainer logs instead.
 _NEVER = 2**62
@@ -27,6 +28,10 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict[str
     """
     train = cfg.train
     accumulation = train.grad_accumulation(world_size)
+    if train.precision == "bf16" and train.zero_stage == 0:
+        # DeepSpeed accumulates bf16 gradients in fp32 only in its ZeRO optimizers (stage 0 refuses the mix).
+        raise ConfigError("train.precision=bf16 needs train.zero_stage=1 or 2 (fp32 gradient accumulation is "
+                          "done by DeepSpeed's ZeRO optimizers); set train.zero_stage=1 or train.precision=fp32")
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

@@ -270,6 +270,10 @@ def train(cfg: Config, resume: str | None = None,
     dist = resolve_dist_env()
     device = resolve_device(cfg, dist)
     accumulation = cfg.train.grad_accumulation(dist.world_size)  # a ConfigError before anything starts
+    if device.type == "cpu" and cfg.train.precision == "bf16":
+        raise ConfigError("train.precision=bf16 runs on CUDA only: PyTorch's CPU kernels used by the renderer "
+                          "(antialiased downsampling of the triplanes) have no bf16 version; on the CPU set "
+                          "train.precision=fp32")
     init_process_group(cfg, dist, device)
     import deepspeed
 

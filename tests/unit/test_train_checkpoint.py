@@ -94,3 +94,29 @@ def test_deepspeed_config_is_derived():
     assert deepspeed_config(cfg, 4, "cpu")["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ConfigError, match="not divisible"):
         deepspeed_config(cfg, world_size=3, device_type="cuda")
+
+
+def test_deepspeed_accepts_the_bf16_config_with_fp32_accumulation():
+    """The derived config builds real engines: bf16 weights, fp32 gradient accumulation, ZeRO 1 and 2."""
+    import deepspeed
+
+    from g3dr.distributed import DistEnv
+    from g3dr.train.trainer import init_process_group
+
+    with pytest.raises(ConfigError, match="zero_stage=1 or 2"):
+        deepspeed_config(load_config("configs/tiny.yaml", ["train.precision=bf16", "train.zero_stage=0"]), 1, "cpu")
+    for stage in (1, 2):
+        cfg = load_config("configs/tiny.yaml", ["train.precision=bf16", f"train.zero_stage={stage}",
+                                                "train.global_batch_size=4"])
+        init_process_group(cfg, DistEnv(), torch.device("cpu"))
+        model = torch.nn.Linear(4, 3)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                       config=deepspeed_config(cfg, 1, "cpu"), dist_init_required=False)
+        assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+        assert engine.gradient_accumulation_steps() == 2
+        for _ in range(2):
+            loss = engine(torch.randn(2, 4, dtype=torch.bfloat16)).float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        assert engine.global_steps == 1
+        assert next(engine.module.parameters()).dtype == torch.bfloat16
