@@ -2,7 +2,7 @@
 
     g3dr submit train [LAUNCH OPTIONS] --config FILE [KEY=VALUE ...]
     g3dr submit prep shards [LAUNCH OPTIONS] --num-shard-jobs N -- PREP-SHARDS-ARGS (--src .. --layout .. --out ..)
-    g3dr submit eval [LAUNCH OPTIONS] --checkpoints CK [CK ...] -- EVAL-ARGS
+    g3dr submit eval [LAUNCH OPTIONS] --checkpoints CK [CK ...] [--metrics fid,is] -- EVAL-ARGS
 
 Launch options: ``--executor local|slurm`` (default slurm where ``sbatch`` exists), ``--nodes``,
 ``--gpus-per-node`` (one task per GPU), ``--tasks-per-node`` (CPU ranks), ``--cpus-per-task``, ``--partition``,
@@ -71,10 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="arguments of `g3dr prep shards` after --, without --shard-index/--num-shard-jobs")
     shards.set_defaults(handler=run_prep_shards)
 
-    ev = kinds.add_parser("eval", parents=[launch], help="an array of `g3dr eval`, one job per checkpoint",
-                          description="A job array: job i runs `g3dr eval EVAL-ARGS --checkpoint CK_i`.")
-    ev.add_argument("--checkpoints", nargs="+", required=True, metavar="CK")
-    ev.add_argument("eval_args", nargs="*", metavar="-- ARGS", help="arguments of `g3dr eval` after --")
+    ev = kinds.add_parser("eval", parents=[launch], help="an array of `g3dr eval` over checkpoints (x metrics)",
+                          description="A job array: one `g3dr eval --checkpoint CK [--metrics M] EVAL-ARGS` per "
+                                      "checkpoint, or per checkpoint and metric with --metrics. Each job may be "
+                                      "multi-rank (--tasks-per-node/--gpus-per-node).")
+    ev.add_argument("--checkpoints", nargs="+", required=True, metavar="CK", help="f_trigen .safetensors files")
+    ev.add_argument("--metrics", default="", metavar="LIST",
+                    help="comma list (fid,is,nfs,da): one array job per checkpoint and metric")
+    ev.add_argument("eval_args", nargs="*", metavar="-- ARGS",
+                    help="more arguments of `g3dr eval` after -- (not --checkpoint/--sweep/--metrics)")
     ev.set_defaults(handler=run_eval)
 
 
@@ -200,12 +205,31 @@ def run_prep_shards(args: argparse.Namespace) -> int:
     return _finish(args, executor, merge_jobs, "prep merge + validate")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def eval_jobs(checkpoints: list[str], metrics: list[str], eval_args: list[str]):
+    """One :class:`CommandJob` per checkpoint, or per (checkpoint, metric) when ``metrics`` is not empty."""
     from g3dr.launchers.jobs import CommandJob
+
+    jobs = []
+    for ck in checkpoints:
+        for metric in metrics or [None]:
+            argv = ["eval", "--checkpoint", str(Path(ck).resolve()), *(["--metrics", metric] if metric else []),
+                    *eval_args]
+            jobs.append(CommandJob([argv], name=f"eval-{len(jobs)}"))
+    return jobs
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from g3dr.errors import ConfigError
     from g3dr.launchers.submit import submit_jobs
 
-    jobs_to_run = [CommandJob([["eval", *args.eval_args, "--checkpoint", str(Path(ck).resolve())]],
-                              name=f"eval-{i}") for i, ck in enumerate(args.checkpoints)]
+    if any(a.startswith(("--checkpoint", "--sweep", "--metrics")) for a in args.eval_args):
+        raise ConfigError("give --checkpoints and --metrics to `g3dr submit eval`, not after --: the launcher "
+                          "sets them per array job")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    missing = [ck for ck in args.checkpoints if not Path(ck).is_file()]
+    if missing:
+        raise ConfigError(f"checkpoint file(s) not found: {', '.join(missing)}")
+    jobs_to_run = eval_jobs(args.checkpoints, metrics, list(args.eval_args))
     for job in jobs_to_run:
         check_g3dr_arguments(list(job.steps[0]))
     executor = _executor(args)
@@ -215,4 +239,4 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(out)
         return 0
-    return _finish(args, executor, out, f"eval ({len(jobs_to_run)} checkpoints)")
+    return _finish(args, executor, out, f"eval ({len(jobs_to_run)} jobs)")

@@ -136,3 +136,16 @@ def test_jobs_pickle_and_checkpoint_returns_a_requeue_of_themselves():
                                                                                     "--num-shard-jobs", "1")
     with pytest.raises(ValueError):
         CommandJob([])
+
+
+def test_eval_jobs_are_checkpoints_times_metrics(tmp_path):
+    from g3dr.launchers.cli import check_g3dr_arguments, eval_jobs
+
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    jobs = eval_jobs([a, b], ["fid", "is"], ["--num-samples", "8"])
+    assert [j.steps[0] for j in jobs] == [("eval", "--checkpoint", ck, "--metrics", m, "--num-samples", "8")
+                                          for ck in (a, b) for m in ("fid", "is")]
+    assert [j.steps[0][2] for j in eval_jobs([a, b], [], [])] == [a, b]
+    check_g3dr_arguments(list(jobs[0].steps[0]))
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
+        check_g3dr_arguments(["eval", "--checkpoint", a, "--bogus"])
