@@ -42,60 +42,15 @@ stop_pidfile() {
     rm -f "$f"
 }
 
-if [[ ${1:-} == "--stop" ]]; then
-    stop_pidfile $SLURMD_PID
-    stop_pidfile $CTLD_PID
-    stop_pidfile $MUNGE_PID
-    say "stopped"
-    exit 0
-fi
-
-if command -v scontrol >/dev/null && cluster_up; then
-    say "a SLURM cluster is already up: $(sinfo -h -o '%P %D nodes %c cpus %t' | tr '\n' ';')"
-    exit 0
-fi
-
-[[ $(id -u) == 0 ]] || cannot "no SLURM controller answers and starting one needs root (running as $(id -un))"
-
-# 1. Packages (Debian's slurm-wlm and munge).
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-        || ! command -v sbatch >/dev/null; then
-    command -v apt-get >/dev/null || cannot "slurm-wlm is not installed and there is no apt-get to install it"
-    say "installing slurm-wlm and munge with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends slurm-wlm munge >/tmp/g3dr-slurm-apt.log 2>&1; then
-        apt-get update >>/tmp/g3dr-slurm-apt.log 2>&1
-        apt-get install -y --no-install-recommends slurm-wlm munge >>/tmp/g3dr-slurm-apt.log 2>&1 \
-            || cannot "apt-get install slurm-wlm munge failed (see /tmp/g3dr-slurm-apt.log)"
-    fi
-fi
-
-# 2. Munge: a key, its directories, the daemon.
-install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
-install -d -o munge -g munge -m 0755 /run/munge
-if [[ ! -s /etc/munge/munge.key ]]; then
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none || cannot "could not write a munge key"
-fi
-chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    runuser -u munge -- /usr/sbin/munged --pid-file=$MUNGE_PID 2>/tmp/g3dr-munged.err \
-        || cannot "munged did not start: $(cat /tmp/g3dr-munged.err)"
-    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-    munge -n | unmunge >/dev/null 2>&1 || cannot "munged started but credentials do not verify"
-fi
-
-# 3. slurm.conf: ours, unless someone else's is there.
-if [[ -f $CONF ]] && ! grep -qF "$MARKER" $CONF; then
-    cannot "$CONF exists and was not written by this script; refusing to replace it (and no controller answers)"
-fi
-NODE_LINE=$(slurmd -C 2>/dev/null | head -1)
-[[ $NODE_LINE == NodeName=* ]] || cannot "slurmd -C could not describe this node"
-NODE=$(hostname -s)
-# slurmd -C names the node after `hostname -s`; address it by loopback so no DNS is needed.
-NODE_LINE="${NODE_LINE/NodeName=* CPUs=/NodeName=$NODE NodeAddr=127.0.0.1 CPUs=} State=UNKNOWN"
-install -d -m 0755 $CONF_DIR $STATE $SPOOL $LOGS
-NEW_CONF=$(mktemp)
-cat >"$NEW_CONF" <<CONFEOF
+render_conf() {  # this node's slurm.conf on stdout
+    local node_line node
+    node_line=$(slurmd -C 2>/dev/null | head -1)
+    [[ $node_line == NodeName=* ]] || return 1
+    node=$(hostname -s)
+    # slurmd -C names the node after `hostname -s`; address it by loopback so no DNS is needed.
+    NODE_LINE="${node_line/NodeName=* CPUs=/NodeName=$node NodeAddr=127.0.0.1 CPUs=} State=UNKNOWN"
+    NODE=$node
+    cat <<CONFEOF
 $MARKER
 ClusterName=g3drtest
 SlurmctldHost=$NODE(127.0.0.1)
@@ -131,9 +86,66 @@ SwitchType=switch/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
+MailProg=/bin/true
 $NODE_LINE
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONFEOF
+}
+
+if [[ ${1:-} == "--stop" ]]; then
+    stop_pidfile $SLURMD_PID
+    stop_pidfile $CTLD_PID
+    stop_pidfile $MUNGE_PID
+    say "stopped"
+    exit 0
+fi
+
+if command -v scontrol >/dev/null && cluster_up; then
+    if [[ $(id -u) == 0 && -f $CONF ]] && grep -qF "$MARKER" $CONF && [[ "$(render_conf)" != "$(cat $CONF)" ]]; then
+        say "the running test cluster has an older slurm.conf of ours: restarting it"
+    else
+        say "a SLURM cluster is already up: $(sinfo -h -o '%P %D nodes %c cpus %t' | tr '\n' ';')"
+        exit 0
+    fi
+fi
+
+[[ $(id -u) == 0 ]] || cannot "no SLURM controller answers and starting one needs root (running as $(id -un))"
+
+# 1. Packages (Debian's slurm-wlm and munge).
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
+        || ! command -v sbatch >/dev/null; then
+    command -v apt-get >/dev/null || cannot "slurm-wlm is not installed and there is no apt-get to install it"
+    say "installing slurm-wlm and munge with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y --no-install-recommends slurm-wlm munge >/tmp/g3dr-slurm-apt.log 2>&1; then
+        apt-get update >>/tmp/g3dr-slurm-apt.log 2>&1
+        apt-get install -y --no-install-recommends slurm-wlm munge >>/tmp/g3dr-slurm-apt.log 2>&1 \
+            || cannot "apt-get install slurm-wlm munge failed (see /tmp/g3dr-slurm-apt.log)"
+    fi
+fi
+
+# 2. Munge: a key, its directories, the daemon.
+install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
+install -d -o munge -g munge -m 0755 /run/munge
+if [[ ! -s /etc/munge/munge.key ]]; then
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none || cannot "could not write a munge key"
+fi
+chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    runuser -u munge -- /usr/sbin/munged --pid-file=$MUNGE_PID 2>/tmp/g3dr-munged.err \
+        || cannot "munged did not start: $(cat /tmp/g3dr-munged.err)"
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+    munge -n | unmunge >/dev/null 2>&1 || cannot "munged started but credentials do not verify"
+fi
+
+# 3. slurm.conf: ours, unless someone else's is there.
+if [[ -f $CONF ]] && ! grep -qF "$MARKER" $CONF; then
+    cannot "$CONF exists and was not written by this script; refusing to replace it (and no controller answers)"
+fi
+NEW_CONF=$(mktemp)
+render_conf >"$NEW_CONF" || cannot "slurmd -C could not describe this node"
+NODE=$(hostname -s)
+install -d -m 0755 $CONF_DIR $STATE $SPOOL $LOGS
 if ! cmp -s "$NEW_CONF" $CONF; then
     install -m 0644 "$NEW_CONF" $CONF
     CONF_CHANGED=1
