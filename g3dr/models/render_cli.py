@@ -52,22 +52,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, depth_scale: float = 2.0,
               depth_offset: float = 4.0):
     """``(rgb (1, 3, R, R) in [-1, 1], depth (1, 1, R, R))`` float32 tensors of one image + depth PNG pair."""
-    import torch
-
-    from g3dr.data.pipeline import decode_sample
+    from g3dr.data.pipeline import collate, decode_sample
 
     for path, what in ((image_path, "image"), (depth_path, "depth PNG")):
         if not Path(path).is_file():
             raise DataError(f"{what} {path} does not exist")
-    sample = {"__key__": Path(image_path).stem, "jpg": Path(image_path).read_bytes(),
+    suffix = Path(image_path).suffix.lower().lstrip(".")
+    ext = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}.get(suffix)
+    if ext is None:
+        raise DataError(f"image {image_path}: unsupported type {suffix!r} (use .jpg, .jpeg, .png or .webp)")
+    # The same decoding as a training sample: a one-sample WebDataset record, decoded and collated.
+    sample = {"__key__": Path(image_path).stem, ext: Path(image_path).read_bytes(),
               "depth.png": Path(depth_path).read_bytes()}
     try:
-        out = decode_sample(sample, resolution, depth_scale=depth_scale, depth_offset=depth_offset)
+        batch = collate([decode_sample(sample, resolution, depth_scale=depth_scale, depth_offset=depth_offset)])
     except DataError:
         raise
     except Exception as err:  # PIL and the depth codec raise many types for unreadable files
         raise DataError(f"cannot decode {image_path} + {depth_path}: {err}") from None
-    return torch.from_numpy(out["rgb"])[None], torch.from_numpy(out["depth"])[None]
+    return batch["rgb"], batch["depth"]
 
 
 def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, generator=None, progress=False):
