@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from g3dr.metrics.fid import FeatureMoments
@@ -66,3 +67,33 @@ def test_two_rank_gather_is_exact(tmp_path):
     # the two ranks saw disjoint blocks
     for n in SIZES:
         assert set(results[0][n]["local"].tolist()).isdisjoint(results[1][n]["local"].tolist())
+
+
+def test_two_rank_evaluation_equals_single_process(tmp_path):
+    """evaluate_model on 2 ranks (3 + 4 samples) gives the single-process scores on every rank."""
+    helpers = Path(__file__).resolve().parents[1] / "helpers"
+    spec = importlib.util.spec_from_file_location("g3dr_test_helper_tiny_inception", helpers / "tiny_inception.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    inception = tiny.save_tiny_inception(tmp_path / "inception.pt")
+    worker = helpers / "eval_rank_worker.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(worker), str(tmp_path), str(inception)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    from g3dr.eval.evaluate import evaluate_model
+
+    spec = importlib.util.spec_from_file_location("g3dr_test_helper_eval_rank_worker", worker)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg, model, stream, eval_spec, detector = mod.setup(str(inception))
+    single, _ = evaluate_model(model, cfg, stream, eval_spec, detector, None, batch_size=5, progress=False)
+    import json
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(got) == set(single)
+        for key, value in single.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
