@@ -68,6 +68,8 @@ def _add_store_arguments(parser: argparse.ArgumentParser, default_resolutions: l
     parser.add_argument("--format", dest="image_format", choices=["jpg", "webp"], default="jpg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     parser.add_argument("--min-size", type=int, default=64, help="reject inputs whose shorter side is smaller")
+    parser.add_argument("--depth-png-level", type=int, default=0, choices=range(10), metavar="0-9",
+                        help="zlib level of the depth PNGs (0: stored, fastest to decode; 9: smallest)")
 
 
 def _command() -> str:
@@ -90,7 +92,7 @@ def run_shards(args: argparse.Namespace) -> int:
     from g3dr.data_prep.sources import FileSource, StoreOptions, read_synsets
 
     options = StoreOptions(resolutions=tuple(args.resolution), image_format=args.image_format,
-                           quality=args.quality, min_size=args.min_size)
+                           quality=args.quality, min_size=args.min_size, depth_png_level=args.depth_png_level)
     source = FileSource(layout=args.layout, src=args.src, options=options, depth_src=args.depth_src,
                         synsets=tuple(read_synsets(args.synsets)) if args.synsets else (),
                         depth_model=args.depth_model, depth_batch=args.depth_batch, device=args.device)
@@ -119,5 +121,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
     result = write_synthetic_shards(args.out, args.n, tuple(args.resolution), seed=args.seed, shard_size=args.shard_size,
                                     workers=args.workers, image_format=args.image_format, quality=args.quality,
+                                    depth_png_level=args.depth_png_level,
                                     progress=not args.no_progress, command=_command())
     return _summary(result, {"out": args.out, "workers": args.workers})

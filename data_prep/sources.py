@@ -83,10 +83,13 @@ class StoreOptions:
     quality: int = 95
     min_size: int = 64
     """Inputs whose shorter side is below this are rejected (``too_small``)."""
+    depth_png_level: int = 0
+    """zlib level of the depth PNGs. 0 (stored) decodes ~2.5x faster than 1-9 for ~30% more bytes;
+    the loader's throughput is bound by decoding, so speed wins by default."""
 
     def to_json(self) -> dict[str, Any]:
         return {"resolutions": list(self.resolutions), "image_format": self.image_format,
-                "quality": self.quality, "min_size": self.min_size}
+                "quality": self.quality, "min_size": self.min_size, "depth_png_level": self.depth_png_level}
 
 
 def sanitize_key(text: str) -> str:
@@ -178,7 +181,7 @@ def store_files(key: str, image: Image.Image, image_bytes: bytes | None, codes: 
         else:
             resized = image if image.size == (res, res) else image.resize((res, res), Image.Resampling.LANCZOS)
             files[f"{res}.{options.image_format}"] = encode_image(resized, options)
-        files[f"{res}.depth.png"] = encode_u16_png(resize_codes(codes, res))
+        files[f"{res}.depth.png"] = encode_u16_png(resize_codes(codes, res), options.depth_png_level)
     files["cls"] = str(label).encode()
     files["json"] = json.dumps(meta, sort_keys=True).encode()
     return files
@@ -376,7 +379,7 @@ class SyntheticSource:
                 rgb, depth, label, _ = synth_sample(self.seed, item.index, res)
                 # Lossless PNG-free storage would be larger; JPEG/WebP at high quality is the dataset format.
                 files[f"{res}.{self.options.image_format}"] = encode_image(Image.fromarray(rgb), self.options)
-                files[f"{res}.depth.png"] = encode_u16_png(u16_from_depth(depth))
+                files[f"{res}.depth.png"] = encode_u16_png(u16_from_depth(depth), self.options.depth_png_level)
             meta = {"key": item.key, "source": f"synthetic:{self.seed}:{item.index}", "synset": CLASS_NAMES[label],
                     "label": label, "depth_source": "synthetic-exact",
                     "depth_mapping": {"kind": "ray_distance", "encoding": "v / 65536 * 2 + 4"}}

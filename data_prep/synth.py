@@ -236,7 +236,7 @@ def synth_sample(seed: int, index: int, resolution: int, camera: SynthCamera = S
 
 def write_synthetic_shards(out: str, n: int, resolutions: tuple[int, ...] = (128,), seed: int = 0,
                            shard_size: int = 256, workers: int = 1, image_format: str = "jpg",
-                           quality: int = 95, progress: bool = True, command: str = ""):
+                           quality: int = 95, depth_png_level: int = 0, progress: bool = True, command: str = ""):
     """Render ``n`` samples into WebDataset shards under ``out`` (what ``g3dr prep synth`` runs).
 
     Returns the :class:`~g3dr.data_prep.shard_writer.JobResult`; its ``manifest`` is complete.
@@ -244,7 +244,8 @@ def write_synthetic_shards(out: str, n: int, resolutions: tuple[int, ...] = (128
     from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
     from g3dr.data_prep.sources import StoreOptions, SyntheticSource
 
-    options = StoreOptions(resolutions=tuple(resolutions), image_format=image_format, quality=quality)  # type: ignore[arg-type]
+    options = StoreOptions(resolutions=tuple(resolutions), image_format=image_format, quality=quality,  # type: ignore[arg-type]
+                           depth_png_level=depth_png_level)
     source = SyntheticSource(n=n, options=options, seed=seed)
     spec = JobSpec(out=out, shard_size=shard_size, prefix="synth", workers=workers)
     return run_shard_job(source, spec, command=command, config={"seed": seed, "n": n}, progress=progress)

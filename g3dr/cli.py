@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.models.import_cli",
     "g3dr.models.render_cli",
     "g3dr.data_prep.cli",
+    "g3dr.bench",
     "g3dr.eval.cli",
     "g3dr.launchers.cli",
     "g3dr.train.cli",

@@ -11,6 +11,8 @@ This module only converts between bytes, uint16 codes and float depth; it does n
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -42,13 +44,58 @@ def u16_from_depth(depth: np.ndarray, scale: float = DEPTH_SCALE, offset: float 
     return np.clip(codes, 0, U16_MAX).astype(np.uint16)
 
 
-def encode_u16_png(codes: np.ndarray, compress_level: int = 1) -> bytes:
-    """(H, W) uint16 -> bytes of a 16-bit grayscale PNG (lossless)."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def encode_u16_png(codes: np.ndarray, compress_level: int = 0) -> bytes:
+    """(H, W) uint16 -> bytes of a 16-bit grayscale PNG (lossless, every row with filter type 0).
+
+    Written directly (signature, IHDR, one IDAT, IEND) rather than through PIL so that every row is
+    unfiltered: :func:`decode_u16_png` then decodes it with one ``zlib.decompress`` and a reshape,
+    ~10x faster than a general PNG decoder. Any PNG reader reads it (tests check PIL).
+    """
     if codes.dtype != np.uint16 or codes.ndim != 2:
         raise ValueError(f"expected a 2-D uint16 array, got {codes.dtype} with shape {codes.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(codes).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    height, width = codes.shape
+    rows = np.zeros((height, 1 + 2 * width), dtype=np.uint8)  # filter byte 0, then big-endian samples
+    rows[:, 1:] = codes.astype(">u2").view(np.uint8).reshape(height, 2 * width)
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16-bit grayscale, no interlace
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)) + _png_chunk(b"IEND", b""))
+
+
+def _decode_unfiltered_u16_png(data: bytes) -> np.ndarray | None:
+    """Fast path for 16-bit grayscale PNGs whose rows are all unfiltered; None for anything else."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, idat, size = 8, [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        payload = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, bits, colour, _, _, interlace = struct.unpack(">IIBBBBB", payload[:13])
+            if bits != 16 or colour != 0 or interlace != 0:
+                return None
+            size = (height, width)
+        elif kind == b"IDAT":
+            idat.append(payload)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if size is None or not idat:
+        return None
+    height, width = size
+    raw = zlib.decompress(b"".join(idat))  # adler32-checked
+    if len(raw) != height * (1 + 2 * width):
+        return None
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + 2 * width)
+    if rows[:, 0].any():
+        return None  # filtered rows: leave them to PIL
+    return rows[:, 1:].copy().view(">u2").astype(np.uint16)
 
 
 def u16_from_image(image: Image.Image, what: str = "depth PNG") -> np.ndarray:
@@ -69,8 +116,14 @@ def u16_from_image(image: Image.Image, what: str = "depth PNG") -> np.ndarray:
 
 
 def decode_u16_png(data: bytes) -> np.ndarray:
-    """Bytes of a 16-bit grayscale PNG -> (H, W) uint16, exact."""
-    with Image.open(io.BytesIO(data)) as image:
+    """Bytes of a 16-bit grayscale PNG -> (H, W) uint16, exact (:class:`DataError` for 8-bit or colour)."""
+    try:
+        fast = _decode_unfiltered_u16_png(data)
+    except (struct.error, zlib.error, ValueError):
+        fast = None  # let PIL produce the diagnosis
+    if fast is not None:
+        return fast
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
         image.load()
         return u16_from_image(image)
 

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from g3dr.data.depth_codec import decode_u16_png
+from g3dr.data.tar_reader import iter_samples
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 
@@ -47,6 +48,7 @@ log = get_logger("g3dr.data")
 
 _IMAGE_EXT = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|webp|png)$")
 _DEPTH_EXT = re.compile(r"^(?:(\d+)\.)?depth\.png$")
+_PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _LOG_FIRST = 5
 _LOG_EVERY = 100
 
@@ -159,45 +161,67 @@ def _square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def decode_sample(sample: dict[str, Any], resolution: int, depth_scale: float = 2.0,
-                  depth_offset: float = 4.0) -> dict[str, Any]:
-    """One raw WebDataset sample (``__key__`` + bytes per extension) -> numpy arrays at ``resolution``.
+def _decode_rgb(data: bytes, ext: str, resolution: int) -> torch.Tensor:
+    """(3, R, R) uint8 via PIL: any mode -> RGB, centre square, Lanczos resize when not already R x R."""
+    formats = [_PIL_FORMATS[ext.rpartition(".")[2]]]  # skips PIL's format probing
+    with Image.open(io.BytesIO(data), formats=formats) as image:
+        image.load()
+        image = _square(image if image.mode == "RGB" else image.convert("RGB"))
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
-    Returns ``rgb`` float32 (3, R, R) in [-1, 1], ``depth`` float32 (1, R, R), ``label`` int, ``key`` str.
-    Raises on anything missing or undecodable (the pipeline counts and skips those).
+
+def _decode_depth_codes(data: bytes, resolution: int) -> torch.Tensor:
+    """(1, R, R) float32 uint16 codes (resized as float) from 16-bit PNG bytes; 8-bit or colour PNGs raise."""
+    codes = decode_u16_png(data)
+    if codes.shape[0] != codes.shape[1]:
+        side = min(codes.shape)
+        top, left = (codes.shape[0] - side) // 2, (codes.shape[1] - side) // 2
+        codes = codes[top:top + side, left:left + side]
+    if codes.shape != (resolution, resolution):
+        # Resize the codes as float (PIL mode F): an 8-bit step would lose the 16-bit precision.
+        resized = Image.fromarray(codes.astype(np.float32), mode="F").resize(
+            (resolution, resolution), Image.Resampling.LANCZOS)
+        values = torch.from_numpy(np.array(resized)).clamp_(0.0, 65535.0)  # Lanczos overshoot at edges
+    else:
+        values = torch.from_numpy(codes.astype(np.float32))  # exact: every uint16 is a float32
+    return values[None]
+
+
+def decode_sample(sample: dict[str, Any], resolution: int) -> dict[str, Any]:
+    """One raw WebDataset sample (``__key__`` + bytes per extension) -> tensors at ``resolution``.
+
+    Returns ``rgb`` uint8 (3, R, R), ``depth_codes`` float32 (1, R, R) (the uint16 codes, resized as
+    float), ``label`` int, ``key`` str; :func:`collate` makes the batch and applies the depth decoding. Uses the smallest stored resolution >= R (Lanczos
+    resize otherwise). Raises on anything missing or undecodable (the pipeline counts and skips those).
     """
     key = sample.get("__key__", "?")
     image_ext = _pick(sample, _IMAGE_EXT, resolution)
     depth_ext = _pick(sample, _DEPTH_EXT, resolution)
     if image_ext is None or depth_ext is None:
         raise ValueError(f"sample {key} lacks an image or a depth PNG (has {sorted(k for k in sample if not k.startswith('__'))})")
-    with Image.open(io.BytesIO(sample[image_ext])) as image:
-        image.load()
-        image = _square(image.convert("RGB"))
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        rgb = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-    codes = decode_u16_png(sample[depth_ext])
-    if codes.shape[0] != codes.shape[1]:
-        side = min(codes.shape)
-        top, left = (codes.shape[0] - side) // 2, (codes.shape[1] - side) // 2
-        codes = codes[top:top + side, left:left + side]
-    if codes.shape != (resolution, resolution):
-        # Resize the codes as float (mode F): an 8-bit step would lose the 16-bit precision.
-        values = np.asarray(Image.fromarray(codes.astype(np.float32), mode="F")
-                            .resize((resolution, resolution), Image.Resampling.LANCZOS), dtype=np.float64)
-        values = np.clip(values, 0.0, 65535.0)  # Lanczos overshoot at edges
-    else:
-        values = codes.astype(np.float64)
-    depth = (values / 65536.0 * depth_scale + depth_offset).astype(np.float32)[None]
+    rgb = _decode_rgb(sample[image_ext], image_ext, resolution)
+    codes = _decode_depth_codes(sample[depth_ext], resolution)
     label = int(sample["cls"].decode()) if "cls" in sample else -1
-    return {"rgb": np.ascontiguousarray(rgb), "depth": depth, "label": label, "key": key}
+    return {"rgb": rgb, "depth_codes": codes, "label": label, "key": key}
 
 
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Horizontal flip of image and depth together."""
+    sample["rgb"] = sample["rgb"].flip(-1)
+    sample["depth_codes"] = sample["depth_codes"].flip(-1)
+    return sample
+
+
+def collate(samples: Sequence[dict[str, Any]], depth_scale: float = 2.0, depth_offset: float = 4.0) -> dict[str, Any]:
+    """Decoded samples -> ``rgb`` float32 (B, 3, R, R) in [-1, 1], ``depth`` float32 (B, 1, R, R)
+    (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str]."""
+    rgb = torch.stack([s["rgb"] for s in samples]).to(torch.float32).div_(127.5).sub_(1.0)
+    depth = torch.stack([s["depth_codes"] for s in samples]).mul_(depth_scale / 65536.0).add_(depth_offset)
     return {
-        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in samples])),
-        "depth": torch.from_numpy(np.stack([s["depth"] for s in samples])),
+        "rgb": rgb,
+        "depth": depth,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
     }
@@ -254,18 +278,28 @@ class ShardStream(torch.utils.data.IterableDataset):
                         reason, where, err, total, dict(self.skipped))
 
     def _samples_of(self, url: str) -> Iterator[dict[str, Any]]:
-        """Raw samples of one shard; read errors are counted and end the shard (the rest is unreachable)."""
-        from webdataset.tariterators import tarfile_samples
+        """Raw samples of one shard; a read error is counted and ends the shard (a broken tar stream
+        cannot be resynchronised), after the complete samples before it."""
+        from webdataset.gopen import gopen
 
-        def handler(exn: BaseException) -> bool:
-            self._skip("unreadable_shard_data", exn, url)
-            return False  # stop this shard: a broken tar stream cannot be resynchronised
-
-        yield from tarfile_samples([{"url": url}], handler=handler)
+        try:
+            stream = gopen(url, "rb")
+        except Exception as err:  # noqa: BLE001 - missing file, failed pipe: counted, logged, skipped
+            self._skip("unreadable_shard_data", err, url)
+            return
+        try:
+            yield from iter_samples(stream, url)
+        except Exception as err:  # noqa: BLE001
+            self._skip("unreadable_shard_data", err, url)
+        finally:
+            try:
+                stream.close()  # for pipe: this checks the command's exit status
+            except Exception as err:  # noqa: BLE001
+                self._skip("unreadable_shard_data", err, url)
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return decode_sample(raw, self.resolution, self.depth_scale, self.depth_offset)
+            return decode_sample(raw, self.resolution)
         except Exception as err:  # noqa: BLE001 - any corrupt sample is skipped, counted and logged
             self._skip("undecodable_sample", err, str(raw.get("__url__", "?")))
             return None
@@ -336,11 +370,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             if sample is None:
                 continue
             if flip:
-                sample["rgb"] = np.ascontiguousarray(sample["rgb"][:, :, ::-1])
-                sample["depth"] = np.ascontiguousarray(sample["depth"][:, :, ::-1])
+                flip_sample(sample)
             pending.append(sample)
             if len(pending) == self.batch_size:
-                batch = collate(pending)
+                batch = collate(pending, self.depth_scale, self.depth_offset)
                 batch["_worker"], batch["_consumed"] = worker, consumed
                 pending = []
                 produced += 1
@@ -368,7 +401,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 pending.append(sample)
                 if len(pending) == self.batch_size:
-                    yield collate(pending)
+                    yield collate(pending, self.depth_scale, self.depth_offset)
                     pending = []
         if pending:
-            yield collate(pending)
+            yield collate(pending, self.depth_scale, self.depth_offset)

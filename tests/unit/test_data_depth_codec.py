@@ -55,3 +55,27 @@ def test_eight_bit_depth_is_rejected_not_rescaled():
 def test_nan_depth_is_an_error():
     with pytest.raises(DataError, match="NaN"):
         u16_from_depth(np.array([np.nan]))
+
+
+def test_our_png_is_standard_and_takes_the_fast_path():
+    from g3dr.data.depth_codec import _decode_unfiltered_u16_png
+
+    codes = np.random.default_rng(2).integers(0, 65536, size=(9, 13), dtype=np.uint16)
+    for level in (0, 6):
+        data = encode_u16_png(codes, level)
+        with Image.open(io.BytesIO(data)) as image:  # an independent PNG reader
+            assert image.mode == "I;16" and image.size == (13, 9)
+            np.testing.assert_array_equal(np.array(image), codes)
+        np.testing.assert_array_equal(_decode_unfiltered_u16_png(data), codes)
+
+
+def test_filtered_pngs_fall_back_to_pil():
+    from g3dr.data.depth_codec import _decode_unfiltered_u16_png
+
+    codes = np.tile(np.arange(0, 64000, 1000, dtype=np.uint16), (8, 1))
+    buf = io.BytesIO()
+    Image.fromarray(codes).save(buf, format="PNG", optimize=True)  # PIL picks row filters
+    data = buf.getvalue()
+    np.testing.assert_array_equal(decode_u16_png(data), codes)
+    fast = _decode_unfiltered_u16_png(data)
+    assert fast is None or np.array_equal(fast, codes)

@@ -52,7 +52,7 @@ def test_expand_urls(tmp_path, synth_dir):
 
 
 def _eval_keys(urls, rank, world, workers) -> list[str]:
-    stream = ShardStream(urls=urls, mode="eval", resolution=32, batch_size=2, rank=rank, world_size=world)
+    stream = ShardStream(urls=expand_shard_urls(urls), mode="eval", resolution=32, batch_size=2, rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     return [key for batch in loader for key in batch["key"]]
 
@@ -202,3 +202,10 @@ def test_synthetic_source_is_created_on_first_use(tmp_path, tiny_config_path):
     assert sorted(k for b in build_eval_loader(cfg, DistEnv()) for k in b["key"]) == [f"synth_{i:07d}" for i in range(8)]
     with pytest.raises(DataError, match="synthetic_size"):
         build_train_loader(load_config(tiny_config_path, [f"data.synthetic_dir={folder}", "data.synthetic_size=9"]), DistEnv())
+
+
+def test_pipe_urls_read_like_local_paths(synth_dir):
+    keys = _eval_keys(f"pipe:cat {synth_dir}/synth-00000{{0..1}}.tar", 0, 1, 0)
+    assert keys == [f"synth_{i:07d}" for i in range(6)]
+    stream = ShardStream(urls=["pipe:cat /nonexistent/x.tar"], mode="eval", resolution=32, batch_size=2)
+    assert list(stream) == [] and stream.skipped["unreadable_shard_data"] >= 1
