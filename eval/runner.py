@@ -455,6 +455,3 @@ def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, 
             evaluator.tracker.end_run_quietly(report.parent_run_id, "KILLED" if report.interrupted else "FINISHED")
     return report
 
-
-def replace_options(options: EvalOptions, **changes: Any) -> EvalOptions:
-    return dataclasses.replace(options, **changes)
