@@ -218,3 +218,18 @@ def test_module_buffers_and_fused_fallback(caplog):
     assert sum("fused" in r.message for r in caplog.records) == 1
     assert "plane_axes" not in renderer.state_dict()
     assert renderer.plane_axes.tolist() == [[0, 1], [0, 2], [2, 0]]
+
+
+def test_render_gradcheck_with_fixed_depths():
+    # with explicit depths the sample positions are constants, so autograd's gradient is the true one
+    planes, _, origins, directions = _scene(batch=1, res=2)
+    planes = planes[:, :, :, :4, :4].contiguous().requires_grad_(True)
+    depths = torch.linspace(4.2, 5.8, 5, dtype=F64).expand(1, 4, 5)[..., None].contiguous()
+    prior = torch.full((1, 4, 1), 5.0, dtype=F64)
+    cfg = _cfg(plane_resolutions=(4, 2))
+
+    def fn(p):
+        out = render_rays(p, TinyDecoder(), origins, directions, cfg, sample_depths=depths, depth_prior=prior)
+        return out.rgb, out.depth, out.weight_sum
+
+    assert torch.autograd.gradcheck(fn, (planes,))
