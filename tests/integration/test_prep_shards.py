@@ -187,3 +187,27 @@ def test_imagenet_layout_with_depth_src(tmp_path):
     assert int(samples["n01443537_0"]["cls"]) == 1 and int(samples["n01440764_1"]["cls"]) == 0
     assert json.loads(samples["n01443537_0"]["json"])["synset"] == "n01443537"
     np.testing.assert_array_equal(decode_u16_png(samples["n01443537_0"]["32.depth.png"]), 2000)
+
+
+def test_shards_are_identical_whatever_the_worker_count(tmp_path):
+    manifests = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(["prep", "synth", "--out", str(out), "--n", "6", "--resolution", "32", "--shard-size", "2",
+                     "--workers", str(workers), "--no-progress"]) == 0
+        manifests.append(json.loads((out / "manifest.json").read_text()))
+    assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
+
+
+def test_release_labels_from_a_synset_list(release_samples, tmp_path):
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_text("n01440764 tench\nn02085620 Chihuahua\nn02086079 Pekinese\n")
+    out = tmp_path / "shards"
+    assert main(["prep", "shards", "--src", str(release_samples / "2"), "--layout", "release", "--out", str(out),
+                 "--synsets", str(synsets), "--resolution", "64", "--no-progress"]) == 0
+    samples = dict(read_tar_samples(out / "train-000000.tar"))
+    assert int(samples["n02085620_8590"]["cls"]) == 1 and int(samples["n02086079_3346"]["cls"]) == 2
+    assert int(samples["11543"]["cls"]) == -1  # no synset in the name: unknown
+    assert int(samples["n02089867_8842"]["cls"]) == -1  # synset not in the list
+    assert json.loads(samples["n02089867_8842"]["json"])["synset"] == "n02089867"
