@@ -275,6 +275,8 @@ def train(cfg: Config, resume: str | None = None,
                           "(antialiased downsampling of the triplanes) have no bf16 version; on the CPU set "
                           "train.precision=fp32")
     init_process_group(cfg, dist, device)
+    # Signals are caught from here on: one arriving during setup stops the run after its first step.
+    stop = StopSignal().__enter__()
     import deepspeed
 
     run_dir = Path(cfg.run_dir)
@@ -341,64 +343,63 @@ def train(cfg: Config, resume: str | None = None,
                dynamic_ncols=True)
     status = "FINISHED"
     try:
-        with StopSignal() as stop:
-            end = train_cfg.total_steps if stop_at is None else min(stop_at, train_cfg.total_steps)
-            while step < end:
-                # One optimizer step: `accumulation` good micro-batches (Eq. 1 view, render, losses, backward).
-                lr = float(engine.get_lr()[0])
-                reports = []
-                while len(reports) < accumulation:
-                    with torch.random.fork_rng(devices=[]):  # the loader must not consume training randomness
-                        batch = _to_device(next(batches), device)
-                    loss, report = task(engine, batch, step)
-                    if not _all_ranks_true(bool(torch.isfinite(loss)), device):
-                        result.skipped += 1
-                        bad_in_row += 1
-                        log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped on every rank",
-                                    step, bad_in_row)
-                        if bad_in_row >= train_cfg.max_nonfinite_in_row:
-                            path = save(step)
-                            raise NonFiniteLossError(
-                                f"{bad_in_row} non-finite losses in a row at step {step}; the last good state is "
-                                f"in {path}. Lower train.lr or check the data, then rerun with --resume auto")
-                        continue
-                    bad_in_row = 0
-                    engine.backward(loss)
-                    engine.step()
-                    reports.append(report)
-                    result.view_draws.append(report["view_r"])
-                step += 1
-                result.step = step
-                window_steps += 1
-                step_loss = sum(r["loss/total"] for r in reports) / len(reports)
-                result.losses.append(step_loss)
-                for r in reports:
-                    for k, v in r.items():
-                        if k.startswith(("loss/", "weight/")):
-                            window.setdefault(k, []).append(v)
-                    window.setdefault("canonical_fraction", []).append(float(r["canonical"]))
-                bar.update(1)
-                if step % train_cfg.log_every == 0 or step == train_cfg.total_steps:
-                    elapsed = time.time() - window_start
-                    metrics = {k: sum(v) / len(v) for k, v in window.items()}
-                    metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
-                                    "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
-                                    "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})
-                    tracker.log_metrics(metrics, step)
-                    bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", lr=f"{lr:.2e}",
-                                    sps=f"{metrics['samples_per_second']:.1f}")
-                    window, window_start, window_steps = {}, time.time(), 0
-                if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
-                    grid = image_grid(engine.module, cfg, batch, dtype)
-                    tracker.log_image(grid, f"samples/step-{step:08d}.png")
-                if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at):
+        end = train_cfg.total_steps if stop_at is None else min(stop_at, train_cfg.total_steps)
+        while step < end:
+            # One optimizer step: `accumulation` good micro-batches (Eq. 1 view, render, losses, backward).
+            lr = float(engine.get_lr()[0])
+            reports = []
+            while len(reports) < accumulation:
+                with torch.random.fork_rng(devices=[]):  # the loader must not consume training randomness
+                    batch = _to_device(next(batches), device)
+                loss, report = task(engine, batch, step)
+                if not _all_ranks_true(bool(torch.isfinite(loss)), device):
+                    result.skipped += 1
+                    bad_in_row += 1
+                    log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped on every rank",
+                                step, bad_in_row)
+                    if bad_in_row >= train_cfg.max_nonfinite_in_row:
+                        path = save(step)
+                        raise NonFiniteLossError(
+                            f"{bad_in_row} non-finite losses in a row at step {step}; the last good state is "
+                            f"in {path}. Lower train.lr or check the data, then rerun with --resume auto")
+                    continue
+                bad_in_row = 0
+                engine.backward(loss)
+                engine.step()
+                reports.append(report)
+                result.view_draws.append(report["view_r"])
+            step += 1
+            result.step = step
+            window_steps += 1
+            step_loss = sum(r["loss/total"] for r in reports) / len(reports)
+            result.losses.append(step_loss)
+            for r in reports:
+                for k, v in r.items():
+                    if k.startswith(("loss/", "weight/")):
+                        window.setdefault(k, []).append(v)
+                window.setdefault("canonical_fraction", []).append(float(r["canonical"]))
+            bar.update(1)
+            if step % train_cfg.log_every == 0 or step == train_cfg.total_steps:
+                elapsed = time.time() - window_start
+                metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
+                                "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
+                                "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})
+                tracker.log_metrics(metrics, step)
+                bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", lr=f"{lr:.2e}",
+                                sps=f"{metrics['samples_per_second']:.1f}")
+                window, window_start, window_steps = {}, time.time(), 0
+            if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
+                grid = image_grid(engine.module, cfg, batch, dtype)
+                tracker.log_image(grid, f"samples/step-{step:08d}.png")
+            if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at):
+                save(step)
+            if _any_rank_true(stop.received is not None, device):
+                if result.checkpoint is None or ckpt.step_of(result.checkpoint) != step:
                     save(step)
-                if _any_rank_true(stop.received is not None, device):
-                    if result.checkpoint is None or ckpt.step_of(result.checkpoint) != step:
-                        save(step)
-                    log.warning("stopped by a signal at step %d after a checkpoint; rerun with --resume auto", step)
-                    result.preempted, status = True, "KILLED"
-                    break
+                log.warning("stopped by a signal at step %d after a checkpoint; rerun with --resume auto", step)
+                result.preempted, status = True, "KILLED"
+                break
         result.param_digest = _check_replicas_agree(engine.module)
         if export and not result.preempted and dist.is_main and result.checkpoint is not None:
             result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME)
@@ -407,6 +408,7 @@ def train(cfg: Config, resume: str | None = None,
         status = "FAILED"
         raise
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         tracker.close(status)
         if hasattr(loader, "close"):

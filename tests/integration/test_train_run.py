@@ -111,3 +111,32 @@ def test_gradient_accumulation_is_exact_and_dead_tracking_keeps_going(tmp_path):
         moved += int(d8.abs().max() > 0)
     assert moved > len(initial) // 2
     print(f"worst relative difference of the updates: {worst:.2e}")
+
+
+class PoisonedBatches(FixedBatches):
+    """Yields NaN inputs for the batches whose index is in ``bad`` (``None``: every batch)."""
+
+    def __init__(self, micro: int, bad: set[int] | None):
+        super().__init__(micro)
+        self.bad = bad
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if self.bad is None or i in self.bad:
+                batch = dict(batch, rgb=torch.full_like(batch["rgb"], float("nan")))
+            yield batch
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+    from g3dr.train.trainer import NonFiniteLossError, train
+
+    common = ["train.total_steps=3", "train.max_nonfinite_in_row=2", "loss.tau=0.0"]
+    # batches: 0 good, 1 bad, 2 good, 3 bad, 4 good -> 3 steps, 2 skipped, never 2 bad in a row
+    result = train(_cfg(tmp_path, "some", *common), build_loader=lambda c, d: PoisonedBatches(2, {1, 3}),
+                   export=False)
+    assert result.step == 3 and result.skipped == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row at step 0.*--resume auto"):
+        train(_cfg(tmp_path, "all", *common), build_loader=lambda c, d: PoisonedBatches(2, None))
+    assert ckpt.find_latest(tmp_path / "all" / "checkpoints") == tmp_path / "all" / "checkpoints" / "step-0"
