@@ -20,12 +20,13 @@ import io
 import json
 import os
 import tarfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from g3dr.data_prep.sources import Item, Prepared, Rejected
 from g3dr.errors import DataError
@@ -96,16 +97,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 # Per-process source (set once per worker by the pool initializer, so it is not pickled per task).
 _WORKER_SOURCE: Source | None = None
+_WORKER_PROGRESS: Any = None  # a multiprocessing queue of processed-input counts
 
 
-def _init_worker(source: Source) -> None:
-    global _WORKER_SOURCE
-    _WORKER_SOURCE = source
+def _init_worker(source: Source, progress: Any) -> None:
+    global _WORKER_SOURCE, _WORKER_PROGRESS
+    _WORKER_SOURCE, _WORKER_PROGRESS = source, progress
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fingerprint: str, batch: int) -> dict[str, Any]:
-    """Prepare ``items``, write shard ``name`` (temp name, then rename) and its record; returns the record."""
+def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fingerprint: str, batch: int,
+                on_inputs: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Prepare ``items``, write shard ``name`` (temp name, then rename) and its record; returns the record.
+
+    ``on_inputs(n)`` is called after each batch of ``n`` inputs (progress reporting).
+    """
     start = time.perf_counter()
     for stale in out.glob(f".{name}.tmp-*"):
         # Left by a killed run. Only old ones: another process may be writing the same shard right now
@@ -120,13 +126,16 @@ def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fin
     count = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for lo in range(0, len(items), batch):
-            for result in source.prepare_batch(items[lo:lo + batch]):
+            chunk = items[lo:lo + batch]
+            for result in source.prepare_batch(chunk):
                 if isinstance(result, Rejected):
                     rejects.append(result.to_json())
                     continue
                 for ext in sorted(result.files):
                     _add_member(tar, f"{result.key}.{ext}", result.files[ext])
                 count += 1
+            if on_inputs is not None:
+                on_inputs(len(chunk))
     record = {"name": name, "samples": count, "inputs": len(items), "bytes": tmp.stat().st_size,
               "sha256": sha256_file(tmp), "rejects": rejects, "fingerprint": fingerprint,
               "seconds": round(time.perf_counter() - start, 3)}
@@ -137,7 +146,7 @@ def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fin
 
 def _write_shard_in_worker(items: Sequence[Item], out: str, name: str, fingerprint: str, batch: int) -> dict[str, Any]:
     assert _WORKER_SOURCE is not None
-    return write_shard(_WORKER_SOURCE, items, Path(out), name, fingerprint, batch)
+    return write_shard(_WORKER_SOURCE, items, Path(out), name, fingerprint, batch, _WORKER_PROGRESS.put)
 
 
 def _read_record(out: Path, name: str) -> dict[str, Any] | None:
@@ -208,22 +217,28 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
         nonlocal samples, rejected
         samples += record["samples"]
         rejected += len(record["rejects"])
-        bar.update(record["inputs"])
         bar.set_postfix(rejected=rejected)
         for reject in record["rejects"]:
             log.warning("rejected %s (%s): %s", reject["source"], reject["reason"], reject["detail"])
 
     if spec.workers == 1 or len(todo) <= 1:
         for s in todo:
-            account(write_shard(source, chunks[s], out, names[s], fingerprint, spec.batch))
+            account(write_shard(source, chunks[s], out, names[s], fingerprint, spec.batch, bar.update))
     else:
         ctx = get_context("fork")
-        with ProcessPoolExecutor(max_workers=min(spec.workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(source,)) as pool:
-            futures = [pool.submit(_write_shard_in_worker, chunks[s], str(out), names[s], fingerprint, spec.batch)
-                       for s in todo]
-            for future in as_completed(futures):
-                account(future.result())
+        queue = ctx.Queue()
+        drain = threading.Thread(target=_drain_progress, args=(queue, bar), daemon=True)
+        drain.start()
+        try:
+            with ProcessPoolExecutor(max_workers=min(spec.workers, len(todo)), mp_context=ctx,
+                                     initializer=_init_worker, initargs=(source, queue)) as pool:
+                futures = [pool.submit(_write_shard_in_worker, chunks[s], str(out), names[s], fingerprint, spec.batch)
+                           for s in todo]
+                for future in as_completed(futures):
+                    account(future.result())
+        finally:
+            queue.put(None)
+            drain.join()
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -232,6 +247,12 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     log.info("wrote %d shards (%d samples, %d rejected) in %.1fs: %.1f images/s with %d workers; skipped %d finished shards",
              len(todo), samples, rejected, seconds, result.images_per_second, spec.workers, skipped)
     return result
+
+
+def _drain_progress(queue: Any, bar: Any) -> None:
+    """Main-process thread: forward the workers' processed-input counts to the progress bar."""
+    while (n := queue.get()) is not None:
+        bar.update(n)
 
 
 def finalize(out: Path, names: Sequence[str], num_inputs: int, fingerprint: str, description: dict[str, Any],

@@ -208,8 +208,10 @@ class FileSource:
     _estimator: Any = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
+        """What decides the shard contents (goes into the plan fingerprint and the manifest); call after
+        :meth:`list_items`, which fixes the synset list of the imagenet layout. ``synsets[label]`` names a class."""
         return {"layout": self.layout, "src": str(Path(self.src).resolve()), "depth_src": self.depth_src,
-                "depth_model": self.depth_model, "num_synsets": len(self.synsets), **self.options.to_json()}
+                "depth_model": self.depth_model, "synsets": list(self.synsets), **self.options.to_json()}
 
     # ---- discovery -------------------------------------------------------------------------------
 

@@ -183,6 +183,7 @@ def test_imagenet_layout_with_depth_src(tmp_path):
                  "--out", str(out), "--resolution", "32", "--no-progress"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == 3 and manifest["rejected_by_reason"] == {"missing_depth": 1}
+    assert manifest["source"]["synsets"] == wnids
     samples = dict(read_tar_samples(out / "train-000000.tar"))
     assert int(samples["n01443537_0"]["cls"]) == 1 and int(samples["n01440764_1"]["cls"]) == 0
     assert json.loads(samples["n01443537_0"]["json"])["synset"] == "n01443537"
