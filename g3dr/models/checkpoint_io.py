@@ -94,8 +94,8 @@ def read_f_trigen_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types for a bad header
-        raise WeightsError(f"{path} is not a readable .safetensors file ({err}); "
-                           "a reference checkpoint_generic.pt must first be converted with 'g3dr import-official'") from None
+        raise WeightsError(f"{path} is not a readable .safetensors file ({err}); a reference "
+                           "checkpoint_generic.pt must first be converted with 'g3dr import-official'") from None
     if raw.get("format") != FORMAT:
         raise WeightsError(f"{path} is a safetensors file but not a g3dr f_trigen checkpoint "
                            f"(metadata format={raw.get('format')!r}, expected {FORMAT!r})")

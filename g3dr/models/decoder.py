@@ -61,7 +61,8 @@ class EqualizedLinear(nn.Module):
 
 
 class TriplaneDecoder(nn.Module):
-    """``forward(features (B, N, C), coordinates (B, N, 3), directions (B, N, 3)) -> (rgb (B, N, 3), sigma_raw (B, N, 1))``.
+    """The decoder MLP: ``forward(features (B, N, C), coordinates (B, N, 3), directions (B, N, 3))``
+    ``-> (rgb (B, N, 3), sigma_raw (B, N, 1))``.
 
     ``features`` are the triplane features of N sample points, summed over resolution levels and averaged
     over planes. ``rgb`` lies in [-1e-3, 1 + 1e-3]; ``sigma_raw`` is the density before the ray marcher's

@@ -36,7 +36,8 @@ class FTrigen(nn.Module):
     def make_planes(self, rgb: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Triplane (B, 3, C, H, W) of an RGB-D batch: rgb (B, 3, H, W) in [-1, 1], depth (B, 1, H, W)."""
         if rgb.dim() != 4 or rgb.shape[1] != 3 or depth.dim() != 4 or depth.shape[1] != 1:
-            raise ValueError(f"expected rgb (B, 3, H, W) and depth (B, 1, H, W), got {tuple(rgb.shape)} and {tuple(depth.shape)}")
+            raise ValueError(f"expected rgb (B, 3, H, W) and depth (B, 1, H, W), "
+                             f"got {tuple(rgb.shape)} and {tuple(depth.shape)}")
         return self.generator(torch.cat([rgb, depth.to(rgb.dtype)], dim=1))
 
     def render(self, planes: torch.Tensor, cam2world: torch.Tensor, *, canonical: bool,

@@ -138,8 +138,10 @@ def convert_reference_state_dict(reference: Mapping[str, torch.Tensor],
     missing = sorted(k for k in learned if k not in out and k not in seen_mis_shaped)
     if unknown or missing or mis_shaped or duplicated:
         parts = []
-        for label, items in (("unknown reference tensors", unknown), ("model tensors missing from the checkpoint", missing),
-                             ("shape mismatches", mis_shaped), ("duplicates after removing wrapper prefixes", duplicated)):
+        for label, items in (("unknown reference tensors", unknown),
+                             ("model tensors missing from the checkpoint", missing),
+                             ("shape mismatches", mis_shaped),
+                             ("duplicates after removing wrapper prefixes", duplicated)):
             if items:
                 parts.append(f"{len(items)} {label}: " + ", ".join(sorted(items)))
         raise WeightsError("the reference state dict does not match f_trigen at this config (check model.* and "

@@ -1,8 +1,7 @@
 """``g3dr render``: lift one RGB-D image to a triplane with a checkpoint and render a view or a video.
 
-The image and its release-format depth PNG go through the same decoding as training data
-(:func:`g3dr.data.pipeline.decode_sample`: centre square, Lanczos resize to ``data.resolution``, exact
-16-bit depth decoding). Views are rendered as the reference code renders for evaluation and videos:
+The image and its release-format depth PNG are decoded as training data are (centre square, Lanczos
+resize to ``data.resolution``, 16-bit depth decoded without an 8-bit step; :func:`load_rgbd`). Views are rendered as the reference code renders for evaluation and videos:
 without the depth prior (``--depth-prior`` renders the canonical view as in training instead).
 """
 
@@ -40,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
     parser.add_argument("--frames", type=int, default=128, help="video frames (default 128, as the reference)")
     parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40, as the reference)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the renderer's random sampling (non-deterministic mode)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the renderer's random sampling (non-deterministic mode)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--save-npz", metavar="OUT.npz",
                         help="float32 arrays rgb (3,H,W) in [-1,1], depth (1,H,W), weight_sum (1,H,W); with --video "
@@ -51,26 +51,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, depth_scale: float = 2.0,
               depth_offset: float = 4.0):
-    """``(rgb (1, 3, R, R) in [-1, 1], depth (1, 1, R, R))`` float32 tensors of one image + depth PNG pair."""
-    from g3dr.data.pipeline import collate, decode_sample
+    """``(rgb (1, 3, R, R) in [-1, 1], depth (1, 1, R, R))`` float32 tensors of one image + depth PNG pair.
+
+    The same steps as the training decoder: centre square, Lanczos resize to R (depth resized as float,
+    never through an 8-bit mode, clamped to the range of the 16-bit codes against Lanczos overshoot),
+    depth decoded from the release PNG by :func:`g3dr.data.decode_depth_png`.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from g3dr.data import decode_depth_png
 
     for path, what in ((image_path, "image"), (depth_path, "depth PNG")):
         if not Path(path).is_file():
             raise DataError(f"{what} {path} does not exist")
-    suffix = Path(image_path).suffix.lower().lstrip(".")
-    ext = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}.get(suffix)
-    if ext is None:
-        raise DataError(f"image {image_path}: unsupported type {suffix!r} (use .jpg, .jpeg, .png or .webp)")
-    # The same decoding as a training sample: a one-sample WebDataset record, decoded and collated.
-    sample = {"__key__": Path(image_path).stem, ext: Path(image_path).read_bytes(),
-              "depth.png": Path(depth_path).read_bytes()}
+
+    def square(array: np.ndarray) -> np.ndarray:
+        h, w = array.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return array[top:top + side, left:left + side]
+
     try:
-        batch = collate([decode_sample(sample, resolution, depth_scale=depth_scale, depth_offset=depth_offset)])
+        with Image.open(image_path) as image:
+            rgb = square(np.asarray(image.convert("RGB")))
+        depth = square(decode_depth_png(Path(depth_path).read_bytes()))  # release decoding: v / 65536 * 2 + 4
     except DataError:
         raise
     except Exception as err:  # PIL and the depth codec raise many types for unreadable files
         raise DataError(f"cannot decode {image_path} + {depth_path}: {err}") from None
-    return batch["rgb"], batch["depth"]
+    if rgb.shape[0] != resolution:
+        rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
+    if depth.shape[0] != resolution:
+        low, high = 4.0, 4.0 + 2.0 * 65535 / 65536
+        depth = np.clip(np.asarray(Image.fromarray(depth.astype(np.float32), mode="F")
+                                   .resize((resolution, resolution), Image.Resampling.LANCZOS)), low, high)
+    depth = (depth.astype(np.float32) - 4.0) / 2.0 * depth_scale + depth_offset  # a config's own decoding
+    rgb_t = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return rgb_t[None], torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
 
 
 def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, generator=None, progress=False):

@@ -9,7 +9,8 @@ The architecture follows the denoising-diffusion U-Net as used by the G3DR refer
 - a time embedding evaluated at the constant t = 1 (sinusoidal features -> Linear -> GELU -> Linear);
   it only provides a learned per-channel scale and shift to the first conv block of every ResNet block;
 - per level: ``num_res_blocks`` (2) ResNet blocks (weight-standardised 3x3 conv, GroupNorm, SiLU), a
-  pre-normed residual linear attention after the last, and a downsample (pixel-unshuffle + 1x1 conv; a plain 3x3 conv on the last level);
+  pre-normed residual linear attention after the last, and a downsample (pixel-unshuffle + 1x1 conv;
+  a plain 3x3 conv on the last level);
 - middle: ResNet block, pre-normed residual full attention, ResNet block;
 - the mirrored decoder with skip connections (nearest x2 upsample + 3x3 conv; a plain 3x3 conv last);
 - the 7x7-conv features are concatenated once more, then a ResNet block and a 1x1 conv to 3 x C.

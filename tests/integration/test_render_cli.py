@@ -45,12 +45,29 @@ def render(checkpoint, pair, out, *extra):
                  "--device", "cpu", *extra, "--save-npz", str(out)])
 
 
-def test_inputs_are_decoded_like_training_data(pair):
+def test_inputs_are_decoded_like_training_data(pair, tmp_path):
     image, depth_png, depth = pair
     rgb, depth_t = load_rgbd(image, depth_png, 48)
     assert rgb.shape == (1, 3, 48, 48) and depth_t.shape == (1, 1, 48, 48)
     assert rgb.min() >= -1 and rgb.max() <= 1
     np.testing.assert_allclose(depth_t[0, 0].numpy(), depth, atol=2 / 65536)
+    # Resized: Lanczos on the 8-bit image and on the depth codes as float, as the data pipeline does.
+    rgb, depth_t = load_rgbd(image, depth_png, 32)
+    expected_rgb = np.asarray(Image.open(image).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS))
+    np.testing.assert_allclose(rgb[0].permute(1, 2, 0).numpy(), expected_rgb / 127.5 - 1, atol=1e-6)
+    codes = np.asarray(Image.open(depth_png)).astype(np.float32)
+    resized = np.asarray(Image.fromarray(codes, mode="F").resize((32, 32), Image.Resampling.LANCZOS))
+    np.testing.assert_allclose(depth_t[0, 0].numpy(), np.clip(resized, 0, 65535) / 65536 * 2 + 4, atol=1e-5)
+    # A non-square image and depth are cut to their centre square first.
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.concatenate([np.zeros((48, 8, 3), np.uint8), np.asarray(Image.open(image)),
+                                    np.zeros((48, 8, 3), np.uint8)], axis=1)).save(wide)
+    wide_depth = tmp_path / "wide_depth.png"
+    raw = np.asarray(Image.open(depth_png))
+    Image.fromarray(np.pad(raw, ((0, 0), (8, 8)))).save(wide_depth)
+    rgb_w, depth_w = load_rgbd(wide, wide_depth, 48)
+    assert torch.equal(rgb_w, load_rgbd(image, depth_png, 48)[0])
+    assert torch.equal(depth_w, load_rgbd(image, depth_png, 48)[1])
 
 
 def test_deterministic_canonical_render_is_bit_identical(checkpoint, pair, tmp_path, capsys):

@@ -111,7 +111,8 @@ def test_wrong_config_is_a_shape_error(tiny_config_path, tmp_path):
     state = reference_state(load_config(tiny_config_path, OVERRIDES))
     src = save_reference_checkpoint(tmp_path / "c.pt", state)
     with pytest.raises(WeightsError, match="shape mismatches"):
-        import_official(src, tmp_path / "out.safetensors", load_config(tiny_config_path, [*OVERRIDES, "model.base_width=32"]))
+        import_official(src, tmp_path / "out.safetensors",
+                        load_config(tiny_config_path, [*OVERRIDES, "model.base_width=32"]))
     with pytest.raises(WeightsError, match="missing from the checkpoint"):  # one ResNet block per level: extra names
         import_official(src, tmp_path / "out.safetensors", load_config(tiny_config_path, ["model.num_res_blocks=3"]))
 

@@ -107,7 +107,8 @@ def test_generator_equals_reference_network(tiny_config_path, dtype, tol):
     reference = ref.random_reference_state(small_layout(cfg), seed=1, dtype=dtype)
     # A wrapper prefix, as the reference's accelerate-wrapped model saves it.
     converted = convert_reference_state_dict({f"module.{k}": v for k, v in reference.items()}, state)
-    gen.to(dtype).load_state_dict({k[len("generator."):]: v for k, v in converted.items() if k.startswith("generator.")})
+    gen.to(dtype).load_state_dict({k[len("generator."):]: v for k, v in converted.items()
+                                   if k.startswith("generator.")})
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
     x[:, 3] = 4 + 2 * torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     with torch.no_grad():
@@ -140,8 +141,10 @@ def test_decoder_equals_reference(tiny_config_path):
         dec = TriplaneDecoder(cfg.model).double()
         layout = small_layout(cfg)
         reference = ref.random_reference_state({k: v for k, v in layout.items() if k.startswith("decoder.")}, seed=5)
-        dec.load_state_dict({"hidden.weight": reference["decoder.net.0.weight"], "hidden.bias": reference["decoder.net.0.bias"],
-                             "out.weight": reference["decoder.net.2.weight"], "out.bias": reference["decoder.net.2.bias"]})
+        dec.load_state_dict({"hidden.weight": reference["decoder.net.0.weight"],
+                             "hidden.bias": reference["decoder.net.0.bias"],
+                             "out.weight": reference["decoder.net.2.weight"],
+                             "out.bias": reference["decoder.net.2.bias"]})
         feats = 2 * torch.randn(2, 50, cfg.model.triplane_channels, dtype=torch.float64)
         rgb, sigma = dec(feats, torch.rand(2, 50, 3), torch.rand(2, 50, 3))
         rgb_ref, sigma_ref = ref.reference_decoder_forward(reference, feats, lr_mul=lr_mul)
