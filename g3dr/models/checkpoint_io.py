@@ -16,7 +16,9 @@ unexpected or mis-shaped tensors are a :class:`~g3dr.errors.WeightsError` naming
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,22 @@ def check_state_dict_keys(model: torch.nn.Module, state: dict[str, torch.Tensor]
         raise WeightsError(f"{what} does not match the model built from its config; " + "; ".join(parts))
 
 
+def _prune_unknown_keys(data: Any, cls: type, prefix: str = "") -> list[str]:
+    """Remove (in place) keys of a stored config that the current config schema no longer has."""
+    if not isinstance(data, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    dropped = []
+    for key in list(data):
+        if key not in names:
+            dropped.append(prefix + str(key))
+            del data[key]
+        elif dataclasses.is_dataclass(hints[key]):
+            dropped += _prune_unknown_keys(data[key], hints[key], f"{prefix}{key}.")
+    return dropped
+
+
 def load_f_trigen(path: str | Path, device: str | torch.device = "cpu",
                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """Rebuild the FTrigen stored at ``path`` on ``device``; returns ``(model, cfg, meta)``.
@@ -141,6 +159,11 @@ def load_f_trigen(path: str | Path, device: str | torch.device = "cpu",
 
     path = Path(path)
     meta = read_f_trigen_metadata(path)
+    # A checkpoint written by an older g3dr may name config keys that no longer exist; they cannot
+    # matter to the current code, so they are dropped (with a warning) rather than failing the load.
+    dropped = _prune_unknown_keys(meta["config"], Config)
+    if dropped:
+        log.warning("%s: ignoring stored config keys unknown to this version of g3dr: %s", path, ", ".join(dropped))
     cfg = config_from_dict(meta["config"], overrides, source=f"{path} (stored config)")
     if cfg.renderer.plane_convention != meta["plane_convention"]:
         raise ConfigError(f"{path} was trained with plane convention {meta['plane_convention']!r}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -112,3 +113,25 @@ def test_unreadable_inputs_are_clear_errors(tiny_cfg, tmp_path):
         load_f_trigen(foreign)
     with pytest.raises(WeightsError, match="must end in .safetensors"):
         save_f_trigen(FTrigen(tiny_cfg), tiny_cfg, tmp_path / "x.pt")
+
+
+def test_stored_config_keys_unknown_to_this_version_are_dropped(tiny_cfg, tmp_path, caplog):
+    path = save_f_trigen(randomised_model(tiny_cfg), tiny_cfg, tmp_path / "old.safetensors", step=2)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    stored = yaml.safe_load(metadata["config"])
+    stored["renderer"]["retired_option"] = 3
+    stored["retired_section"] = {"x": 1}
+    metadata["config"] = yaml.safe_dump(stored)
+    old = tmp_path / "older.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=metadata)
+    with caplog.at_level("WARNING", logger="g3dr"):
+        _, cfg, _ = load_f_trigen(old)
+    assert config_to_dict(cfg) == config_to_dict(tiny_cfg)
+    assert "renderer.retired_option" in caplog.text and "retired_section" in caplog.text
+    # Values that are invalid for the current schema are still errors.
+    stored["renderer"]["num_coarse"] = 1
+    metadata["config"] = yaml.safe_dump(stored)
+    save_file(load_file(str(path)), str(old), metadata=metadata)
+    with pytest.raises(ConfigError, match="renderer.num_coarse"):
+        load_f_trigen(old)
