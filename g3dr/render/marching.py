@@ -102,13 +102,17 @@ def composite_from_samples(
             midpoint colours (:class:`ScaleGradient`).
 
     Returns:
-        :class:`Composite`, differentiable in ``colors``, ``densities_raw`` and ``depths``.
+        :class:`Composite` in at least float32, differentiable in ``colors``, ``densities_raw`` and ``depths``.
     """
     if colors.shape[:3] != densities_raw.shape[:3] or depths.shape[:3] != colors.shape[:3]:
         raise ValueError(
             f"colors {tuple(colors.shape)}, densities {tuple(densities_raw.shape)} and depths "
             f"{tuple(depths.shape)} must share (B, R, S)"
         )
+    # Compositing runs in at least float32 whatever the decoder's precision (cumprod and exp in bf16
+    # would visibly band the weights); float64 stays float64.
+    dtype = torch.promote_types(torch.promote_types(colors.dtype, densities_raw.dtype), torch.float32)
+    colors, densities_raw, depths = colors.to(dtype), densities_raw.to(dtype), depths.to(dtype)
     deltas = depths[:, :, 1:] - depths[:, :, :-1]
     colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
     densities_mid = (densities_raw[:, :, :-1] + densities_raw[:, :, 1:]) / 2

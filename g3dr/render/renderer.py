@@ -244,12 +244,14 @@ class TriplaneRenderer(nn.Module):
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if cam2world.shape[0] != batch:
             raise ValueError(f"cam2world has {cam2world.shape[0]} cameras for {batch} triplanes")
-        origins, directions = rays_from_cameras(cam2world.to(planes.dtype), self.camera_cfg.fov_degrees, (height, width))
+        # Ray geometry in at least float32 even for bf16 planes (depths near 5 need the mantissa).
+        geometry = torch.promote_types(planes.dtype, torch.float32)
+        origins, directions = rays_from_cameras(cam2world.to(geometry), self.camera_cfg.fov_degrees, (height, width))
         depth_prior = None
         if canonical and depth is not None:
             if depth.shape != (batch, 1, height, width):
                 raise ValueError(f"depth must be ({batch}, 1, {height}, {width}), got {tuple(depth.shape)}")
-            depth_prior = depth.permute(0, 2, 3, 1).reshape(batch, -1, 1).to(planes.dtype)
+            depth_prior = depth.permute(0, 2, 3, 1).reshape(batch, -1, 1).to(geometry)
         result = render_rays(
             planes,
             decoder,

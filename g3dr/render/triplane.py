@@ -76,12 +76,15 @@ def planes_pyramid_from_planes(planes: torch.Tensor, resolutions: Sequence[int])
             f"planes are {height}x{width} but renderer.plane_resolutions starts at {resolutions[0]}; "
             f"set renderer.plane_resolutions to start at the generator's output resolution"
         )
+    # Filtered in at least float32 (the antialiased kernel has no bf16 CPU implementation), returned
+    # in the planes' dtype.
     flat = planes.reshape(batch, n_planes * channels, height, width)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     levels = [planes]
     for res in resolutions[1:]:
         # size=(r, r) gives the same kernel scale (H / r) as the reference's scale_factor=r/H.
         down = F.interpolate(flat, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-        levels.append(down.reshape(batch, n_planes, channels, res, res))
+        levels.append(down.reshape(batch, n_planes, channels, res, res).to(planes.dtype))
     return levels
 
 
@@ -104,13 +107,16 @@ def features_from_planes(
     """
     batch, n_planes, channels = levels[0].shape[:3]
     n = points.shape[1]
+    # Lookups run in at least float32 (as grid_sample does under autocast in the reference): bf16 grid
+    # coordinates would be off by a quarter pixel. Features are returned in the planes' dtype.
+    dtype = torch.promote_types(levels[0].dtype, torch.float32)
     with torch.no_grad():
-        grid = plane_coordinates_from_points((2 / box_warp) * points, plane_axes).to(levels[0].dtype)
+        grid = plane_coordinates_from_points((2 / box_warp) * points, plane_axes).to(dtype)
     total = None
     for level in levels:
-        flat = level.reshape(batch * n_planes, channels, level.shape[-2], level.shape[-1])
+        flat = level.reshape(batch * n_planes, channels, level.shape[-2], level.shape[-1]).to(dtype)
         sampled = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         total = sampled if total is None else total + sampled
     # (B * P, C, 1, N) -> (B, P, N, C) -> mean over planes
     features = total.permute(0, 3, 2, 1).reshape(batch, n_planes, n, channels)
-    return features.mean(1)
+    return features.mean(1).to(levels[0].dtype)
