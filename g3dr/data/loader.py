@@ -70,6 +70,7 @@ class TrainLoader:
         self.epoch = 0
         self.batches_done = 0
         self._consumed: dict[int, int] = {}
+        self._active: Iterator[dict[str, Any]] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -97,16 +98,33 @@ class TrainLoader:
         self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.close()
+        self._active = self._batches()
+        return self._active
+
+    def close(self) -> None:
+        """Stop the current iteration and its worker processes (iterating again starts new ones)."""
+        active, self._active = self._active, None
+        if active is not None:
+            active.close()
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         while True:
             if self.batches_done >= self.batches_per_epoch:
                 self.epoch, self.batches_done, self._consumed = self.epoch + 1, 0, {}
             self.stream.epoch = self.epoch
             self.stream.resume_batches_done = self.batches_done
             self.stream.resume_consumed = dict(self._consumed)
-            for batch in _data_loader(self.stream, self.num_workers):
-                self._consumed[batch.pop("_worker")] = batch.pop("_consumed")
-                self.batches_done += 1
-                yield batch
+            batches = iter(_data_loader(self.stream, self.num_workers))
+            try:
+                for batch in batches:
+                    self._consumed[batch.pop("_worker")] = batch.pop("_consumed")
+                    self.batches_done += 1
+                    yield batch
+            finally:
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:  # do not leave workers to the garbage collector
+                    shutdown()
 
 
 def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:

@@ -29,7 +29,6 @@ import io
 import json
 import random
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence

@@ -80,7 +80,10 @@ def test_eval_loader_single_pass_via_config(synth_dir):
 
 def _take(loader, n):
     it = iter(loader)
-    return [next(it) for _ in range(n)]
+    batches = [next(it) for _ in range(n)]
+    if hasattr(loader, "close"):
+        loader.close()
+    return batches
 
 
 def test_train_stream_is_seeded_and_epoch_length_fixed(synth_dir):
@@ -209,3 +212,17 @@ def test_pipe_urls_read_like_local_paths(synth_dir):
     assert keys == [f"synth_{i:07d}" for i in range(6)]
     stream = ShardStream(urls=["pipe:cat /nonexistent/x.tar"], mode="eval", resolution=32, batch_size=2)
     assert list(stream) == [] and stream.skipped["unreadable_shard_data"] >= 1
+
+
+def test_close_stops_the_worker_processes(synth_dir):
+    import multiprocessing
+
+    others = set(multiprocessing.active_children())
+    loader = build_train_loader(_cfg(synth_dir, "data.num_workers=2"), DistEnv())
+    it = iter(loader)
+    next(it)
+    assert len(set(multiprocessing.active_children()) - others) == 2
+    before = loader.state_dict()
+    loader.close()
+    assert not set(multiprocessing.active_children()) - others
+    assert loader.state_dict() == before  # closing does not move the position
