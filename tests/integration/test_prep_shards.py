@@ -30,7 +30,7 @@ def _depth(shape, value=30000) -> bytes:
 
 
 def make_broken_release_folder(root: Path) -> dict[str, str]:
-    """A release-layout folder: 4 good, CMYK, grayscale, non-square (all written), and 6 broken inputs.
+    """A release-layout folder: 4 good, CMYK, grayscale, non-square, half-size depth (all written), and 6 broken inputs.
 
     Returns {stem: expected reject reason} for the broken ones.
     """
@@ -44,6 +44,8 @@ def make_broken_release_folder(root: Path) -> dict[str, str]:
     (root / "cmyk_depth.png").write_bytes(_depth((64, 64)))
     (root / "gray.jpg").write_bytes(_jpeg(rgb, "L"))
     (root / "gray_depth.png").write_bytes(_depth((64, 64)))
+    (root / "halfdepth.jpg").write_bytes(_jpeg(rgb))  # depth at half size, same aspect: resized, kept
+    (root / "halfdepth_depth.png").write_bytes(_depth((32, 32), 12345))
     wide = np.concatenate([rgb, rgb[:, :16]], axis=1)  # 80x64
     (root / "wide.jpg").write_bytes(_jpeg(wide))
     (root / "wide_depth.png").write_bytes(_depth((64, 80)))
@@ -74,17 +76,18 @@ def test_broken_inputs_are_rejected_counted_and_reconciled(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_inputs"] == 13
-    assert manifest["num_samples"] == 7 and summary["total_samples"] == 7
+    assert manifest["num_inputs"] == 14
+    assert manifest["num_samples"] == 8 and summary["total_samples"] == 8
     assert manifest["num_rejected"] == 6
     assert manifest["num_samples"] + manifest["num_rejected"] == manifest["num_inputs"]
     assert manifest["rejected_by_reason"] == {r: 1 for r in expected.values()}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert {r["key"]: r["reason"] for r in rejects} == expected
-    assert manifest["num_shards"] == 3 and sum(s["samples"] for s in manifest["shards"]) == 7
+    assert manifest["num_shards"] == 3 and sum(s["samples"] for s in manifest["shards"]) == 8
 
     samples = {key: files for shard in manifest["shards"] for key, files in read_tar_samples(out / shard["name"])}
-    assert set(samples) == {"good0", "good1", "good2", "good3", "cmyk", "gray", "wide"}
+    assert set(samples) == {"good0", "good1", "good2", "good3", "cmyk", "gray", "wide", "halfdepth"}
+    np.testing.assert_array_equal(decode_u16_png(samples["halfdepth"]["64.depth.png"]), 12345)
     for key in ("cmyk", "gray"):
         meta = json.loads(samples[key]["json"])
         assert meta["converted_to_rgb"] and meta["orig_mode"] in ("CMYK", "L")
@@ -212,3 +215,15 @@ def test_release_labels_from_a_synset_list(release_samples, tmp_path):
     assert int(samples["11543"]["cls"]) == -1  # no synset in the name: unknown
     assert int(samples["n02089867_8842"]["cls"]) == -1  # synset not in the list
     assert json.loads(samples["n02089867_8842"]["json"])["synset"] == "n02089867"
+
+
+def test_stock_webdataset_reads_our_shards(tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "syn"
+    assert main(["prep", "synth", "--out", str(out), "--n", "5", "--resolution", "32", "--shard-size", "3", "--no-progress"]) == 0
+    dataset = wds.WebDataset(str(out / "synth-{000000..000001}.tar"), shardshuffle=False)
+    samples = list(dataset)
+    assert [s["__key__"] for s in samples] == [f"synth_{i:07d}" for i in range(5)]
+    assert {k for k in samples[0] if not k.startswith("__")} == {"32.jpg", "32.depth.png", "cls", "json"}
+    np.testing.assert_array_equal(decode_u16_png(samples[0]["32.depth.png"]).shape, (32, 32))
