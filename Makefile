@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e '.[dev,depth]'
 	@touch $(STAMP)
 
+DEMO_DIR ?= outputs/demo
+
 demo: $(STAMP)
-	$(VENV)/bin/g3dr config --config configs/tiny.yaml --save outputs/demo
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/g3dr train --config configs/tiny.yaml run_dir=$(DEMO_DIR)
+	@echo "demo done:"
+	@echo "  checkpoints   $(DEMO_DIR)/checkpoints (continue with: $(VENV)/bin/g3dr train --config configs/tiny.yaml run_dir=$(DEMO_DIR) train.total_steps=40 --resume auto)"
+	@echo "  f_trigen      $(DEMO_DIR)/f_trigen.safetensors (fp32)"
+	@echo "  MLflow store  sqlite:///$(DEMO_DIR)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/mlflow.db)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -317,6 +317,9 @@ def train(cfg: Config, resume: str | None = None,
         log.info("resumed from %s at step %d", resume_path, start_step)
     elif resume == "auto":
         log.info("--resume auto: no complete checkpoint under %s; starting fresh", root)
+    elif ckpt.find_latest(root) is not None:
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (newest: {ckpt.find_latest(root).name}); "
+                          "continue that run with --resume auto, or set run_dir to a new folder")
 
     tracker = build_tracker(cfg, dist.is_main, run_id=run_id)
     if dist.is_main:
