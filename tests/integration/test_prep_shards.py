@@ -227,3 +227,15 @@ def test_stock_webdataset_reads_our_shards(tmp_path):
     assert [s["__key__"] for s in samples] == [f"synth_{i:07d}" for i in range(5)]
     assert {k for k in samples[0] if not k.startswith("__")} == {"32.jpg", "32.depth.png", "cls", "json"}
     np.testing.assert_array_equal(decode_u16_png(samples[0]["32.depth.png"]).shape, (32, 32))
+
+
+def test_webp_storage_validates_and_loads(tmp_path):
+    from g3dr.data.pipeline import ShardStream, expand_shard_urls
+
+    out = tmp_path / "webp"
+    assert main(["prep", "synth", "--out", str(out), "--n", "3", "--resolution", "64", "32", "--format", "webp",
+                 "--no-progress"]) == 0
+    assert validate_folder(out, progress=False)[0] == []
+    assert {k for _, files in read_tar_samples(out / "synth-000000.tar") for k in files} >= {"64.webp", "32.webp"}
+    batch = next(iter(ShardStream(urls=expand_shard_urls(str(out)), mode="eval", resolution=32, batch_size=3)))
+    assert batch["rgb"].shape == (3, 3, 32, 32) and batch["depth"].shape == (3, 1, 32, 32)
