@@ -127,9 +127,9 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path):
 
 
 def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path):
-    """A 1-minute job with 40 one-second steps: USR2 comes early (the signal delay exceeds the limit), the
+    """A 1-minute job with 35 one-second steps (longer than the 30 s between SLURM's time-limit checks): USR2 comes early (the signal delay exceeds the limit), the
     job requeues itself, and the requeued run does the remaining steps, each exactly once."""
-    total = 40
+    total = 35
     log = tmp_path / "steps.txt"
     opts = LaunchOptions(job_name="g3dr-requeue", time_min=1, signal_delay_s=90, max_requeues=3)
     start = time.monotonic()

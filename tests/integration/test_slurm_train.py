@@ -18,7 +18,7 @@ from g3dr.launchers.submit import LaunchOptions, job_restarts, submit_jobs, wait
 REPO = Path(__file__).resolve().parents[2]
 G3DR = Path(sys.executable).with_name("g3dr")
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
-STEPS = 8
+STEPS = 6
 
 
 def _cluster_helper():
