@@ -22,7 +22,7 @@ from g3dr.launchers.rendezvous import port_from_job_id
 from g3dr.launchers.submit import LaunchOptions, job_restarts, submit_jobs, wait_jobs
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 def _cluster_helper():
@@ -33,6 +33,15 @@ def _cluster_helper():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture
+def cancel_on_exit():
+    """Job ids to ``scancel`` when the test ends (a failed test must not leave jobs in the queue)."""
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        subprocess.run(["scancel", job_id], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +119,12 @@ def test_clear_errors_for_missing_partition_and_too_many_nodes(cluster, tmp_path
     assert not any(tmp_path.iterdir())
 
 
-def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path):
+def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on_exit):
     start = time.monotonic()
     [job] = submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(job_name="g3dr-whoami", tasks_per_node=2,
                                                                              time_min=2))
-    [results] = wait_jobs([job], timeout_s=120, poll_s=0.5)
+    cancel_on_exit.append(job.job_id)
+    [results] = wait_jobs([job], timeout_s=600, poll_s=0.5)  # the cluster may be busy
     print(f"two-task job {job.job_id}: {time.monotonic() - start:.1f}s from submit to results")
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     assert sorted(r["rank"] for r in results) == [0, 1]
@@ -126,7 +136,7 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path):
     assert "master {}:{}, requeue count 0".format(host, port_from_job_id(job.job_id)) in job.paths.stderr.read_text()
 
 
-def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path):
+def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path, cancel_on_exit):
     """A 1-minute job with 35 one-second steps (longer than the 30 s between SLURM's time-limit checks): USR2 comes early (the signal delay exceeds the limit), the
     job requeues itself, and the requeued run does the remaining steps, each exactly once."""
     total = 35
@@ -134,7 +144,8 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path):
     opts = LaunchOptions(job_name="g3dr-requeue", time_min=1, signal_delay_s=90, max_requeues=3)
     start = time.monotonic()
     [job] = submit_jobs([StepCounter(str(log), total)], "slurm", tmp_path / "%j", opts)
-    result = wait_jobs([job], timeout_s=300, poll_s=1)[0]
+    cancel_on_exit.append(job.job_id)
+    result = wait_jobs([job], timeout_s=700, poll_s=1)[0]
     elapsed = time.monotonic() - start
     starts = [line.split() for line in Path(str(log) + ".starts").read_text().splitlines()]
     print(f"requeue job {job.job_id}: {elapsed:.1f}s, runs (steps done at start, requeue count, time): {starts}")

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 G3DR = Path(sys.executable).with_name("g3dr")
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 def _cluster_helper():
@@ -62,7 +62,7 @@ def test_prep_array_of_three_then_merge_validates(cluster, release_samples, tmp_
     shards = tmp_path / "shards"
     start = time.monotonic()
     out = subprocess.run([str(G3DR), "submit", "prep", "shards", "--num-shard-jobs", "3", "--time", "5", "--wait",
-                          "--", *_prep_args(release_samples, shards)], capture_output=True, text=True, timeout=300)
+                          "--", *_prep_args(release_samples, shards)], capture_output=True, text=True, timeout=800)
     elapsed = time.monotonic() - start
     logs = {p.name: p.read_text(errors="replace") for p in sorted((tmp_path / "shards-slurm").glob("*/*_log.err"))}
     assert out.returncode == 0, out.stdout + out.stderr + "\n".join(logs.values())
