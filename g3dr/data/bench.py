@@ -2,7 +2,8 @@
 
 The folder loader does per item what the reference code does: PIL-open the JPEG and the 16-bit depth
 PNG, Lanczos-resize both to the training resolution, convert to tensors; batches from a torch
-DataLoader with the same worker count. The shard pipeline is the training stream of
+DataLoader with the same worker count. Rates are samples/s after the first batch (worker start-up is
+excluded for both). The shard pipeline is the training stream of
 :mod:`g3dr.data.pipeline` (shuffle buffer, flip) over shards written by ``g3dr prep shards`` from the
 same folder. Both read every sample once, on the same machine, in one run each.
 
@@ -94,14 +95,22 @@ class FolderDataset:
         return rgb, torch.from_numpy(depth / 65536.0 * 2.0 + 4.0)[None]
 
 
+def _steady_rate(batches, size_of) -> float:
+    """Samples/s after the first batch (worker start-up excluded for both loaders alike)."""
+    iterator = iter(batches)
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    for item in iterator:
+        count += size_of(item)
+    return count / (time.perf_counter() - start)
+
+
 def _time_folder(folder: Path, resolution: int, workers: int, batch: int) -> float:
     import torch
 
     loader = torch.utils.data.DataLoader(FolderDataset(folder, resolution), batch_size=batch, shuffle=True,
                                          num_workers=workers, drop_last=True)
-    start = time.perf_counter()
-    count = sum(rgb.shape[0] for rgb, _ in loader)
-    return count / (time.perf_counter() - start)
+    return _steady_rate(loader, lambda item: item[0].shape[0])
 
 
 def _time_shards(out: Path, resolution: int, workers: int, batch: int, n: int) -> float:
@@ -114,9 +123,7 @@ def _time_shards(out: Path, resolution: int, workers: int, batch: int, n: int) -
     stream = ShardStream(urls=expand_shard_urls(str(out)), mode="train", resolution=resolution, batch_size=batch,
                          shuffle_buffer=max(16, n // 10), flip_p=0.5, batches_per_epoch=n // batch)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    start = time.perf_counter()
-    count = sum(b["rgb"].shape[0] for b in loader)
-    return count / (time.perf_counter() - start)
+    return _steady_rate(loader, lambda item: item["rgb"].shape[0])
 
 
 def _prep(folder: Path, out: Path, resolution: int, workers: int, shard_size: int) -> float:

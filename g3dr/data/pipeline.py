@@ -213,11 +213,25 @@ def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 tensor; in a DataLoader worker it lives in shared memory, so that sending it to
+    the main process needs no copy (what torch's ``default_collate`` does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=torch.float32).new(storage).view(shape)
+
+
 def collate(samples: Sequence[dict[str, Any]], depth_scale: float = 2.0, depth_offset: float = 4.0) -> dict[str, Any]:
     """Decoded samples -> ``rgb`` float32 (B, 3, R, R) in [-1, 1], ``depth`` float32 (B, 1, R, R)
     (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str]."""
-    rgb = torch.stack([s["rgb"] for s in samples]).to(torch.float32).div_(127.5).sub_(1.0)
-    depth = torch.stack([s["depth_codes"] for s in samples]).mul_(depth_scale / 65536.0).add_(depth_offset)
+    count, size = len(samples), samples[0]["rgb"].shape[1:]
+    rgb = _batch_tensor((count, 3, *size)).copy_(torch.stack([s["rgb"] for s in samples])).div_(127.5).sub_(1.0)
+    depth = torch.stack([s["depth_codes"] for s in samples], out=_batch_tensor((count, 1, *size)))
+    depth.mul_(depth_scale / 65536.0).add_(depth_offset)
     return {
         "rgb": rgb,
         "depth": depth,
