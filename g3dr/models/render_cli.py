@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--depth-prior applies to the canonical view only (no --yaw/--pitch/--video)")
     if args.frames < 1 or args.fps < 1:
         raise ConfigError(f"--frames and --fps must be >= 1, got {args.frames} and {args.fps}")
+    if args.resolution is not None and args.resolution < 1:
+        raise ConfigError(f"--resolution must be >= 1, got {args.resolution}")
 
     overrides = []
     if args.deterministic:
@@ -172,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)
     resolution = args.resolution or cfg.data.resolution
+    if args.depth_prior and resolution != cfg.data.resolution:
+        raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
     rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
     rgb, depth = rgb.to(device), depth.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -186,8 +190,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         yaw = torch.tensor([cam.canonical_yaw if args.yaw is None else args.yaw])
         pitch = torch.tensor([cam.canonical_pitch if args.pitch is None else args.pitch])
-    if args.depth_prior and resolution != cfg.data.resolution:
-        raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
     images = render_angles(model, planes, yaw, pitch, resolution=resolution,
                            depth=depth if args.depth_prior else None, generator=generator, progress=True)
 
