@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument("--device", default="auto", help="device of the depth model (auto: cuda when present)")
     shards.add_argument("--depth-batch", type=int, default=8, help="images per depth-model batch")
     shards.add_argument("--synsets", default="", help="synset list file (one wnid per line) that fixes class indices")
-    _add_store_arguments(shards, default_resolutions=[256])
+    _add_store_arguments(shards, default_resolutions=[128])
     shards.add_argument("--shard-size", type=int, default=1000, help="inputs per shard")
     shards.add_argument("--prefix", default="train", help="shard name prefix (PREFIX-000000.tar)")
     shards.add_argument("--workers", type=int, default=1, help="parallel worker processes")
