@@ -94,6 +94,16 @@ def _run_decoder(
     return rgb.reshape(batch, rays, samples, rgb.shape[-1]), sigma.reshape(batch, rays, samples, 1)
 
 
+_fused_unsupported_logged: set[str] = set()
+
+
+def _log_fused_unsupported(decoder: Decoder) -> None:
+    name = type(decoder).__name__
+    if name not in _fused_unsupported_logged:
+        _fused_unsupported_logged.add(name)
+        log.info("renderer.impl=fused needs a decoder with mlp_weights(); %s has none: using the reference path", name)
+
+
 def render_rays(
     planes: torch.Tensor,
     decoder: Decoder,
@@ -139,6 +149,14 @@ def render_rays(
         raise ValueError("use_depth_kernel=True needs depth_prior (the pixel pseudo-depth)")
     if plane_axes is None:
         plane_axes = plane_axes_for_convention(cfg.plane_convention, planes.device)
+    if cfg.impl == "fused":
+        from g3dr.render.fused import decoder_supports_fused, render_rays_fused
+
+        if decoder_supports_fused(decoder):
+            return render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
+                                     use_depth_kernel=use_depth_kernel, sample_depths=sample_depths,
+                                     generator=generator, plane_axes=plane_axes)
+        _log_fused_unsupported(decoder)
     levels = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
 
     def decode(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +216,8 @@ def render_rays(
 class TriplaneRenderer(nn.Module):
     """Renders images of a triplane from camera matrices; holds the config and the plane axes.
 
-    ``renderer.impl`` selects the path: ``reference`` is :func:`render_rays`; ``fused`` (a later issue)
-    falls back to ``reference`` with a one-time info log until it exists. The plane axes are a
+    ``renderer.impl`` selects the path inside :func:`render_rays`: ``reference`` (plain autograd) or
+    ``fused`` (:mod:`g3dr.render.fused`, same numbers; logged once). The plane axes are a
     non-persistent buffer, so they never appear in checkpoints (the convention is saved in the config).
     """
 
@@ -211,7 +229,7 @@ class TriplaneRenderer(nn.Module):
         self.camera_cfg = camera_cfg
         self.register_buffer("plane_axes", plane_axes_for_convention(renderer_cfg.plane_convention), persistent=False)
         if renderer_cfg.impl == "fused" and not TriplaneRenderer._fused_fallback_logged:
-            log.info("renderer.impl=fused is not available yet; using the reference renderer (same numbers)")
+            log.info("renderer.impl=fused: fused triplane sampling, decoder and compositing (g3dr.render.fused)")
             TriplaneRenderer._fused_fallback_logged = True
 
     def forward(

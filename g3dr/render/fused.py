@@ -1,0 +1,534 @@
+"""The fused renderer (``renderer.impl: fused``): the numbers of :func:`render_rays`, a fraction of the memory.
+
+The reference path runs triplane sampling, the plane mean, the decoder MLP and the ray marcher as plain
+autograd ops, so backward keeps every per-sample intermediate: grid-sample outputs of 9 plane-levels,
+the (B, N, C) features, hidden activations, ... (several GiB at the training configuration). Here the
+expensive part - for the merged, sorted sample depths - is one custom autograd function,
+:class:`FusedTriplaneComposite`:
+
+- forward: decoder outputs of every sample (computed without grad, chunked over rays) and the MipNeRF
+  marcher (:func:`composite_from_samples`, so forward values are those of the reference code);
+- backward: chunk by chunk over rays, recompute the features, hidden activations and decoder outputs,
+  backpropagate the marcher by hand (the same formulas torch's autograd applies, including the depth
+  kernel's backward-only scale of the alpha and colour gradients, and the sigma scale), then the MLP,
+  then scatter the feature gradients into the planes. Only the inputs are saved; no per-sample tensor
+  outlives its chunk.
+
+Triplane sampling is a gather: the three levels are one channels-last table of rows
+(``table_from_levels``); each sample reads 3 planes x L levels x 4 bilinear corners (``grid_sample``
+semantics: ``align_corners=False``, zero padding), weighted by the bilinear weight / 3 (the plane mean),
+with ``F.embedding_bag`` (one fused gather-multiply-sum). Backward is the transposed gather: the
+(row, sample) pairs are sorted by row and ``embedding_bag`` sums each row's weighted sample gradients
+(faster here than ``index_add_``, which materialises a (36 N, C) tensor; see docs/performance.md).
+
+Two backends compute the per-chunk decode and decoder/sampling backward: plain torch (CPU, and the
+fallback) and Triton kernels (``g3dr.render.fused_triton``; CUDA tensors, or CPU under
+``TRITON_INTERPRET=1`` in tests). The marcher backward is shared torch code.
+
+The coarse pass that only places importance samples runs without grad. The decoder must expose
+``mlp_weights(dtype)`` (:class:`g3dr.models.decoder.TriplaneDecoder`); :func:`decoder_supports_fused`
+says whether one does (``render_rays`` falls back to the reference path otherwise).
+
+Must not: import training code; change any number of the reference path (tests compare both).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from g3dr.config import RendererConfig
+from g3dr.log import get_logger
+from g3dr.render.marching import composite_from_samples, depth_kernel_from_depths, median_depth_from_weights
+from g3dr.render.sampling import (
+    depths_from_depth_prior,
+    depths_from_importance,
+    depths_from_stratified,
+    merge_samples,
+    near_far_from_box,
+)
+from g3dr.render.triplane import planes_pyramid_from_planes
+
+__all__ = [
+    "COLOR_STRETCH",
+    "SAMPLES_PER_CHUNK",
+    "LevelTable",
+    "decoder_supports_fused",
+    "table_from_levels",
+    "rows_from_points",
+    "decode_samples",
+    "FusedTriplaneComposite",
+    "render_rays_fused",
+]
+
+COLOR_STRETCH = 1e-3
+"""The decoder's colour is ``sigmoid(x) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH`` (``TriplaneDecoder``)."""
+log = get_logger("g3dr.render.fused")
+
+SAMPLES_PER_CHUNK = 16384
+"""Samples processed at once (rounded to whole rays): bounds the transient memory of forward and backward."""
+SOFTPLUS_THRESHOLD = 20.0
+"""``F.softplus``'s default threshold (above it softplus is the identity); the backward uses the same."""
+
+Backend = Literal["torch", "triton"]
+
+
+def decoder_supports_fused(decoder: object) -> bool:
+    """Whether ``decoder`` exposes the functional MLP (``mlp_weights``) the fused path needs."""
+    return callable(getattr(decoder, "mlp_weights", None))
+
+
+PAD_BEFORE, PAD_AFTER = 1, 2
+"""Zero border of every plane in the table: coordinates clamped to [-1, r] then need no bounds checks."""
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """The triplane levels as one channels-last table of feature rows, each plane with a zero border.
+
+    ``table`` is (sum over levels of B * P * q * q, C) with ``q = r + PAD_BEFORE + PAD_AFTER``; level
+    ``l`` starts at row ``offsets[l]`` and holds ``(B, P, q, q)`` rows in that order, so texel (x, y) of
+    plane p of image b (0 <= x, y < r) is row ``offsets[l] + ((b * P + p) * q + y + 1) * q + x + 1``.
+    The border rows are zero and their gradients are dropped (``F.pad``).
+    """
+
+    table: torch.Tensor
+    offsets: tuple[int, ...]
+    resolutions: tuple[int, ...]
+    batch: int
+    planes: int
+
+
+def table_from_levels(levels: Sequence[torch.Tensor]) -> LevelTable:
+    """Pad and concatenate the pyramid (each (B, P, C, r, r)) into a channels-last :class:`LevelTable` (differentiable)."""
+    batch, n_planes, channels = levels[0].shape[:3]
+    rows, offsets, resolutions, offset = [], [], [], 0
+    for level in levels:
+        res = level.shape[-1]
+        if level.shape[-2] != res or level.shape[:3] != (batch, n_planes, channels):
+            raise ValueError(f"level of shape {tuple(level.shape)} does not match ({batch}, {n_planes}, {channels}, r, r)")
+        padded = F.pad(level, (PAD_BEFORE, PAD_AFTER, PAD_BEFORE, PAD_AFTER))
+        rows.append(padded.permute(0, 1, 3, 4, 2).reshape(-1, channels))
+        offsets.append(offset)
+        resolutions.append(res)
+        offset += batch * n_planes * padded.shape[-1] ** 2
+    return LevelTable(torch.cat(rows, 0), tuple(offsets), tuple(resolutions), batch, n_planes)
+
+
+def rows_from_points(
+    points: torch.Tensor, image_index: torch.Tensor, plane_axes: torch.Tensor, levels: LevelTable, box_warp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows and weights of the bilinear lookups of N points (``grid_sample`` semantics, zero padding).
+
+    Args:
+        points: (N, 3) world coordinates.
+        image_index: (N,) int64, the image (batch element) of each point.
+        plane_axes: (P, 2).
+        levels: the table.
+
+    Returns:
+        rows (N, P * L * 4) int32 and weights (N, P * L * 4) in the points' dtype: the bilinear weight
+        divided by P (the plane mean). The feature of point i is ``sum_k weights[i, k] * table[rows[i, k]]``.
+        Pixel coordinates are clamped to [-1, r] first: a corner outside the plane then lands on the
+        zero border (or gets weight 0), which is ``grid_sample``'s zero padding.
+    """
+    n_points, n_planes = points.shape[0], plane_axes.shape[0]
+    device = points.device
+    res = torch.tensor(levels.resolutions, device=device)  # (L,)
+    res_f = res.to(points.dtype)
+    side = res + PAD_BEFORE + PAD_AFTER
+    unit = (2 / box_warp) * points
+    # (N, P, L): grid_sample's unnormalisation ((g + 1) * size - 1) / 2 of the width and height coordinates.
+    low = torch.full_like(res_f, -1)
+    ix = torch.clamp(((unit[:, plane_axes[:, 0], None] + 1) * res_f - 1) / 2, low, res_f)
+    iy = torch.clamp(((unit[:, plane_axes[:, 1], None] + 1) * res_f - 1) / 2, low, res_f)
+    x0f, y0f = torch.floor(ix), torch.floor(iy)
+    fx, fy = ix - x0f, iy - y0f
+    plane = (image_index[:, None] * n_planes + torch.arange(n_planes, device=device)[None, :])[..., None]  # (N, P, 1)
+    base = torch.tensor(levels.offsets, device=device) + (plane * side + (y0f.long() + PAD_BEFORE)) * side
+    base = (base + (x0f.long() + PAD_BEFORE)).int()
+    corner = torch.stack([torch.zeros_like(side), torch.ones_like(side), side, side + 1], -1).int()  # (L, 4)
+    rows = base[..., None] + corner  # (N, P, L, 4): (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
+    wx = torch.stack([1 - fx, fx], -1)
+    wy = torch.stack([1 - fy, fy], -1) / n_planes
+    weights = wy[..., :, None] * wx[..., None, :]  # (N, P, L, 2 over y, 2 over x)
+    return rows.reshape(n_points, -1), weights.reshape(n_points, -1)
+
+
+_compiled_rows = None
+_compile_failed = False
+
+
+def _rows_from_points_fast(points, image_index, plane_axes, levels, box_warp):
+    """:func:`rows_from_points`, compiled with ``torch.compile`` on CPU (10x faster there: one fused loop
+    instead of a dozen passes over (N, 36) tensors; identical results). Falls back to eager, logging once,
+    when compilation fails or ``G3DR_FUSED_COMPILE=0``."""
+    global _compiled_rows, _compile_failed
+    if points.device.type != "cpu" or _compile_failed or os.environ.get("G3DR_FUSED_COMPILE", "1") == "0":
+        return rows_from_points(points, image_index, plane_axes, levels, box_warp)
+    if _compiled_rows is None:
+        _compiled_rows = torch.compile(rows_from_points, dynamic=True)
+    try:
+        return _compiled_rows(points, image_index, plane_axes, levels, box_warp)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager function
+        _compile_failed = True
+        log.warning("torch.compile of the fused renderer's lookups failed (%s: %s); using eager torch (slower)",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return rows_from_points(points, image_index, plane_axes, levels, box_warp)
+
+
+@dataclass(frozen=True)
+class _Mlp:
+    hidden_weight: torch.Tensor
+    hidden_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+
+
+def _outputs_from_x(x: torch.Tensor) -> torch.Tensor:
+    """(n, 4) decoder output -> (n, 4) = (sigma_raw, r, g, b) with the widened sigmoid colour."""
+    return torch.cat([x[:, :1], torch.sigmoid(x[:, 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH], 1)
+
+
+def _torch_decode(table: torch.Tensor, mlp: _Mlp, rows: torch.Tensor, weights: torch.Tensor):
+    """Features, pre-activations, hidden activations and raw outputs of one chunk (plain torch)."""
+    features = F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    pre = torch.addmm(mlp.hidden_bias, features, mlp.hidden_weight.t())
+    hidden = F.softplus(pre)
+    x = torch.addmm(mlp.out_bias, hidden, mlp.out_weight.t())
+    return features, pre, hidden, x
+
+
+def _scatter_rows(grad_table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, grad_features: torch.Tensor) -> None:
+    """``grad_table[rows[i, k]] += weights[i, k] * grad_features[i]`` (the transposed gather)."""
+    flat = rows.reshape(-1)
+    sorted_rows, order = torch.sort(flat)
+    unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    samples = torch.div(order, rows.shape[1], rounding_mode="floor")
+    summed = F.embedding_bag(samples, grad_features, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+    grad_table.index_add_(0, unique_rows, summed)
+
+
+@dataclass
+class _Rays:
+    """Flattened rays of one render: ``origins``, ``directions`` (B * R, 3), ``depths`` (B * R, S)."""
+
+    origins: torch.Tensor
+    directions: torch.Tensor
+    depths: torch.Tensor
+    rays_per_image: int
+
+    def chunks(self, samples_per_chunk: int):
+        n_rays, samples = self.depths.shape
+        step = max(1, samples_per_chunk // samples)
+        for start in range(0, n_rays, step):
+            yield start, min(n_rays, start + step)
+
+    def points(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n * S, 3) sample points of rays [start, stop) and their (n * S,) image index."""
+        depths = self.depths[start:stop, :, None]
+        # Same op order as the reference (origins + depths * directions) for identical lookups.
+        points = self.origins[start:stop, None, :] + depths * self.directions[start:stop, None, :]
+        ray = torch.arange(start, stop, device=depths.device)
+        image = torch.div(ray, self.rays_per_image, rounding_mode="floor")
+        return points.reshape(-1, 3), image[:, None].expand(-1, depths.shape[1]).reshape(-1)
+
+
+def _mlp_from_decoder(decoder, dtype: torch.dtype) -> _Mlp:
+    return _Mlp(*decoder.mlp_weights(dtype))
+
+
+def decode_samples(
+    levels: LevelTable,
+    mlp: _Mlp,
+    rays: _Rays,
+    plane_axes: torch.Tensor,
+    box_warp: float,
+    backend: Backend = "torch",
+    samples_per_chunk: int = SAMPLES_PER_CHUNK,
+) -> torch.Tensor:
+    """Decoder outputs at every sample, without grad: (B * R, S, 4) = (sigma_raw, r, g, b)."""
+    n_rays, samples = rays.depths.shape
+    out = rays.depths.new_empty(n_rays, samples, 4)
+    table = levels.table.detach()
+    mlp = _Mlp(*(t.detach() for t in (mlp.hidden_weight, mlp.hidden_bias, mlp.out_weight, mlp.out_bias)))
+    with torch.no_grad():
+        for start, stop in rays.chunks(samples_per_chunk):
+            points, image = rays.points(start, stop)
+            rows, weights = _rows_from_points_fast(points, image, plane_axes, levels, box_warp)
+            if backend == "triton":
+                from g3dr.render.fused_triton import decode_triton
+
+                x = decode_triton(table, mlp, rows, weights)
+            else:
+                x = _torch_decode(table, mlp, rows, weights)[3]
+            out[start:stop] = _outputs_from_x(x).view(stop - start, samples, 4)
+    return out
+
+
+def _composite_backward(
+    outputs: torch.Tensor,
+    depths: torch.Tensor,
+    grad_rgb: torch.Tensor,
+    grad_depth: torch.Tensor,
+    grad_weight_sum: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    density_offset: float,
+    sigma_scale: float,
+) -> torch.Tensor:
+    """Gradient of the marcher's loss w.r.t. the per-sample decoder outputs, by hand.
+
+    Args:
+        outputs: (n, S, 4) (sigma_raw, colour) of n rays; depths: (n, S).
+        grad_rgb (n, 3), grad_depth (n, 1), grad_weight_sum (n, 1): gradients of the marcher's outputs.
+        grad_scale: (n, S - 1) depth kernel or None.
+
+    Returns:
+        (n, S, 4) gradient w.r.t. (sigma_raw, colour) - the formulas torch's autograd applies to
+        :func:`composite_from_samples` (cumprod backward as a reversed cumulative sum over the samples).
+    """
+    raw, colors = outputs[..., 0], outputs[..., 1:]
+    deltas = depths[:, 1:] - depths[:, :-1]
+    colors_mid = (colors[:, :-1] + colors[:, 1:]) / 2
+    raw_mid = (raw[:, :-1] + raw[:, 1:]) / 2 + density_offset
+    depths_mid = (depths[:, :-1] + depths[:, 1:]) / 2
+    density = F.softplus(raw_mid)
+    if sigma_scale != 1.0:
+        density = density * sigma_scale
+    decay = torch.exp(-(density * deltas))
+    alpha = 1 - decay
+    keep = 1 - alpha + 1e-10
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), keep], 1), 1)[:, :-1]
+    weights = alpha * transmittance
+    weight_sum = weights.sum(1, keepdim=True)
+    denom = weight_sum + 0.001
+    depth = torch.sum(weights * depths_mid, 1, keepdim=True) / denom
+    # rgb_out = 2 sum(w c) - 1; depth = sum(w t) / (W + 1e-3); W = sum(w).
+    grad_weights = (
+        2 * (grad_rgb[:, None, :] * colors_mid).sum(-1) + grad_weight_sum + grad_depth * (depths_mid - depth) / denom
+    )
+    grad_colors_mid = (2 * grad_rgb)[:, None, :] * weights[..., None]
+    # w_m = alpha_m * prod_{j<m} keep_j: d/d alpha_i = g_i T_i - sum_{m>i} g_m w_m / keep_i.
+    gw = grad_weights * weights
+    later = torch.flip(torch.cumsum(torch.flip(gw, [1]), 1), [1]) - gw
+    grad_alpha = grad_weights * transmittance - later / keep
+    if grad_scale is not None:
+        grad_alpha = grad_alpha * grad_scale
+        grad_colors_mid = grad_colors_mid * grad_scale[..., None]
+    grad_density = grad_alpha * decay * deltas
+    if sigma_scale != 1.0:
+        grad_density = grad_density * sigma_scale
+    grad_raw_mid = torch.ops.aten.softplus_backward(grad_density, raw_mid, 1.0, SOFTPLUS_THRESHOLD)
+    grad = outputs.new_zeros(outputs.shape)
+    grad_mid = torch.cat([grad_raw_mid[..., None], grad_colors_mid], -1) / 2
+    grad[:, :-1] += grad_mid
+    grad[:, 1:] += grad_mid
+    return grad
+
+
+class FusedTriplaneComposite(torch.autograd.Function):
+    """Decode and composite the merged samples; backward recomputes per chunk (nothing per-sample is saved).
+
+    ``rgb, depth, weight_sum, weights = FusedTriplaneComposite.apply(table, hidden_weight, hidden_bias,
+    out_weight, out_bias, outputs, state)`` where ``table`` is ``LevelTable.table`` (differentiable,
+    e.g. built from the planes), the four MLP tensors come from ``decoder.mlp_weights``, ``outputs``
+    (B * R, S, 4) are the decoder outputs at the samples computed without grad by
+    :func:`decode_samples` from the same inputs, and ``state`` is a :class:`_FusedState`.
+    Returns rgb (B * R, 3), depth and weight_sum (B * R, 1) (differentiable in the table and the MLP
+    tensors) and the compositing weights (B * R, S - 1, 1) (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, table, hidden_weight, hidden_bias, out_weight, out_bias, outputs, state):  # noqa: D102
+        rays = state.rays
+        comp = composite_from_samples(
+            outputs[None, ..., 1:], outputs[None, ..., :1], rays.depths[None, ..., None],
+            density_offset=state.density_offset, sigma_scale=state.sigma_scale,
+        )
+        ctx.save_for_backward(table, hidden_weight, hidden_bias, out_weight, out_bias)
+        ctx.state = state
+        weights = comp.weights[0]
+        ctx.mark_non_differentiable(weights)
+        return comp.rgb[0], comp.depth[0], comp.weight_sum[0], weights
+
+    @staticmethod
+    def backward(ctx, grad_rgb, grad_depth, grad_weight_sum, _grad_weights):  # noqa: D102
+        table, hidden_weight, hidden_bias, out_weight, out_bias = ctx.saved_tensors
+        state: _FusedState = ctx.state
+        rays, levels = state.rays, state.levels
+        levels = LevelTable(table, levels.offsets, levels.resolutions, levels.batch, levels.planes)
+        mlp = _Mlp(hidden_weight, hidden_bias, out_weight, out_bias)
+        n_rays, samples = rays.depths.shape
+        zeros = rays.depths.new_zeros(n_rays, 1)
+        grad_rgb = rays.depths.new_zeros(n_rays, 3) if grad_rgb is None else grad_rgb
+        grad_depth = zeros if grad_depth is None else grad_depth
+        grad_weight_sum = zeros if grad_weight_sum is None else grad_weight_sum
+        grads = _Grads.zeros_like(table, mlp)
+        for start, stop in rays.chunks(state.samples_per_chunk):
+            points, image = rays.points(start, stop)
+            rows, weights = _rows_from_points_fast(points, image, state.plane_axes, levels, state.box_warp)
+            scale = None if state.grad_scale is None else state.grad_scale[start:stop]
+            if state.backend == "triton":
+                from g3dr.render.fused_triton import backward_triton, decode_triton
+
+                x = decode_triton(table, mlp, rows, weights)
+            else:
+                features, pre, hidden, x = _torch_decode(table, mlp, rows, weights)
+            outputs = _outputs_from_x(x)
+            grad_outputs = _composite_backward(
+                outputs.view(stop - start, samples, 4), rays.depths[start:stop], grad_rgb[start:stop],
+                grad_depth[start:stop], grad_weight_sum[start:stop], scale, state.density_offset, state.sigma_scale,
+            ).view(-1, 4)
+            # Through the decoder's output activation: x = (sigma_raw, logits).
+            grad_x = torch.cat([
+                grad_outputs[:, :1],
+                torch.ops.aten.sigmoid_backward(grad_outputs[:, 1:] * (1 + 2 * COLOR_STRETCH), torch.sigmoid(x[:, 1:])),
+            ], 1)
+            if state.backend == "triton":
+                backward_triton(table, mlp, rows, weights, grad_x, grads)
+            else:
+                grads.out_weight += grad_x.t() @ hidden
+                grads.out_bias += grad_x.sum(0)
+                grad_pre = torch.ops.aten.softplus_backward(grad_x @ mlp.out_weight, pre, 1.0, SOFTPLUS_THRESHOLD)
+                grads.hidden_weight += grad_pre.t() @ features
+                grads.hidden_bias += grad_pre.sum(0)
+                _scatter_rows(grads.table, rows, weights, grad_pre @ mlp.hidden_weight)
+        return grads.table, grads.hidden_weight, grads.hidden_bias, grads.out_weight, grads.out_bias, None, None
+
+
+@dataclass
+class _Grads:
+    table: torch.Tensor
+    hidden_weight: torch.Tensor
+    hidden_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+
+    @staticmethod
+    def zeros_like(table: torch.Tensor, mlp: _Mlp) -> _Grads:
+        return _Grads(torch.zeros_like(table), torch.zeros_like(mlp.hidden_weight), torch.zeros_like(mlp.hidden_bias),
+                      torch.zeros_like(mlp.out_weight), torch.zeros_like(mlp.out_bias))
+
+
+@dataclass
+class _FusedState:
+    """Non-tensor-argument state of :class:`FusedTriplaneComposite` (none of it receives gradients)."""
+
+    rays: _Rays
+    levels: LevelTable
+    plane_axes: torch.Tensor
+    box_warp: float
+    density_offset: float
+    sigma_scale: float
+    grad_scale: torch.Tensor | None
+    """(B * R, S - 1) depth kernel, or None."""
+    backend: Backend
+    samples_per_chunk: int
+
+
+def _default_backend(planes: torch.Tensor) -> Backend:
+    if planes.is_cuda:
+        from g3dr.render.fused_triton import triton_available
+
+        if triton_available():
+            return "triton"
+    return "torch"
+
+
+def render_rays_fused(
+    planes: torch.Tensor,
+    decoder,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    cfg: RendererConfig,
+    *,
+    depth_prior: torch.Tensor | None = None,
+    use_depth_kernel: bool = False,
+    sample_depths: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    plane_axes: torch.Tensor,
+    backend: Backend | None = None,
+    samples_per_chunk: int = SAMPLES_PER_CHUNK,
+):
+    """:func:`g3dr.render.renderer.render_rays` with the fused core (same arguments, checked by the caller).
+
+    The sampling steps are those of ``render_rays`` (same functions, same random draws in the same
+    order), so for one seed both paths composite the same depths. ``decoder`` must satisfy
+    :func:`decoder_supports_fused`. ``backend`` defaults to Triton for CUDA tensors (when importable)
+    and torch otherwise. ``RenderResult.weights`` carries no gradient here.
+    """
+    from g3dr.render.renderer import RenderResult  # renderer.py imports this module lazily
+
+    batch, rays_per_image = origins.shape[:2]
+    backend = backend or _default_backend(planes)
+    levels = table_from_levels(planes_pyramid_from_planes(planes, cfg.plane_resolutions))
+    mlp = _mlp_from_decoder(decoder, planes.dtype)
+    plane_axes = plane_axes.to(planes.device)
+    flat_origins, flat_directions = origins.detach().reshape(-1, 3), directions.detach().reshape(-1, 3)
+
+    def decode(depths: torch.Tensor) -> torch.Tensor:
+        rays = _Rays(flat_origins, flat_directions, depths.reshape(batch * rays_per_image, -1), rays_per_image)
+        out = decode_samples(levels, mlp, rays, plane_axes, cfg.box_warp, backend, samples_per_chunk)
+        return out.view(batch, rays_per_image, -1, 4)
+
+    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale)
+    with torch.no_grad():
+        if sample_depths is not None:
+            if sample_depths.ndim != 4 or sample_depths.shape[:2] != (batch, rays_per_image) or sample_depths.shape[3] != 1:
+                raise ValueError(f"sample_depths must be ({batch}, {rays_per_image}, S, 1), got {tuple(sample_depths.shape)}")
+            if bool((sample_depths[:, :, 1:] < sample_depths[:, :, :-1]).any()):
+                raise ValueError("sample_depths must be sorted ascending along the sample axis")
+            depths = sample_depths.detach()
+            outputs = decode(depths)
+        else:
+            near, far = near_far_from_box(origins, directions, cfg.box_warp)
+            depths = depths_from_stratified(near, far, cfg.num_coarse, jitter=not cfg.deterministic, generator=generator)
+            outputs = decode(depths)
+            if cfg.num_fine > 0:
+                use_prior = False
+                if depth_prior is not None and not cfg.deterministic:
+                    if cfg.depth_prior_p >= 1.0:
+                        use_prior = True
+                    elif cfg.depth_prior_p > 0.0:  # p in {0, 1} draws nothing (as render_rays)
+                        device = planes.device if generator is None else generator.device
+                        use_prior = bool(torch.rand((), generator=generator, device=device) < cfg.depth_prior_p)
+                if use_prior:
+                    depths_fine = depths_from_depth_prior(depth_prior, cfg.num_fine, cfg.depth_prior_window)
+                else:
+                    coarse = composite_from_samples(outputs[..., 1:], outputs[..., :1], depths, **march)
+                    depths_fine = depths_from_importance(
+                        depths, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
+                    )
+                depths, (outputs,) = merge_samples(depths, [outputs], depths_fine, [decode(depths_fine)])
+        grad_scale = None
+        if use_depth_kernel and cfg.depth_kernel.enabled:
+            depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+            grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
+            grad_scale = grad_scale.reshape(batch * rays_per_image, -1)
+    samples = depths.shape[2]
+    state = _FusedState(
+        rays=_Rays(flat_origins, flat_directions, depths.reshape(-1, samples), rays_per_image),
+        levels=levels, plane_axes=plane_axes, box_warp=cfg.box_warp, grad_scale=grad_scale, backend=backend,
+        samples_per_chunk=samples_per_chunk, **march,
+    )
+    rgb, depth, weight_sum, weights = FusedTriplaneComposite.apply(
+        levels.table, mlp.hidden_weight, mlp.hidden_bias, mlp.out_weight, mlp.out_bias,
+        outputs.reshape(-1, samples, 4), state,
+    )
+    weights = weights.view(batch, rays_per_image, samples - 1, 1)
+    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+    return RenderResult(
+        rgb=rgb.view(batch, rays_per_image, 3),
+        depth=depth.view(batch, rays_per_image, 1),
+        weight_sum=weight_sum.view(batch, rays_per_image, 1),
+        median_depth=median_depth_from_weights(weights, depths_mid),
+        depths=depths,
+        weights=weights,
+    )
