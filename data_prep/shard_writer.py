@@ -264,6 +264,10 @@ def finalize(out: Path, names: Sequence[str], num_inputs: int, fingerprint: str,
         log.info("%d of %d shards finished; the manifest is written when all are (missing e.g. %s)",
                  len(names) - len(missing), len(names), missing[0])
         return None
+    foreign = [name for name, record in zip(names, records) if record["fingerprint"] != fingerprint]
+    if foreign:
+        raise DataError(f"{len(foreign)} shards in {out} (e.g. {foreign[0]}) were written by a different plan "
+                        "(other inputs or options); write to a new --out or delete those shards and rerun")
     rejects = sorted((r for record in records for r in record["rejects"]), key=lambda r: r["key"])
     written = sum(record["samples"] for record in records)
     if written + len(rejects) != num_inputs:

@@ -8,12 +8,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from g3dr.cli import main
 from g3dr.data.depth_codec import decode_u16_png, encode_u16_png
 from g3dr.data_prep.synth import synth_sample
 from g3dr.data_prep.validate import read_tar_samples, validate_folder
+from g3dr.errors import DataError
 
 
 def _jpeg(array: np.ndarray, mode: str = "RGB") -> bytes:
@@ -139,8 +141,12 @@ def test_resume_slurm_split_and_determinism(tmp_path):
     assert sha == {s["name"]: s["sha256"] for s in manifest["shards"]}
     assert validate_folder(out, progress=False)[0] == []
 
-    # other options on the same folder: refused, not mixed
+    # other options on the same folder: refused, not mixed - also when the job's own shards are new
     assert main(["prep", "synth", "--out", str(out), "--n", "9", "--resolution", "32", "--shard-size", "2", "--no-progress"]) == 2
+    other = SyntheticSource(n=9, options=StoreOptions(resolutions=(16,)), seed=5)
+    (out / "synth-000001.tar").unlink()
+    with pytest.raises(DataError, match="different plan"):
+        run_shard_job(other, JobSpec(out=str(out), shard_size=2, prefix="synth", shard_index=1, num_jobs=5), progress=False)
 
 
 def test_validate_reports_corruption(tmp_path):
