@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="evaluate every checkpoint under DIR without a finished run for this eval config, newest first")
     parser.add_argument("--watch", action="store_true", help="with --sweep: keep polling for new checkpoints until SIGTERM")
     parser.add_argument("--poll-seconds", type=float, default=60.0, metavar="S", help="with --watch: seconds between polls")
+    parser.add_argument("--no-export", action="store_true",
+                        help="with --sweep: do not export DeepSpeed checkpoints (DIR/checkpoints/step-N) to DIR/exports first")
     parser.add_argument("--data", metavar="SHARDS", help="eval input shards (brace pattern, comma list or folder); "
                         "default: the checkpoint's data config")
     parser.add_argument("--metrics", metavar="LIST", help="comma list of fid,is,nfs,da")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             if dist.is_main:
                 _print_outcome(outcome)
             return 0
-        report = run_sweep(sweep_dir, evaluator, watch=args.watch, poll_s=args.poll_seconds)
+        report = run_sweep(sweep_dir, evaluator, watch=args.watch, poll_s=args.poll_seconds, export=not args.no_export)
         if dist.is_main:
             for outcome in report.outcomes:
                 _print_outcome(outcome)

@@ -132,6 +132,59 @@ def discover_checkpoints(directory: str | Path, exclude: Path | None = None) -> 
     return sorted(refs, key=lambda r: (r.step, r.mtime), reverse=True)
 
 
+EXPORTS_DIRNAME = "exports"
+
+
+def export_training_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Write ``run_dir/exports/step-N.safetensors`` for every complete DeepSpeed checkpoint
+    ``run_dir/checkpoints/step-N`` that has none yet (rank 0 only); returns the new files.
+
+    Uses the trainer's own export (:func:`g3dr.train.trainer.export_f_trigen`, fp32 weights rebuilt from
+    the ZeRO partitions) and adds the training run id (``meta.json`` client state) to the file's metadata,
+    so eval runs link back to the training run. A checkpoint pruned or broken meanwhile is skipped with a
+    warning. Nothing happens when ``run_dir`` has no ``checkpoints/`` folder.
+    """
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from g3dr.train.checkpoint import checkpoints_root, list_complete, read_meta
+    from g3dr.train.trainer import export_f_trigen
+
+    run_dir = Path(run_dir)
+    written = []
+    for ckpt in list_complete(checkpoints_root(run_dir)):
+        out = run_dir / EXPORTS_DIRNAME / f"{ckpt.name}.safetensors"
+        if out.exists():
+            continue
+        tmp = out.with_name(f".{ckpt.name}.export.safetensors")
+        try:
+            client = read_meta(ckpt).get("client_state", {})
+            if "config" in client:
+                cfg = config_from_dict(client["config"], source=f"{ckpt}/meta.json")
+            else:
+                from g3dr.config import load_config
+
+                cfg = load_config(run_dir / "config.yaml")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log.info("exporting %s to %s for evaluation", ckpt, out)
+            export_f_trigen(cfg, ckpt, tmp)
+            with safe_open(str(tmp), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            if client.get("mlflow_run_id"):
+                metadata["mlflow_run_id"] = str(client["mlflow_run_id"])
+            final_tmp = out.with_name(f".{ckpt.name}.final.safetensors")
+            save_file(load_file(str(tmp)), str(final_tmp), metadata=metadata)
+            os.replace(final_tmp, out)
+            written.append(out)
+        except Exception as err:  # a checkpoint pruned by the trainer meanwhile, or a broken one
+            log.warning("sweep: cannot export %s (%s: %s); skipping it", ckpt, type(err).__name__, err)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return written
+
+
 # ------------------------------------------------------------------------------------------------
 # The evaluator
 # ------------------------------------------------------------------------------------------------
@@ -417,9 +470,11 @@ class SweepReport:
         return sum(o.status == status for o in self.outcomes)
 
 
-def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, poll_s: float = 60.0) -> SweepReport:
+def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, poll_s: float = 60.0,
+              export: bool = True) -> SweepReport:
     """Evaluate every checkpoint under ``directory`` that lacks a finished run for its eval config, newest
-    first; with ``watch``, keep polling every ``poll_s`` seconds until a stop is requested."""
+    first; with ``watch``, keep polling every ``poll_s`` seconds until a stop is requested. With ``export``,
+    complete DeepSpeed checkpoints of a training run directory are first exported to ``exports/``."""
     directory = Path(directory)
     report = SweepReport()
     out_dir = evaluator.options.out_dir
@@ -433,6 +488,8 @@ def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, 
 
     try:
         while True:
+            if export and evaluator.dist.is_main:
+                export_training_checkpoints(directory)
             refs = discover_checkpoints(directory, exclude=out_dir) if evaluator.dist.is_main else None
             refs = broadcast_object(refs)
             log.info("sweep: %d checkpoint(s) under %s", len(refs), directory)
