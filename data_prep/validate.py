@@ -127,6 +127,9 @@ def validate_folder(folder: str | Path, progress: bool = True) -> tuple[list[str
         total += len(samples)
         bar.update(len(samples))
     bar.close()
+    listed = {shard["name"] for shard in manifest["shards"]}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        problems.append(f"{extra}: in the folder but not in the manifest (left from another run?)")
     if total != manifest["num_samples"]:
         problems.append(f"{total} samples in the shards, manifest says {manifest['num_samples']}")
     rejects_path = folder / REJECTS

@@ -167,8 +167,10 @@ def test_validate_reports_corruption(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+    (out / "synth-000099.tar").write_bytes(b"")
     problems, _ = validate_folder(out, progress=False)
     assert any("does not decode" in p for p in problems)
+    assert any("synth-000099.tar: in the folder but not in the manifest" in p for p in problems)
     assert any("1 samples, manifest says 2" in p for p in problems)
 
 
