@@ -34,7 +34,7 @@ from g3dr.distributed import DistEnv
 from g3dr.errors import WeightsError
 from g3dr.eval.evaluate import EvalInterrupted, EvalSpec, eval_hash, evaluate_model
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
-from g3dr.eval.tracking import EvalTracker, resolve_tracking
+from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.log import get_logger
 from g3dr.metrics.gather import broadcast_object
 
@@ -325,14 +325,20 @@ class Evaluator:
         ident = self.identity(cfg, spec)
         ehash = eval_hash(spec, **ident)
         out_dir = self.eval_dir(ref, ehash)
-        tracker = self.ensure_tracker(cfg)
 
         decision = None
-        if tracker is not None:
-            finished = tracker.find_finished(ref.id, ehash)
-            saved = _read_results(out_dir)
-            decision = ("skip", finished) if finished else ("upload", None) if saved.get("complete") else ("run", None)
+        if self.dist.is_main:
+            try:
+                tracker = self.ensure_tracker(cfg)
+                finished = tracker.find_finished(ref.id, ehash)
+                saved = _read_results(out_dir)
+                decision = ("skip", finished) if finished else ("upload", None) if saved.get("complete") else ("run", None)
+            except TrackingError as err:  # tell the other ranks instead of leaving them in the broadcast
+                decision = ("error", str(err))
         decision = broadcast_object(decision)
+        if decision[0] == "error":
+            raise TrackingError(decision[1])
+        tracker = self.tracker if self.dist.is_main else None
         if decision[0] == "skip":
             log.info("%s: finished eval run %s exists for eval config %s; skipping", ref.label, decision[1], ehash)
             return Outcome("skipped", ref, ehash, run_id=decision[1], eval_dir=out_dir)
