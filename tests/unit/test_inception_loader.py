@@ -46,6 +46,21 @@ def test_load_tiny_inception_features_and_probabilities(tmp_path, suffix):
     assert not any(p.requires_grad for p in detector.module.parameters())
 
 
+def test_random_weight_inception_v3_architecture_behind_the_real_interface(tmp_path):
+    """The real network's architecture (random weights), scripted and saved as the real file would be."""
+    path = _helper("tiny_inception").save_random_inception_v3(tmp_path / "inception-2015-12-05.pt")
+    detector = load_inception(path)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    feats = detector.features(images)
+    probs = detector.probabilities(images)
+    assert feats.shape == (2, 2048) and (feats >= 0).all()  # pool features follow a ReLU
+    assert probs.shape == (2, 1008)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+    # the input is resized inside: a 299 x 299 upsampling of the same images gives the same features
+    big = torch.nn.functional.interpolate(images.float(), size=[299, 299], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(detector.features(big.round().clamp(0, 255).to(torch.uint8)), feats, rtol=0.05, atol=0.05)
+
+
 def test_detector_rejects_float_images(tmp_path):
     detector = load_inception(_helper("tiny_inception").save_tiny_inception(tmp_path / "i.pt"))
     with pytest.raises(ValueError, match="uint8"):
