@@ -72,6 +72,8 @@ log = get_logger("g3dr.render.fused")
 
 SAMPLES_PER_CHUNK = 16384
 """Samples processed at once (rounded to whole rays): bounds the transient memory of forward and backward."""
+COMPILE_MIN_SAMPLES = 2**20
+"""On CPU, renders of at least this many samples compile the lookups (``G3DR_FUSED_COMPILE=0``: never)."""
 SOFTPLUS_THRESHOLD = 20.0
 """``F.softplus``'s default threshold (above it softplus is the identity); the backward uses the same."""
 
@@ -164,12 +166,19 @@ _compiled_rows = None
 _compile_failed = False
 
 
-def _rows_from_points_fast(points, image_index, plane_axes, levels, box_warp):
-    """:func:`rows_from_points`, compiled with ``torch.compile`` on CPU (10x faster there: one fused loop
-    instead of a dozen passes over (N, 36) tensors; identical results). Falls back to eager, logging once,
-    when compilation fails or ``G3DR_FUSED_COMPILE=0``."""
+def _use_compile(device: torch.device, total_samples: int) -> bool:
+    """Compile the lookups on CPU for renders of at least :data:`COMPILE_MIN_SAMPLES` samples, unless
+    ``G3DR_FUSED_COMPILE=0`` (small renders, e.g. tests, skip the one-time compile cost)."""
+    return (device.type == "cpu" and total_samples >= COMPILE_MIN_SAMPLES and not _compile_failed
+            and os.environ.get("G3DR_FUSED_COMPILE", "1") != "0")
+
+
+def _rows_from_points_fast(points, image_index, plane_axes, levels, box_warp, compiled: bool):
+    """:func:`rows_from_points`, with ``compiled`` through ``torch.compile`` (10x faster on CPU: one fused
+    loop instead of a dozen passes over (N, 36) tensors; identical results). Falls back to eager, logging
+    once, when compilation fails."""
     global _compiled_rows, _compile_failed
-    if points.device.type != "cpu" or _compile_failed or os.environ.get("G3DR_FUSED_COMPILE", "1") == "0":
+    if not compiled or _compile_failed:
         return rows_from_points(points, image_index, plane_axes, levels, box_warp)
     if _compiled_rows is None:
         _compiled_rows = torch.compile(rows_from_points, dynamic=True)
@@ -259,10 +268,11 @@ def decode_samples(
     out = rays.depths.new_empty(n_rays, samples, 4)
     table = levels.table.detach()
     mlp = _Mlp(*(t.detach() for t in (mlp.hidden_weight, mlp.hidden_bias, mlp.out_weight, mlp.out_bias)))
+    compiled = backend == "torch" and _use_compile(table.device, rays.depths.numel())
     with torch.no_grad():
         for start, stop in rays.chunks(samples_per_chunk):
             points, image = rays.points(start, stop)
-            rows, weights = _rows_from_points_fast(points, image, plane_axes, levels, box_warp)
+            rows, weights = _rows_from_points_fast(points, image, plane_axes, levels, box_warp, compiled)
             if backend == "triton":
                 from g3dr.render.fused_triton import decode_triton
 
@@ -371,9 +381,10 @@ class FusedTriplaneComposite(torch.autograd.Function):
         grad_depth = zeros if grad_depth is None else grad_depth
         grad_weight_sum = zeros if grad_weight_sum is None else grad_weight_sum
         grads = _Grads.zeros_like(table, mlp)
+        compiled = state.backend == "torch" and _use_compile(table.device, rays.depths.numel())
         for start, stop in rays.chunks(state.samples_per_chunk):
             points, image = rays.points(start, stop)
-            rows, weights = _rows_from_points_fast(points, image, state.plane_axes, levels, state.box_warp)
+            rows, weights = _rows_from_points_fast(points, image, state.plane_axes, levels, state.box_warp, compiled)
             scale = None if state.grad_scale is None else state.grad_scale[start:stop]
             if state.backend == "triton":
                 from g3dr.render.fused_triton import backward_triton, decode_triton
