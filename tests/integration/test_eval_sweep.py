@@ -188,3 +188,27 @@ def test_watch_exits_cleanly_on_sigterm(run_dir, tmp_path):
     assert [(r.data.tags["g3dr.step"], r.info.status) for r in eval_runs] == [("10", "FINISHED"), ("40", "FINISHED")]
     sweeps = [r for r in runs if r.data.tags.get("g3dr.kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+
+
+def test_cli_single_checkpoint_and_user_errors(run_dir, tmp_path, capsys):
+    from g3dr.cli import main
+
+    ck = str(run_dir / "exports" / "step-10.safetensors")
+    common = ["--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}", "--experiment", "eval-test", "--no-progress",
+              "--sigma-scales", "1", "--views", "canonical", "--num-samples", "4"]
+    assert main(["eval", "--checkpoint", ck, "--metrics", "nfs,da", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("evaluated\t") and "step=10" in out and "nfs/s1=" in out
+    assert main(["eval", *common, "--metrics", "nfs,da", "--checkpoint", ck]) == 0
+    assert capsys.readouterr().out.startswith("skipped\t")
+    # default output folder: eval/ beside the checkpoint
+    assert list((run_dir / "exports" / "eval").glob("step-10-step10-*/results.json"))
+
+    missing = tmp_path / "nowhere" / "inception-2015-12-05.pt"
+    assert main(["eval", "--checkpoint", ck, "--metrics", "fid", "--inception", str(missing), *common]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "inception-2015-12-05.pt" in err and "https://" in err
+    assert main(["eval", "--checkpoint", ck, "--watch"]) == 2
+    assert "--watch needs --sweep" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", ck, "eval.num_samples=0"]) == 2
+    assert "eval.num_samples" in capsys.readouterr().err
