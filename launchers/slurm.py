@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from g3dr.errors import ConfigError
 
 # Job states after which a job will not run again (``scontrol show job``; see squeue(1) "JOB STATE CODES").
+# PREEMPTED is not one: with PreemptMode=REQUEUE the job shows it briefly, then pends again.
 TERMINAL_STATES = frozenset({
-    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-    "TIMEOUT", "SPECIAL_EXIT", "REVOKED",
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT",
+    "SPECIAL_EXIT", "REVOKED",
 })
 
 

@@ -207,6 +207,8 @@ def wait_jobs(jobs: Sequence[Any], timeout_s: float = 3600.0, poll_s: float = 1.
                 first = ended_at.setdefault(job.job_id, time.monotonic())
                 if time.monotonic() - first > 10:
                     raise RuntimeError(job_failed_message(job, state))
+            else:
+                ended_at.pop(job.job_id, None)
         if pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"jobs {[j.job_id for j in pending]} did not finish within {timeout_s:.0f}s")
