@@ -76,3 +76,9 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
     assert run.info.status == "FINISHED" and run.data.params["train.zero_stage"] == "2"
     assert {"loss/total", "lr", "samples_per_second", "seconds_per_step", "peak_memory_mb"} <= set(run.data.metrics)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-00000003.png"]
+    # Schedules count optimizer steps, whatever the world size: the same LR per step as a single rank.
+    from g3dr.train.schedules import learning_rate
+
+    lrs = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+    assert [m.step for m in lrs] == [1, 2, 3]
+    assert [m.value for m in lrs] == pytest.approx([learning_rate(s, cfg.train) for s in range(3)], rel=1e-6)
