@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,depth]'
+	$(PY) -m pip install --quiet -e '.[dev,depth,mesh,video]'
 	@touch $(STAMP)
 
 DEMO_DIR ?= outputs/demo
