@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="16-bit release-format depth PNG (depth = v / 65536 * 2 + 4)")
     view = parser.add_mutually_exclusive_group()
     view.add_argument("--video", metavar="OUT.mp4",
-                      help="render the circular video trajectory (paper S.6) to an mp4: RGB | depth side by side")
+                      help="render the circular video trajectory (paper S.6) to an .mp4 or .gif: RGB | colourised "
+                           "depth side by side")
     view.add_argument("--yaw", type=float, help="camera yaw in radians (default: canonical)")
     parser.add_argument("--pitch", type=float, help="camera pitch in radians (default: canonical)")
     parser.add_argument("--deterministic", action="store_true",
@@ -118,24 +119,15 @@ def _uint8_rgb(rgb):
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def _uint8_depth(depth, near: float, far: float):
-    # Near is bright; the fixed range [near, far] keeps frames comparable (no per-frame normalisation).
-    value = ((far - depth.clamp(near, far)) / (far - near) * 255).round().byte()
-    return value.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
-
-
 def write_video(path: str | Path, rgb, depth, fps: int, near: float, far: float) -> None:
-    """Write frames (N, 3, H, W) RGB in [-1, 1] beside their depth (N, 1, H, W) as an H.264 mp4."""
-    import numpy as np
+    """Write frames (N, 3, H, W) RGB in [-1, 1] beside their colourised depth (N, 1, H, W) as .mp4 or .gif.
 
-    try:
-        import imageio.v2 as imageio
-    except ImportError:
-        raise ConfigError("--video needs imageio with ffmpeg: pip install 'g3dr-scale[video]' "
-                          "(or pip install 'imageio[ffmpeg]')") from None
-    frames = np.concatenate([_uint8_rgb(rgb), _uint8_depth(depth, near, far)], axis=2)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(str(path), list(frames), fps=fps, quality=8, macro_block_size=1)
+    Depth is colourised over the fixed range [near, far] (near bright); see :mod:`g3dr.assets.video`.
+    """
+    from g3dr.assets.video import frames_from_images
+    from g3dr.assets.video import write_video as write_frames
+
+    write_frames(path, frames_from_images(rgb, depth, near, far), fps)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     log = get_logger("g3dr.render_cli")
     if not (args.png or args.save_npz or args.video):
         raise ConfigError("nothing to write: give --png OUT.png, --save-npz OUT.npz and/or --video OUT.mp4")
+    if args.video and Path(args.video).suffix.lower() not in (".mp4", ".gif"):
+        raise ConfigError(f"--video {args.video} must end in .mp4 or .gif")
     if args.video and args.pitch is not None:
         raise ConfigError("--pitch cannot be combined with --video (the video follows its own trajectory)")
     if args.video and args.png:
