@@ -114,16 +114,21 @@ def _time_folder(folder: Path, resolution: int, workers: int, batch: int) -> flo
 
 
 def _time_shards(out: Path, resolution: int, workers: int, batch: int, n: int) -> float:
-    import torch
+    """The training loader itself (:class:`~g3dr.data.loader.TrainLoader`) for one epoch of ``n`` samples."""
+    import itertools
 
+    from g3dr.data.loader import TrainLoader
     from g3dr.data.pipeline import ShardStream, expand_shard_urls
 
     # A streaming shuffle reads a buffer's worth of samples beyond the epoch; in training that is
     # amortised over epochs of ~1e4-1e6 samples per rank, so the buffer here is a tenth of the epoch.
     stream = ShardStream(urls=expand_shard_urls(str(out)), mode="train", resolution=resolution, batch_size=batch,
-                         shuffle_buffer=max(16, n // 10), flip_p=0.5, batches_per_epoch=n // batch)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    return _steady_rate(loader, lambda item: item["rgb"].shape[0])
+                         shuffle_buffer=max(16, n // 10), flip_p=0.5, batches_per_epoch=n // batch, wire=True)
+    loader = TrainLoader(stream, workers)
+    try:
+        return _steady_rate(itertools.islice(loader, n // batch), lambda item: item["rgb"].shape[0])
+    finally:
+        loader.close()
 
 
 def _prep(folder: Path, out: Path, resolution: int, workers: int, shard_size: int) -> float:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from g3dr.config import Config
-from g3dr.data.pipeline import ShardStream, expand_shard_urls, manifest_num_samples, read_manifest
+from g3dr.data.pipeline import ShardStream, expand_shard_urls, finish_batch, manifest_num_samples, read_manifest
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
 from g3dr.log import get_logger
@@ -117,14 +117,32 @@ class TrainLoader:
             self.stream.resume_consumed = dict(self._consumed)
             batches = iter(_data_loader(self.stream, self.num_workers))
             try:
-                for batch in batches:
-                    self._consumed[batch.pop("_worker")] = batch.pop("_consumed")
+                for wire in batches:
+                    self._consumed[wire.pop("_worker")] = wire.pop("_consumed")
                     self.batches_done += 1
-                    yield batch
+                    yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset)
             finally:
                 shutdown = getattr(batches, "_shutdown_workers", None)
                 if shutdown is not None:  # do not leave workers to the garbage collector
                     shutdown()
+
+
+class EvalLoader:
+    """One exact pass over the shards per iteration (see :func:`build_eval_loader`)."""
+
+    def __init__(self, stream: ShardStream, num_workers: int):
+        self.stream = stream
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = iter(_data_loader(self.stream, self.num_workers))
+        try:
+            for wire in batches:
+                yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset)
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
@@ -147,14 +165,14 @@ def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
     stream = ShardStream(urls=urls, mode="train", resolution=cfg.data.resolution, batch_size=batch, rank=dist.rank,
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          flip_p=cfg.data.flip_p, depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset,
-                         batches_per_epoch=batches)
+                         batches_per_epoch=batches, wire=True)
     log.info("train data: %d shards, %d batches of %d per epoch on rank %d/%d, %d workers",
              len(urls), batches, batch, dist.rank, dist.world_size, cfg.data.num_workers)
     return TrainLoader(stream, cfg.data.num_workers)
 
 
 def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size: int | None = None,
-                      num_workers: int | None = None) -> torch.utils.data.DataLoader:
+                      num_workers: int | None = None) -> EvalLoader:
     """One exact pass over ``shards`` (default: the config's data) split over ranks and workers; no flip, no shuffle.
 
     Together the ranks see every sample exactly once; the last batch of a worker may be smaller.
@@ -163,5 +181,5 @@ def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size
     stream = ShardStream(urls=urls, mode="eval", resolution=cfg.data.resolution,
                          batch_size=batch_size or cfg.train.micro_batch_size, rank=dist.rank,
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=0, flip_p=0.0,
-                         depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset)
-    return _data_loader(stream, cfg.data.num_workers if num_workers is None else num_workers)
+                         depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset, wire=True)
+    return EvalLoader(stream, cfg.data.num_workers if num_workers is None else num_workers)

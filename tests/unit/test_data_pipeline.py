@@ -226,3 +226,24 @@ def test_close_stops_the_worker_processes(synth_dir):
     loader.close()
     assert not set(multiprocessing.active_children()) - others
     assert loader.state_dict() == before  # closing does not move the position
+
+
+def test_eval_loader_with_workers_finishes_compact_batches(synth_dir):
+    batches = list(build_eval_loader(_cfg(synth_dir), DistEnv(), num_workers=2, batch_size=5))
+    assert sorted(k for b in batches for k in b["key"]) == [f"synth_{i:07d}" for i in range(N)]
+    for b in batches:
+        assert set(b) == {"rgb", "depth", "label", "key"}
+        assert b["rgb"].dtype == torch.float32 and -1 <= b["rgb"].min() and b["rgb"].max() <= 1
+        assert b["depth"].dtype == torch.float32 and 4 <= b["depth"].min() and b["depth"].max() < 6
+
+
+def test_decode_sample_public_api(synth_dir):
+    from g3dr.data.pipeline import decode_sample
+    from g3dr.data.tar_reader import iter_samples
+
+    with open(synth_dir / "synth-000000.tar", "rb") as f:
+        raw = next(iter_samples(f))
+    out = decode_sample(raw, 32, depth_scale=1.0, depth_offset=0.0)
+    assert out["rgb"].dtype == torch.uint8 and out["rgb"].shape == (3, 32, 32)
+    assert out["depth"].shape == (1, 32, 32) and 0 <= out["depth"].min() and out["depth"].max() < 1
+    assert out["key"] == "synth_0000000" and isinstance(out["label"], int)
