@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.eval.cli",
     "g3dr.launchers.cli",
     "g3dr.train.cli",
+    "g3dr.assets.cli",
 )
 
 

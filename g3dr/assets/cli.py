@@ -1,0 +1,194 @@
+"""``g3dr mesh`` (one image -> mesh), ``g3dr batch`` (a folder or shards -> a folder of assets), ``g3dr generate``.
+
+Registering is cheap (no torch import); the handlers import the heavy code. See ``docs/assets.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from g3dr.errors import ConfigError
+
+_CKPT_HELP = "f_trigen .safetensors checkpoint (ours; convert the reference's with 'g3dr import-official')"
+_DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards --depth-model'), used for images "
+                     "without a depth PNG")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help=_CKPT_HELP)
+    parser.add_argument("--depth-model", metavar="DIR", help=_DEPTH_MODEL_HELP)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="no stratified jitter, evenly spaced importance samples (bit-reproducible renders)")
+    parser.add_argument("--sigma-scale", type=float, metavar="S", help="multiply the density (paper S.3)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--grid", type=int, default=128, metavar="N",
+                        help="mesh: density samples per axis over the scene box (default 128)")
+    parser.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
+                        help="mesh: iso-level on the activated density (default 5: a 0.2 thick layer is 63%% opaque)")
+
+
+def _add_asset_outputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--png", action="store_true", help="write the canonical render as NAME.png")
+    parser.add_argument("--npz", action="store_true",
+                        help="write the canonical render's float32 rgb, depth, weight_sum as NAME.npz")
+    parser.add_argument("--video", action="append", default=[], choices=["mp4", "gif"],
+                        help="write the circular video (RGB | colourised depth) as NAME.mp4 / NAME.gif (repeatable)")
+    parser.add_argument("--mesh", action="append", default=[], choices=["ply", "glb", "obj"],
+                        help="write the mesh as NAME.ply / .glb / .obj (repeatable)")
+    parser.add_argument("--frames", type=int, default=128, help="video frames (default 128)")
+    parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40)")
+    parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the renderer's random sampling")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    mesh = subparsers.add_parser(
+        "mesh", help="lift one image to a coloured mesh (.ply/.glb/.obj)",
+        description="Build the triplane of IMAGE (+ DEPTH, or depth from --depth-model), sample its density on a "
+                    "grid over the scene box, extract the iso-surface with marching cubes and colour the vertices "
+                    "with the decoder. The mesh is in the viewer frame (the input camera on +z, up +y).",
+        epilog="Example: g3dr mesh --checkpoint g3dr.safetensors --image cat.jpg --depth cat_depth.png --out cat.glb")
+    _add_common(mesh)
+    mesh.add_argument("--image", required=True, metavar="IMG")
+    mesh.add_argument("--depth", metavar="DEPTH_PNG", help="16-bit release-format depth PNG (or use --depth-model)")
+    mesh.add_argument("--out", required=True, metavar="OUT", help="mesh file: .ply, .glb or .obj")
+    mesh.set_defaults(handler=run_mesh)
+
+    batch = subparsers.add_parser(
+        "batch", help="lift a folder of images (or shards) to a folder of renders, videos and meshes",
+        description="Every image of --input (a folder in the release layout: NAME.jpg beside NAME_depth.png; or "
+                    "WebDataset shards with --shards) is lifted with the checkpoint and written to --out as "
+                    "NAME.<ext> per requested output. Inputs that cannot be used are skipped with a counted, logged "
+                    "reason; --out/summary.json records inputs = written + rejected.",
+        epilog="Example: g3dr batch --checkpoint g3dr.safetensors --input photos/ --out assets/ --png --video mp4 "
+               "--mesh glb --depth-model weights/depth-anything-v2-small")
+    _add_common(batch)
+    source = batch.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="DIR", help="folder of images (depth as NAME_depth.png beside them)")
+    source.add_argument("--shards", nargs="+", metavar="TAR", help="WebDataset shards (files or folders of *.tar)")
+    batch.add_argument("--out", required=True, metavar="DIR")
+    batch.add_argument("--no-progress", action="store_true")
+    _add_asset_outputs(batch)
+    batch.set_defaults(handler=run_batch)
+
+
+def load_model(args: argparse.Namespace):
+    """(model, cfg, meta, device) from ``--checkpoint`` with the render-time overrides of the flags."""
+    import torch
+
+    from g3dr.models.checkpoint_io import load_f_trigen
+
+    overrides = []
+    if args.deterministic:
+        overrides.append("renderer.deterministic=true")
+    if args.sigma_scale is not None:
+        overrides.append(f"renderer.sigma_scale={args.sigma_scale!r}")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA device is available")
+        device = torch.device(args.device)
+    model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)
+    model.eval()
+    return model, cfg, meta, device
+
+
+def _depth_filler(args):
+    from g3dr.assets.inputs import DepthFiller
+
+    return DepthFiller(args.depth_model, device=args.device) if args.depth_model else None
+
+
+def run_mesh(args: argparse.Namespace) -> int:
+    import torch
+
+    from g3dr.assets.inputs import Rejected, input_from_files, rgbd_from_sample
+    from g3dr.assets.mesh import MESH_FORMATS, TriplaneField, extract_mesh, write_mesh
+    from g3dr.errors import DataError
+    from g3dr.log import get_logger
+
+    log = get_logger("g3dr.assets")
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in MESH_FORMATS:
+        raise ConfigError(f"--out {args.out} must end in one of {', '.join(MESH_FORMATS)}")
+    if args.depth is None and args.depth_model is None:
+        raise ConfigError("give --depth DEPTH_PNG or --depth-model DIR (to estimate the depth)")
+    model, cfg, meta, device = load_model(args)
+    raw = input_from_files(args.image, args.depth)
+    try:
+        rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset,
+                                      _depth_filler(args))
+    except Rejected as err:
+        raise DataError(f"cannot use {args.image}: {err.detail}") from None
+    with torch.no_grad():
+        planes = model.make_planes(rgb.to(device), depth.to(device))
+    field = TriplaneField(planes, model.decoder, model.renderer)
+    mesh = extract_mesh(field, resolution=args.grid, threshold=args.threshold, box_warp=cfg.renderer.box_warp,
+                        progress=True)
+    write_mesh(mesh, args.out)
+    log.info("wrote %s", args.out)
+    print(f"mesh of {args.image}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
+          f"(grid {args.grid}, threshold {args.threshold}) -> {args.out}")
+    return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from g3dr.assets.export import AssetOptions, export_assets
+    from g3dr.assets.inputs import Rejected, inputs_from_folder, inputs_from_shards, rgbd_from_sample
+    from g3dr.errors import DataError
+    from g3dr.log import get_logger
+
+    log = get_logger("g3dr.assets")
+    options = AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
+                           mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
+                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed)
+    options.check()
+    model, cfg, meta, device = load_model(args)
+    inputs = inputs_from_folder(args.input) if args.input else inputs_from_shards(args.shards)
+    total = len(inputs) if isinstance(inputs, list) else None
+    filler = _depth_filler(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, rejected, seen_keys = 0, Counter(), set()
+    rejected_items = []
+    started = time.time()
+    for raw in tqdm(inputs, total=total, desc="batch", unit="image", disable=args.no_progress):
+        try:
+            if raw.key in seen_keys:
+                raise Rejected("duplicate_key", f"another input already wrote {raw.key}.*")
+            seen_keys.add(raw.key)
+            rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset, filler)
+            with torch.no_grad():
+                planes = model.make_planes(rgb.to(device), depth.to(device))
+            try:
+                export_assets(model, planes, out / raw.key, options)
+            except DataError as err:  # e.g. nothing above the mesh threshold
+                raise Rejected("export_failed", str(err)) from None
+            written += 1
+        except Rejected as err:
+            rejected[err.reason] += 1
+            rejected_items.append({"key": raw.key, "source": raw.source, "reason": err.reason, "detail": err.detail})
+            log.warning("skipped %s (%s): %s", raw.source, err.reason, err.detail)
+    inputs_count = written + sum(rejected.values())
+    summary = {"checkpoint": str(args.checkpoint), "step": meta.get("step"), "inputs": inputs_count,
+               "written": written, "rejected": sum(rejected.values()), "rejected_by_reason": dict(rejected),
+               "rejected_items": rejected_items, "outputs": _output_names(options),
+               "seconds": round(time.time() - started, 3)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print(f"batch: {inputs_count} inputs, {written} written, {summary['rejected']} rejected "
+          f"{dict(rejected) if rejected else ''} -> {out}")
+    return 0 if written else 1
+
+
+def _output_names(options) -> list[str]:
+    names = [".png"] if options.png else []
+    names += [".npz"] if options.npz else []
+    return names + options.video + options.mesh

@@ -1,0 +1,117 @@
+"""Everything one lifted image can be written as: canonical render (png/npz), circular video, mesh.
+
+:func:`export_assets` takes the triplane of one RGB-D input and writes the requested files under one
+stem; all renders go through :func:`g3dr.models.render_cli.render_angles` (the ``g3dr render`` path),
+videos through :mod:`g3dr.assets.video`, meshes through :mod:`g3dr.assets.mesh`. Results are computed
+in memory first and written at the end, so a failing input leaves no partial files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from g3dr.errors import ConfigError
+
+__all__ = ["AssetOptions", "export_assets"]
+
+
+@dataclass
+class AssetOptions:
+    """What to write for each input (suffixes select the formats)."""
+
+    png: bool = False
+    """The canonical render as an 8-bit PNG."""
+    npz: bool = False
+    """float32 ``rgb`` (3, R, R), ``depth``, ``weight_sum`` (1, R, R) of the canonical render."""
+    video: list[str] = field(default_factory=list)
+    """Video suffixes (``.mp4``, ``.gif``) of the circular trajectory (paper S.6): RGB | colourised depth."""
+    mesh: list[str] = field(default_factory=list)
+    """Mesh suffixes (``.ply``, ``.glb``, ``.obj``)."""
+    frames: int = 128
+    fps: int = 40
+    resolution: int | None = None
+    """Render resolution (default ``data.resolution``)."""
+    grid: int = 128
+    """Mesh grid samples per axis (the grid covers the scene box, faces included)."""
+    threshold: float = 5.0
+    """Mesh iso-level on the activated density (see :mod:`g3dr.assets.mesh`)."""
+    seed: int = 0
+
+    def check(self) -> None:
+        from g3dr.assets.mesh import MESH_FORMATS
+        from g3dr.assets.video import VIDEO_FORMATS
+
+        if not (self.png or self.npz or self.video or self.mesh):
+            raise ConfigError("nothing to write: ask for at least one of --png, --npz, --video, --mesh")
+        for suffix in self.video:
+            if suffix not in VIDEO_FORMATS:
+                raise ConfigError(f"--video format {suffix} is not one of {', '.join(VIDEO_FORMATS)}")
+        for suffix in self.mesh:
+            if suffix not in MESH_FORMATS:
+                raise ConfigError(f"--mesh format {suffix} is not one of {', '.join(MESH_FORMATS)}")
+        if self.frames < 1 or self.fps < 1:
+            raise ConfigError(f"--frames and --fps must be >= 1, got {self.frames} and {self.fps}")
+        if self.grid < 2 or not self.threshold > 0:
+            raise ConfigError(f"--grid must be >= 2 and --threshold > 0, got {self.grid} and {self.threshold}")
+
+
+def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: AssetOptions,
+                  progress: bool = False) -> list[Path]:
+    """Write the requested assets of ``planes`` (1, 3, C, H, W) to ``out_stem`` + suffix; returns the paths.
+
+    Raises :class:`~g3dr.errors.DataError` (e.g. no density above the mesh threshold) before writing anything.
+    """
+    from PIL import Image
+
+    from g3dr.assets.mesh import TriplaneField, extract_mesh, write_mesh
+    from g3dr.assets.video import frames_from_images, write_video
+    from g3dr.models.render_cli import render_angles
+    from g3dr.render import video_trajectory
+
+    cfg = model.cfg
+    cam = cfg.camera
+    resolution = options.resolution or cfg.data.resolution
+    device = planes.device
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    pending: list[tuple[str, object]] = []
+
+    if options.png or options.npz:
+        yaw, pitch = torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch])
+        view = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator)
+        if options.png:
+            rgb8 = ((view["rgb"][0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            pending.append((".png", rgb8))
+        if options.npz:
+            pending.append((".npz", {k: view[k][0].numpy().astype(np.float32) for k in ("rgb", "depth", "weight_sum")}))
+    if options.video:
+        yaw, pitch = video_trajectory(options.frames, cam)
+        images = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator,
+                               progress=progress)
+        half = cfg.renderer.box_warp / 2
+        frames = frames_from_images(images["rgb"], images["depth"], cam.radius - half, cam.radius + half)
+        pending += [(suffix, frames) for suffix in options.video]
+    if options.mesh:
+        field_ = TriplaneField(planes, model.decoder, model.renderer)
+        mesh = extract_mesh(field_, resolution=options.grid, threshold=options.threshold,
+                            box_warp=cfg.renderer.box_warp, progress=progress)
+        pending += [(suffix, mesh) for suffix in options.mesh]
+
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, value in pending:
+        path = out_stem.with_name(out_stem.name + suffix)
+        if suffix == ".png":
+            Image.fromarray(value).save(path)
+        elif suffix == ".npz":
+            np.savez(path, **value)
+        elif suffix in (".mp4", ".gif"):
+            write_video(path, value, options.fps)
+        else:
+            write_mesh(value, path)
+        written.append(path)
+    return written
