@@ -28,7 +28,7 @@ def register_bench(actions: argparse._SubParsersAction) -> None:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", default="", help="release-layout folder (NAME.jpg + NAME_depth.png); default: "
                         "the release samples of ../shared when present, else synthetic 256px samples")
-    parser.add_argument("--n", type=int, default=480, help="samples (the source is repeated to reach N)")
+    parser.add_argument("--n", type=int, default=960, help="samples (the source is repeated to reach N)")
     parser.add_argument("--resolution", type=int, default=128, help="training resolution")
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers of both loaders")
     parser.add_argument("--batch", type=int, default=16)
