@@ -64,10 +64,17 @@ def make_folder(work: Path, src: Path | None, n: int) -> tuple[Path, str]:
     from g3dr.data.depth_codec import u16_from_depth
     from g3dr.data_prep.synth import synth_sample
 
+    unique = min(n, 96)  # rendering is ~0.15 s per 256 px sample: render a few, repeat them like the release pairs
     for i in range(n):
-        rgb, depth, _, _ = synth_sample(0, i, 256)
-        Image.fromarray(rgb).save(folder / f"s{i:06d}.jpg", quality=90)
-        Image.fromarray(u16_from_depth(depth)).save(folder / f"s{i:06d}_depth.png")
+        name = folder / f"s{i:06d}"
+        if i < unique:
+            rgb, depth, _, _ = synth_sample(0, i, 256)
+            Image.fromarray(rgb).save(f"{name}.jpg", quality=90)
+            Image.fromarray(u16_from_depth(depth)).save(f"{name}_depth.png")
+        else:
+            source = folder / f"s{i % unique:06d}"
+            shutil.copyfile(f"{source}.jpg", f"{name}.jpg")
+            shutil.copyfile(f"{source}_depth.png", f"{name}_depth.png")
     return folder, "synthetic"
 
 
