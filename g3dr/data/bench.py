@@ -64,7 +64,7 @@ def make_folder(work: Path, src: Path | None, n: int) -> tuple[Path, str]:
     from g3dr.data.depth_codec import u16_from_depth
     from g3dr.data_prep.synth import synth_sample
 
-    unique = min(n, 96)  # rendering is ~0.15 s per 256 px sample: render a few, repeat them like the release pairs
+    unique = min(n, 32)  # rendering takes 0.2-0.6 s per 256 px sample: render a few, repeat them like the release pairs
     for i in range(n):
         name = folder / f"s{i:06d}"
         if i < unique:
