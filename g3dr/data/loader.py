@@ -51,8 +51,9 @@ def _urls(cfg: Config, shards: Any = None) -> list[str]:
 
 
 def _data_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    # No pin_memory here: the compact wire batches are converted in this process by finish_batch,
+    # which writes its outputs into pinned memory itself when CUDA is present.
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
 
 
 class TrainLoader:
@@ -116,11 +117,12 @@ class TrainLoader:
             self.stream.resume_batches_done = self.batches_done
             self.stream.resume_consumed = dict(self._consumed)
             batches = iter(_data_loader(self.stream, self.num_workers))
+            pin = torch.cuda.is_available()
             try:
                 for wire in batches:
                     self._consumed[wire.pop("_worker")] = wire.pop("_consumed")
                     self.batches_done += 1
-                    yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset)
+                    yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset, pin)
             finally:
                 shutdown = getattr(batches, "_shutdown_workers", None)
                 if shutdown is not None:  # do not leave workers to the garbage collector
@@ -136,9 +138,10 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(_data_loader(self.stream, self.num_workers))
+        pin = torch.cuda.is_available()
         try:
             for wire in batches:
-                yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset)
+                yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset, pin)
         finally:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:

@@ -250,11 +250,23 @@ def collate_wire(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "key": [s["key"] for s in samples]}
 
 
-def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: float = 4.0) -> dict[str, Any]:
+def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: float = 4.0,
+                 pin_memory: bool = False) -> dict[str, Any]:
     """A wire batch -> ``rgb`` float32 (B, 3, R, R) in [-1, 1], ``depth`` float32 (B, 1, R, R)
-    (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str]."""
-    rgb = wire.pop("rgb").to(torch.float32).div_(127.5).sub_(1.0)
-    depth = wire.pop("depth_codes").mul_(depth_scale / 65536.0).add_(depth_offset)
+    (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str].
+
+    ``pin_memory`` (CUDA only): the outputs are written straight into page-locked memory, so that
+    ``.to(device, non_blocking=True)`` copies asynchronously without a separate pinning copy.
+    """
+    rgb_u8, codes = wire.pop("rgb"), wire.pop("depth_codes")
+    if pin_memory:
+        rgb = torch.empty(rgb_u8.shape, dtype=torch.float32, pin_memory=True).copy_(rgb_u8)
+        depth = torch.empty(codes.shape, dtype=torch.float32, pin_memory=True).copy_(codes)
+        wire["label"] = wire["label"].pin_memory()
+    else:
+        rgb, depth = rgb_u8.to(torch.float32), codes
+    rgb.div_(127.5).sub_(1.0)
+    depth.mul_(depth_scale / 65536.0).add_(depth_offset)
     return {"rgb": rgb, "depth": depth, **wire}
 
 
