@@ -70,7 +70,7 @@ class EvalSpec:
                    num_samples=e.num_samples, views=tuple(e.views), novel_camera=e.novel_camera,
                    nfs_bins=e.nfs_bins, nfs_near=e.nfs_near, nfs_far=e.nfs_far, is_splits=e.is_splits,
                    num_real=e.num_real, deterministic_render=e.deterministic_render, seed=e.seed,
-                   resolution=cfg.data.resolution)
+                   resolution=e.render_resolution or cfg.data.resolution)
 
     def params(self) -> dict[str, str]:
         """Flat string params (for MLflow and the eval hash)."""
@@ -247,7 +247,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                                 acc.nfs.append(non_flatness_per_map(out["median_depth"], spec.nfs_near,
                                                                     spec.nfs_far, spec.nfs_bins))
                             if "da" in spec.metrics:
-                                acc.da.append(depth_accuracy_per_map(out["depth"], depth))
+                                acc.da.append(depth_accuracy_per_map(out["depth"], _resized(depth, spec.resolution)))
                         _keep_grid(grids, indices, grid_samples, view, scale, out)
             if bar is not None:
                 bar.update(len(indices))
@@ -255,6 +255,14 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
         bar.close()
     results = _reduce(scores, spec, real_stats)
     return results, {k: torch.cat(v) for k, v in grids.items()}
+
+
+def _resized(depth: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The pseudo-depth (B, 1, H, W) at the render resolution (bilinear) for DA, unchanged if equal."""
+    if depth.shape[-1] == resolution and depth.shape[-2] == resolution:
+        return depth
+    return torch.nn.functional.interpolate(depth.float(), size=(resolution, resolution), mode="bilinear",
+                                           align_corners=False)
 
 
 def _keep_grid(grids, indices, grid_samples, view, scale, out) -> None:

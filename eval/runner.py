@@ -285,17 +285,33 @@ class Evaluator:
 
         detector = self.detector(cfg)
         num_real = cfg.eval.num_real or None
-        key = stats_key(ident["dataset"], cfg.data.resolution, detector.sha256, num_real)
+        resolution = cfg.eval.render_resolution or cfg.data.resolution
+        key = stats_key(ident["dataset"], resolution, detector.sha256, num_real)
         cache_id = json.dumps(key, sort_keys=True)
         if cache_id not in self._real_stats:
             def compute():
-                loader = build_eval_loader(cfg, self.dist, shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size)
+                if resolution == cfg.data.resolution:
+                    loader = build_eval_loader(cfg, self.dist, shards=self.data_urls(cfg),
+                                               batch_size=cfg.eval.batch_size)
+                else:
+                    loader = self._reference_loader(cfg, resolution)
                 return compute_dataset_moments(loader, detector.features, max_items=num_real,
                                                progress=self.options.progress)
 
             mu, sigma, _, _ = cached_dataset_stats(cfg.eval.stats_cache, key, compute)
             self._real_stats[cache_id] = (mu, sigma)
         return self._real_stats[cache_id]
+
+    def _reference_loader(self, cfg: Config, resolution: int):
+        """The eval data decoded at ``resolution`` (FID reference images when renders are not at
+        data.resolution): the data pipeline's exact single pass, split over ranks, no flip."""
+        from g3dr.data.pipeline import ShardStream
+
+        stream = ShardStream(urls=self.data_urls(cfg), mode="eval", resolution=resolution,
+                             batch_size=cfg.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                             seed=cfg.train.seed, shuffle_buffer=0, flip_p=0.0, depth_scale=cfg.data.depth_scale,
+                             depth_offset=cfg.data.depth_offset)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
 
     def eval_dir(self, ref: CheckpointRef, ehash: str) -> Path:
         base = self.options.out_dir or ref.path.parent / "eval"

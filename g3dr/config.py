@@ -404,12 +404,16 @@ class EvalConfig:
     """Seed of the per-sample novel-view cameras (sample i always gets the same camera)."""
     grid_samples: int = 8
     """Samples shown in the render and depth grids logged as artifacts (0: none)."""
+    render_resolution: int = 0
+    """Resolution of the eval renders and of the FID reference images (0: data.resolution). The paper
+    reports ImageNet metrics at 256; the triplane is still built from the input at data.resolution."""
 
     def __post_init__(self) -> None:
         _check(len(self.metrics) >= 1, "metrics", "must name at least one metric")
         _check(self.nfs_far > self.nfs_near, "nfs_far", f"must be > eval.nfs_near ({self.nfs_near}), got {self.nfs_far}")
         _check(self.num_real >= 0, "num_real", f"must be >= 0, got {self.num_real}")
         _check(self.grid_samples >= 0, "grid_samples", f"must be >= 0, got {self.grid_samples}")
+        _check(self.render_resolution >= 0, "render_resolution", f"must be >= 0, got {self.render_resolution}")
         _check(self.is_splits <= self.num_samples or "is" not in self.metrics, "is_splits",
                f"must be <= eval.num_samples ({self.num_samples}) when IS is computed, got {self.is_splits}")
         _check(len(self.sigma_scales) >= 1 and all(s > 0 for s in self.sigma_scales), "sigma_scales",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from g3dr.distributed import DistEnv
-from g3dr.eval.evaluate import EvalInterrupted
+from g3dr.eval.evaluate import EvalInterrupted, EvalSpec
 from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, discover_checkpoints, run_sweep
 from g3dr.eval.tracking import TrackingError
 
@@ -212,3 +212,16 @@ def test_cli_single_checkpoint_and_user_errors(run_dir, tmp_path, capsys):
     assert "--watch needs --sweep" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", ck, "eval.num_samples=0"]) == 2
     assert "eval.num_samples" in capsys.readouterr().err
+
+
+def test_reference_statistics_at_the_render_resolution(run_dir, tmp_path):
+    evaluator = Evaluator(_options(run_dir, overrides=("eval.render_resolution=64", "eval.metrics=[fid]")), DistEnv())
+    ref = discover_checkpoints(run_dir)[0]
+    cfg = evaluator.config_for(ref)
+    ident = evaluator.identity(cfg, EvalSpec.from_config(cfg))
+    mu, sigma = evaluator.real_stats(cfg, ident)
+    files = list((tmp_path / "stats-cache").glob("inception-stats-*px-*.npz"))
+    assert [f.name.split("-")[2] for f in files] == ["64px"]
+    from g3dr.metrics.fid import load_moments
+
+    assert load_moments(files[0])[2] == 16 and mu.shape == (2048,) and sigma.shape == (2048, 2048)

@@ -141,3 +141,18 @@ def test_stop_request_interrupts_and_restores_the_renderer(tiny_setup):
         assert model.renderer.cfg.sigma_scale == 5.0
         raise RuntimeError("boom")
     assert model.renderer.cfg is original
+
+
+def test_renders_at_another_resolution(tiny_setup):
+    cfg, model, detector, spec = tiny_setup
+    spec48 = dataclasses.replace(spec, metrics=("nfs", "da"), resolution=48, sigma_scales=(1.0,))
+    results, grids = evaluate_model(model, cfg, _batches(8, 4), spec48, None, None, grid_samples=1, progress=False)
+    assert set(results) == {"nfs/s1", "da/s1"} and grids["depth_canonical_s1"].shape == (1, 1, 48, 48)
+    stream = _batches(8, 4)
+    rgb, depth = stream[0]["rgb"], stream[0]["depth"]
+    rgb = torch.cat([rgb, stream[1]["rgb"][:2]])
+    depth = torch.cat([depth, stream[1]["depth"][:2]])
+    with torch.no_grad(), render_settings(model, 1.0, True):
+        out = model.renderer(model.make_planes(rgb, depth), model.decoder, cameras(range(6), "canonical", spec, cfg.camera), 48)
+    target = torch.nn.functional.interpolate(depth, size=(48, 48), mode="bilinear", align_corners=False)
+    assert results["da/s1"] == pytest.approx(depth_accuracy(out["depth"], target), rel=1e-6)
