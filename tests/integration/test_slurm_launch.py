@@ -156,3 +156,16 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path, 
     assert job_restarts(job) == len(starts) - 1
     out = job.paths.stdout.read_text() + job.paths.stderr.read_text()
     assert "Caught signal SIGUSR2" in out and "requeueing, this will be requeue #1" in out
+
+
+def test_wait_reports_a_job_slurm_ended_without_a_result(cluster, tmp_path, cancel_on_exit):
+    [job] = submit_jobs([StepCounter(str(tmp_path / "steps.txt"), total=300)], "slurm", tmp_path / "%j",
+                        LaunchOptions(job_name="g3dr-cancelled", time_min=5))
+    cancel_on_exit.append(job.job_id)
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "steps.txt").exists():  # running
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    subprocess.run(["scancel", job.job_id], check=True)
+    with pytest.raises(RuntimeError, match=f"job {job.job_id} ended in state CANCELLED without a result"):
+        wait_jobs([job], timeout_s=120, poll_s=0.5)
