@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,depth,mesh,video]'
+	$(PY) -m pip install --quiet -e '.[dev,depth,generate,mesh,video]'
 	@touch $(STAMP)
 
 DEMO_DIR ?= outputs/demo
