@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_asset_outputs(batch)
     batch.set_defaults(handler=run_batch)
 
+    from g3dr.assets.generate_cli import register_generate
+
+    register_generate(subparsers)
+
 
 def load_model(args: argparse.Namespace):
     """(model, cfg, meta, device) from ``--checkpoint`` with the render-time overrides of the flags."""
