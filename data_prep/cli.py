@@ -99,6 +99,10 @@ def run_shards(args: argparse.Namespace) -> int:
     spec = JobSpec(out=args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers,
                    shard_index=args.shard_index, num_jobs=args.num_shard_jobs,
                    batch=max(args.depth_batch, 1) if args.depth_model else 16)
+    if args.depth_model and args.workers > 1:
+        from g3dr.data_prep.depth_model import preload
+
+        preload()
     config = {k: v for k, v in vars(args).items() if k != "handler"}
     result = run_shard_job(source, spec, command=_command(), config=config, progress=not args.no_progress)
     return _summary(result, {"out": args.out, "workers": args.workers})

@@ -30,6 +30,16 @@ PERCENTILES = (1.0, 99.0)
 _METRIC_TYPES = ("zoedepth", "glpn", "depth_pro")
 
 
+def preload() -> None:
+    """Import torch and transformers now, so that forked prep workers inherit them instead of each
+    spending seconds importing them; a missing transformers is reported later, by :class:`DepthEstimator`."""
+    try:
+        import torch  # noqa: F401
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation  # noqa: F401
+    except ImportError:
+        pass
+
+
 def codes_from_prediction(prediction: np.ndarray, inverse: bool, percentiles=PERCENTILES) -> tuple[np.ndarray, bool]:
     """(H, W) float prediction -> (uint16 codes in the release encoding, degenerate).
 
