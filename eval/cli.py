@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             for outcome in report.outcomes:
                 _print_outcome(outcome)
-            log.info("sweep: %d evaluated, %d uploaded, %d skipped%s", report.count("evaluated"),
-                     report.count("uploaded"), report.count("skipped"), " (stopped)" if stop() else "")
-        return 0
+            log.info("sweep: %d evaluated, %d uploaded, %d skipped, %d failed%s", report.count("evaluated"),
+                     report.count("uploaded"), report.count("skipped"), report.count("failed"),
+                     " (stopped)" if stop() else "")
+        return 1 if report.count("failed") else 0
     finally:
         stop.uninstall()
         if owns_group:
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(outcome) -> None:
-    metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.results.items()))
+    metrics = outcome.error or " ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.results.items()))
     print(f"{outcome.status}\t{outcome.checkpoint.path}\tstep={outcome.checkpoint.step}\t"
           f"eval_hash={outcome.eval_hash}\trun={outcome.run_id or '-'}\t{metrics}", flush=True)
 

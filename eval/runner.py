@@ -31,7 +31,7 @@ import torch
 
 from g3dr.config import Config, config_from_dict
 from g3dr.distributed import DistEnv
-from g3dr.errors import WeightsError
+from g3dr.errors import ConfigError, DataError, WeightsError
 from g3dr.eval.evaluate import EvalInterrupted, EvalSpec, eval_hash, evaluate_model
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
 from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
@@ -211,12 +211,14 @@ class EvalOptions:
 @dataclass
 class Outcome:
     status: str
-    """``evaluated``, ``uploaded`` (from an earlier results.json), ``skipped`` (finished run exists)."""
+    """``evaluated``, ``uploaded`` (from an earlier results.json), ``skipped`` (finished run exists),
+    ``failed`` (sweeps only: a user-fixable error with this checkpoint; the sweep goes on)."""
     checkpoint: CheckpointRef
     eval_hash: str
     run_id: str | None = None
     results: dict[str, float] = field(default_factory=dict)
     eval_dir: Path | None = None
+    error: str = ""
 
 
 class Evaluator:
@@ -499,6 +501,7 @@ def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, 
     complete DeepSpeed checkpoints of a training run directory are first exported to ``exports/``."""
     directory = Path(directory)
     report = SweepReport()
+    failed: set[str] = set()
     out_dir = evaluator.options.out_dir
     stop = evaluator.stop
 
@@ -518,7 +521,15 @@ def run_sweep(directory: str | Path, evaluator: Evaluator, watch: bool = False, 
             for ref in refs:
                 if broadcast_object(stop()):
                     break
-                report.outcomes.append(evaluator.evaluate(ref, parent_factory=parent))
+                if ref.id in failed:
+                    continue  # failed earlier in this process: not retried on every poll
+                try:
+                    report.outcomes.append(evaluator.evaluate(ref, parent_factory=parent))
+                except (WeightsError, DataError, ConfigError) as err:
+                    # One bad checkpoint must not stop a scheduled sweep; its run (if any) is FAILED.
+                    log.error("sweep: %s failed: %s", ref.path, err)
+                    failed.add(ref.id)
+                    report.outcomes.append(Outcome("failed", ref, "", error=str(err)))
             if not watch or broadcast_object(stop()):
                 break
             deadline = time.monotonic() + poll_s

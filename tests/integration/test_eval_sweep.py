@@ -225,3 +225,28 @@ def test_reference_statistics_at_the_render_resolution(run_dir, tmp_path):
     from g3dr.metrics.fid import load_moments
 
     assert load_moments(files[0])[2] == 16 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+def test_a_broken_checkpoint_fails_alone(run_dir, capsys):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from g3dr.cli import main
+
+    good = run_dir / "exports" / "step-10.safetensors"
+    with safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["step"] = "15"
+    save_file({"unrelated": torch.zeros(1)}, str(run_dir / "exports" / "step-15.safetensors"), metadata=meta)
+    (run_dir / "exports" / "step-20.safetensors").unlink()
+    args = ["eval", "--sweep", str(run_dir), "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}", "--experiment",
+            "eval-test", "--no-progress", "--metrics", "nfs,da", "--sigma-scales", "1", "--views", "canonical",
+            "--num-samples", "4"]
+    assert main(args) == 1  # the sweep went on, then reports the failure
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in out] == ["failed", "evaluated"]
+    assert "does not match the model" in out[0]
+    client, runs = _runs(run_dir)
+    status = {r.data.tags.get("g3dr.step"): r.info.status for r in runs if r.data.tags.get("g3dr.kind") == "eval"}
+    assert status == {"15": "FAILED", "10": "FINISHED"}
