@@ -88,8 +88,8 @@ def _summary(result, extra: dict) -> int:
 
 
 def run_shards(args: argparse.Namespace) -> int:
-    from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
-    from g3dr.data_prep.sources import FileSource, StoreOptions, read_synsets
+    from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
+    from g3dr.data_prep.sources import FileSource, read_synsets
 
     options = StoreOptions(resolutions=tuple(args.resolution), image_format=args.image_format,
                            quality=args.quality, min_size=args.min_size, depth_png_level=args.depth_png_level)
@@ -100,7 +100,7 @@ def run_shards(args: argparse.Namespace) -> int:
                    shard_index=args.shard_index, num_jobs=args.num_shard_jobs,
                    batch=max(args.depth_batch, 1) if args.depth_model else 16)
     if args.depth_model and args.workers > 1:
-        from g3dr.data_prep.depth_model import preload
+        from g3dr.data.depth_model import preload
 
         preload()
     config = {k: v for k, v in vars(args).items() if k != "handler"}
@@ -121,7 +121,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from g3dr.data_prep.synth import write_synthetic_shards
+    from g3dr.data.synth import write_synthetic_shards
 
     result = write_synthetic_shards(args.out, args.n, tuple(args.resolution), seed=args.seed, shard_size=args.shard_size,
                                     workers=args.workers, image_format=args.image_format, quality=args.quality,

@@ -10,7 +10,7 @@ worker processes can run them. Layouts:
 - ``imagenet``: ``SRC/train/<wnid>/*.JPEG`` (or ``SRC/<wnid>/*.JPEG``); the label is the index of the wnid
   in the sorted synset list (or in ``--synsets``); depth from ``--depth-src`` with the same stems, or
   computed by a depth model (``--depth-model``).
-- ``synthetic``: procedural primitives (:mod:`g3dr.data_prep.synth`), exact depth.
+- ``synthetic``: procedural primitives with exact depth live in the library (:mod:`g3dr.data.synth`).
 
 Sample files (WebDataset extensions): ``{res}.jpg`` or ``{res}.webp`` (RGB), ``{res}.depth.png`` (uint16,
 release encoding) for each stored resolution, ``cls`` (class index as text), ``json`` (metadata).
@@ -30,41 +30,15 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
-from g3dr.data.depth_codec import encode_u16_png, u16_from_depth, u16_from_image
+from g3dr.data.depth_codec import encode_u16_png, u16_from_image
+from g3dr.data.shard_writer import Item, Prepared, Rejected, StoreOptions, centre_square, encode_image
 from g3dr.errors import DataError
+
+__all__ = ["FileSource", "Item", "Prepared", "Rejected", "StoreOptions", "centre_square", "encode_image",
+           "load_depth_codes", "load_rgb", "read_synsets", "resize_codes", "store_files"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 WNID_RE = re.compile(r"^(n\d{8})(?:_|$)")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input: an image (or a synthetic index) and where its depth comes from."""
-
-    key: str
-    image: str = ""
-    depth: str = ""
-    label: int = -1
-    synset: str = ""
-    index: int = -1
-
-
-@dataclass
-class Prepared:
-    key: str
-    files: dict[str, bytes]
-
-
-@dataclass
-class Rejected:
-    key: str
-    source: str
-    reason: str
-    """Short code: corrupt_image, too_small, missing_depth, corrupt_depth, depth_not_16bit, depth_size_mismatch."""
-    detail: str = ""
-
-    def to_json(self) -> dict[str, str]:
-        return {"key": self.key, "source": self.source, "reason": self.reason, "detail": self.detail}
 
 
 class RejectError(Exception):
@@ -72,24 +46,6 @@ class RejectError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class StoreOptions:
-    """How samples are stored: square resolutions, image codec and quality, the minimum input size."""
-
-    resolutions: tuple[int, ...] = (256,)
-    image_format: Literal["jpg", "webp"] = "jpg"
-    quality: int = 95
-    min_size: int = 64
-    """Inputs whose shorter side is below this are rejected (``too_small``)."""
-    depth_png_level: int = 0
-    """zlib level of the depth PNGs. 0 (stored) decodes ~2.5x faster than 1-9 for ~30% more bytes;
-    the loader's throughput is bound by decoding, so speed wins by default."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"resolutions": list(self.resolutions), "image_format": self.image_format,
-                "quality": self.quality, "min_size": self.min_size, "depth_png_level": self.depth_png_level}
 
 
 def sanitize_key(text: str) -> str:
@@ -144,27 +100,12 @@ def load_depth_codes(path: str) -> np.ndarray:
         raise RejectError("corrupt_depth", str(err)) from None
 
 
-def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
 def resize_codes(codes: np.ndarray, size: int) -> np.ndarray:
     """Lanczos resize of uint16 depth codes (as float, so no 8-bit step), back to the nearest uint16."""
     if codes.shape == (size, size):
         return codes
     image = Image.fromarray(codes.astype(np.float32), mode="F").resize((size, size), Image.Resampling.LANCZOS)
     return np.clip(np.rint(np.asarray(image)), 0, 65535).astype(np.uint16)
-
-
-def encode_image(image: Image.Image, options: StoreOptions) -> bytes:
-    buf = io.BytesIO()
-    if options.image_format == "jpg":
-        image.save(buf, format="JPEG", quality=options.quality)
-    else:
-        image.save(buf, format="WEBP", quality=options.quality)
-    return buf.getvalue()
 
 
 def store_files(key: str, image: Image.Image, image_bytes: bytes | None, codes: np.ndarray, label: int,
@@ -202,7 +143,7 @@ class FileSource:
     depth_src: str = ""
     synsets: tuple[str, ...] = ()
     depth_model: str = ""
-    """When set, depth comes from this model directory (see :mod:`g3dr.data_prep.depth_model`)."""
+    """When set, depth comes from this model directory (see :mod:`g3dr.data.depth_model`)."""
     depth_batch: int = 8
     device: str = "auto"
     _estimator: Any = field(default=None, repr=False, compare=False)
@@ -326,7 +267,7 @@ class FileSource:
         return Prepared(item.key, store_files(item.key, square, keep_bytes, codes, item.label, meta, self.options))
 
     def _prepare_with_model(self, items: Sequence[Item]) -> list[Prepared | Rejected]:
-        from g3dr.data_prep.depth_model import DepthEstimator
+        from g3dr.data.depth_model import DepthEstimator
 
         if self._estimator is None:
             self._estimator = DepthEstimator(self.depth_model, device=self.device)
@@ -350,42 +291,3 @@ class FileSource:
                 meta = self._meta(item, image, mode, crop, f"model:{self._estimator.name}", self._estimator.mapping)
                 results[i] = Prepared(item.key, store_files(item.key, square, keep, codes, item.label, meta, self.options))
         return results  # type: ignore[return-value]
-
-
-@dataclass
-class SyntheticSource:
-    """Procedural primitives with exact depth (:mod:`g3dr.data_prep.synth`)."""
-
-    n: int
-    options: StoreOptions
-    seed: int = 0
-
-    def describe(self) -> dict[str, Any]:
-        from g3dr.data_prep.synth import CLASS_NAMES
-
-        return {"layout": "synthetic", "n": self.n, "seed": self.seed, "classes": list(CLASS_NAMES), **self.options.to_json()}
-
-    def list_items(self) -> list[Item]:
-        if self.n < 1:
-            raise DataError(f"--n must be >= 1, got {self.n}")
-        return [Item(key=f"synth_{i:07d}", index=i) for i in range(self.n)]
-
-    def prepare_batch(self, items: Sequence[Item]) -> list[Prepared | Rejected]:
-        from g3dr.data_prep.synth import CLASS_NAMES, synth_sample
-
-        out: list[Prepared | Rejected] = []
-        for item in items:
-            files: dict[str, bytes] = {}
-            label = -1
-            for res in self.options.resolutions:
-                rgb, depth, label, _ = synth_sample(self.seed, item.index, res)
-                # Lossless PNG-free storage would be larger; JPEG/WebP at high quality is the dataset format.
-                files[f"{res}.{self.options.image_format}"] = encode_image(Image.fromarray(rgb), self.options)
-                files[f"{res}.depth.png"] = encode_u16_png(u16_from_depth(depth), self.options.depth_png_level)
-            meta = {"key": item.key, "source": f"synthetic:{self.seed}:{item.index}", "synset": CLASS_NAMES[label],
-                    "label": label, "depth_source": "synthetic-exact",
-                    "depth_mapping": {"kind": "ray_distance", "encoding": "v / 65536 * 2 + 4"}}
-            files["cls"] = str(label).encode()
-            files["json"] = json.dumps(meta, sort_keys=True).encode()
-            out.append(Prepared(item.key, files))
-        return out

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from g3dr.data.depth_codec import decode_u16_png
-from g3dr.data_prep.shard_writer import MANIFEST, REJECTS, sha256_file
+from g3dr.data.shard_writer import MANIFEST, REJECTS, sha256_file
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 

@@ -62,7 +62,7 @@ def make_folder(work: Path, src: Path | None, n: int) -> tuple[Path, str]:
     from PIL import Image
 
     from g3dr.data.depth_codec import u16_from_depth
-    from g3dr.data_prep.synth import synth_sample
+    from g3dr.data.synth import synth_sample
 
     unique = min(n, 32)  # rendering takes 0.2-0.6 s per 256 px sample: render a few, repeat them like the release pairs
     for i in range(n):
@@ -139,8 +139,8 @@ def _time_shards(out: Path, resolution: int, workers: int, batch: int, n: int) -
 
 
 def _prep(folder: Path, out: Path, resolution: int, workers: int, shard_size: int) -> float:
-    from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
-    from g3dr.data_prep.sources import FileSource, StoreOptions
+    from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
+    from g3dr.data_prep.sources import FileSource  # the job's release-layout source: what prep measures
 
     source = FileSource(layout="release", src=str(folder), options=StoreOptions(resolutions=(resolution,)))
     result = run_shard_job(source, JobSpec(out=str(out), shard_size=shard_size, workers=workers), progress=False)

@@ -27,7 +27,7 @@ def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
     folder = Path(cfg.data.synthetic_dir)
     manifest = read_manifest(folder)
     if manifest is None:
-        from g3dr.data_prep.synth import write_synthetic_shards
+        from g3dr.data.synth import write_synthetic_shards
 
         n = cfg.data.synthetic_size
         log.info("writing %d synthetic samples at %dpx to %s", n, cfg.data.resolution, folder)

@@ -9,15 +9,23 @@ analytically in float64 and stored in the release encoding (uint16, ``v / 65536 
 exact up to the 2 / 65536 quantisation step. Colour is supersampled 2x2 per pixel.
 
 Everything is derived from ``(seed, index)``, so any worker can render any sample and the dataset is
-identical however it is split.
+identical however it is split. ``g3dr prep synth`` and the loaders (``data.source: synthetic``) write it
+with :func:`write_synthetic_shards`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+
+from g3dr.data.depth_codec import encode_u16_png, u16_from_depth
+from g3dr.data.shard_writer import Item, JobSpec, Prepared, Rejected, StoreOptions, encode_image, run_shard_job
+from g3dr.errors import DataError
 
 CLASS_NAMES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone")
 WALL_Z = -0.8
@@ -234,15 +242,48 @@ def synth_sample(seed: int, index: int, resolution: int, camera: SynthCamera = S
     return rgb, depth, prim.kind, prim
 
 
+@dataclass
+class SyntheticSource:
+    """Procedural primitives with exact depth (this module)."""
+
+    n: int
+    options: StoreOptions
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"layout": "synthetic", "n": self.n, "seed": self.seed, "classes": list(CLASS_NAMES), **self.options.to_json()}
+
+    def list_items(self) -> list[Item]:
+        if self.n < 1:
+            raise DataError(f"--n must be >= 1, got {self.n}")
+        return [Item(key=f"synth_{i:07d}", index=i) for i in range(self.n)]
+
+    def prepare_batch(self, items: Sequence[Item]) -> list[Prepared | Rejected]:
+        out: list[Prepared | Rejected] = []
+        for item in items:
+            files: dict[str, bytes] = {}
+            label = -1
+            for res in self.options.resolutions:
+                rgb, depth, label, _ = synth_sample(self.seed, item.index, res)
+                # Lossless PNG-free storage would be larger; JPEG/WebP at high quality is the dataset format.
+                files[f"{res}.{self.options.image_format}"] = encode_image(Image.fromarray(rgb), self.options)
+                files[f"{res}.depth.png"] = encode_u16_png(u16_from_depth(depth), self.options.depth_png_level)
+            meta = {"key": item.key, "source": f"synthetic:{self.seed}:{item.index}", "synset": CLASS_NAMES[label],
+                    "label": label, "depth_source": "synthetic-exact",
+                    "depth_mapping": {"kind": "ray_distance", "encoding": "v / 65536 * 2 + 4"}}
+            files["cls"] = str(label).encode()
+            files["json"] = json.dumps(meta, sort_keys=True).encode()
+            out.append(Prepared(item.key, files))
+        return out
+
+
 def write_synthetic_shards(out: str, n: int, resolutions: tuple[int, ...] = (128,), seed: int = 0,
                            shard_size: int = 256, workers: int = 1, image_format: str = "jpg",
                            quality: int = 95, depth_png_level: int = 0, progress: bool = True, command: str = ""):
     """Render ``n`` samples into WebDataset shards under ``out`` (what ``g3dr prep synth`` runs).
 
-    Returns the :class:`~g3dr.data_prep.shard_writer.JobResult`; its ``manifest`` is complete.
+    Returns the :class:`~g3dr.data.shard_writer.JobResult`; its ``manifest`` is complete.
     """
-    from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
-    from g3dr.data_prep.sources import StoreOptions, SyntheticSource
 
     options = StoreOptions(resolutions=tuple(resolutions), image_format=image_format, quality=quality,  # type: ignore[arg-type]
                            depth_png_level=depth_png_level)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from g3dr.cli import main
 from g3dr.data.depth_codec import u16_from_depth
-from g3dr.data_prep.synth import synth_sample
+from g3dr.data.synth import synth_sample
 
 
 def test_bench_loader_prints_one_json_line(tmp_path, capsys, monkeypatch):

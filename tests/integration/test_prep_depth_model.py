@@ -10,8 +10,8 @@ import pytest
 
 from g3dr.cli import main
 from g3dr.data.depth_codec import decode_u16_png
-from g3dr.data_prep.depth_model import codes_from_prediction
-from g3dr.data_prep.synth import synth_sample
+from g3dr.data.depth_model import codes_from_prediction
+from g3dr.data.synth import synth_sample
 from g3dr.data_prep.validate import read_tar_samples
 
 
@@ -62,7 +62,7 @@ def test_prep_with_depth_model(tiny_depth_model, tmp_path):
 
     from PIL import Image
 
-    from g3dr.data_prep.depth_model import DepthEstimator
+    from g3dr.data.depth_model import DepthEstimator
 
     src = tmp_path / "imagenet" / "train" / "n01440764"
     src.mkdir(parents=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from g3dr.cli import main
 from g3dr.data.depth_codec import decode_u16_png, encode_u16_png
-from g3dr.data_prep.synth import synth_sample
+from g3dr.data.synth import synth_sample
 from g3dr.data_prep.validate import read_tar_samples, validate_folder
 from g3dr.errors import DataError
 
@@ -121,8 +121,9 @@ def test_release_samples_pass_through_exactly_and_validate(release_samples, tmp_
 def test_resume_slurm_split_and_determinism(tmp_path):
     out = tmp_path / "syn"
     args = ["prep", "synth", "--out", str(out), "--n", "9", "--resolution", "16", "--shard-size", "2", "--no-progress"]
-    from g3dr.data_prep.shard_writer import JobSpec, run_shard_job
-    from g3dr.data_prep.sources import StoreOptions, SyntheticSource
+    from g3dr.data.shard_writer import JobSpec, run_shard_job
+    from g3dr.data.shard_writer import StoreOptions
+    from g3dr.data.synth import SyntheticSource
 
     source = SyntheticSource(n=9, options=StoreOptions(resolutions=(16,)))
     # job 0 of 2 writes shards 0, 2, 4: no manifest yet

@@ -15,7 +15,7 @@ from PIL import Image
 from g3dr.config import load_config
 from g3dr.data import build_eval_loader, build_train_loader
 from g3dr.data.pipeline import ShardStream, expand_shard_urls
-from g3dr.data_prep.synth import write_synthetic_shards
+from g3dr.data.synth import write_synthetic_shards
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from g3dr.data.depth_codec import decode_depth_png, encode_depth_png
-from g3dr.data_prep.synth import CLASS_NAMES, WALL_Z, random_primitive, synth_sample
+from g3dr.data.synth import CLASS_NAMES, WALL_Z, random_primitive, synth_sample
 
 
 def _independent_rays(res: int, fov_deg: float = 18.0, radius: float = 5.0):
