@@ -124,6 +124,7 @@ def _print_outcome(outcome) -> None:
 
 def _init_distributed():
     """Join the process group when launched with several ranks (torchrun / srun); returns (dist, owns_group)."""
+    import os
     from datetime import timedelta
 
     import torch
@@ -134,6 +135,11 @@ def _init_distributed():
     dist = resolve_dist_env()
     if dist.world_size == 1 or tdist.is_initialized():
         return dist, False
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        from g3dr.errors import ConfigError
+
+        raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
+                          "launch with torchrun or `g3dr submit eval`")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
