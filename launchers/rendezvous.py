@@ -86,7 +86,8 @@ def rendezvous_from_env(env: Mapping[str, str], hostnames=None) -> Rendezvous:
     if "SUBMITIT_LOCAL_JOB_ID" in env:
         world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
         return Rendezvous(master_addr="127.0.0.1", master_port=port_from_job_id(env["SUBMITIT_LOCAL_JOB_ID"]),
-                          rank=_int(env, "SUBMITIT_LOCAL_GLOBALID", 0), local_rank=_int(env, "SUBMITIT_LOCAL_LOCALID", 0),
+                          rank=_int(env, "SUBMITIT_LOCAL_GLOBALID", 0),
+                          local_rank=_int(env, "SUBMITIT_LOCAL_LOCALID", 0),
                           world_size=world, local_world_size=world, node_rank=0,
                           job_id=env["SUBMITIT_LOCAL_JOB_ID"], restarts=0, source="local")
     return Rendezvous(master_addr="127.0.0.1", master_port=29500, rank=0, local_rank=0, world_size=1,

@@ -33,7 +33,8 @@ def _run(cmd: list[str], timeout: float = 30.0) -> str:
     except FileNotFoundError:
         raise ConfigError(f"`{cmd[0]}` is not installed: run on a SLURM login node, or use --executor local") from None
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"`{' '.join(cmd)}` did not answer in {timeout:.0f}s: is slurmctld up? (scontrol ping)") from None
+        raise ConfigError(f"`{' '.join(cmd)}` did not answer in {timeout:.0f}s: is slurmctld up? "
+                          "(scontrol ping)") from None
     if out.returncode != 0:
         raise ConfigError(f"`{' '.join(cmd)}` failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
     return out.stdout
@@ -101,7 +102,8 @@ def check_request(parts: dict[str, PartitionInfo], partition: str | None, nodes:
             raise ConfigError(f"the cluster has no default partition: pass --partition (one of {names})")
         info = defaults[0]
     elif partition not in parts:
-        raise ConfigError(f"partition {partition!r} does not exist on this cluster: pass --partition with one of {names}")
+        raise ConfigError(f"partition {partition!r} does not exist on this cluster: "
+                          f"pass --partition with one of {names}")
     else:
         info = parts[partition]
     if not info.up:

@@ -97,7 +97,8 @@ def test_dry_run_prints_sbatch_without_submitting(cluster, tmp_path):
     text = submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", opts, dry_run=True)
     for line in ("#SBATCH --job-name=g3dr-dry", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2",
                  "#SBATCH --cpus-per-task=1", "#SBATCH --time=7", "#SBATCH --mem=2GB", "#SBATCH --partition=debug",
-                 "#SBATCH --signal=USR2@30", f"#SBATCH --output={tmp_path}/%j/%j_0_log.out", "#SBATCH --open-mode=append"):
+                 "#SBATCH --signal=USR2@30", f"#SBATCH --output={tmp_path}/%j/%j_0_log.out",
+                 "#SBATCH --open-mode=append"):
         assert line in text.splitlines(), f"{line!r} missing from:\n{text}"
     assert "srun" in text and "submitit.core._submit" in text
     assert not any(tmp_path.iterdir()), "a dry run must not write job files"
@@ -137,8 +138,9 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on
 
 
 def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path, cancel_on_exit):
-    """A 1-minute job with 35 one-second steps (longer than the 30 s between SLURM's time-limit checks): USR2 comes early (the signal delay exceeds the limit), the
-    job requeues itself, and the requeued run does the remaining steps, each exactly once."""
+    """A 1-minute job with 35 one-second steps (longer than the 30 s between SLURM's time-limit checks):
+    USR2 comes early (the signal delay exceeds the limit), the job requeues itself, and the requeued run(s)
+    do the remaining steps, each exactly once."""
     total = 35
     log = tmp_path / "steps.txt"
     opts = LaunchOptions(job_name="g3dr-requeue", time_min=1, signal_delay_s=90, max_requeues=3)

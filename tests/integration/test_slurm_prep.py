@@ -42,7 +42,8 @@ def _prep_args(src: Path, out: Path) -> list[str]:
 
 def test_prep_dry_run_prints_array_and_dependent_merge(cluster, release_samples, tmp_path):
     out = subprocess.run([str(G3DR), "submit", "prep", "shards", "--num-shard-jobs", "3", "--dry-run", "--",
-                          *_prep_args(release_samples, tmp_path / "shards")], capture_output=True, text=True, timeout=120)
+                          *_prep_args(release_samples, tmp_path / "shards")],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "#SBATCH --array=0-2%3" in lines and "#SBATCH --job-name=g3dr-prep" in lines

@@ -39,7 +39,8 @@ def ensure_cluster() -> str | None:
         _state["reason"] = f"{SCRIPT.name} did not finish in 600 s"
         return _state["reason"]
     if out.returncode != 0:
-        _state["reason"] = f"no local SLURM cluster: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+        why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
+        _state["reason"] = f"no local SLURM cluster: {why}"
         return _state["reason"]
     _state["reason"] = None
     atexit.register(lambda: subprocess.run(["bash", str(SCRIPT), "--stop"], capture_output=True, timeout=60))

@@ -162,7 +162,8 @@ fi
 if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
     slurmctld 2>/tmp/g3dr-slurmctld.err || cannot "slurmctld did not start: $(cat /tmp/g3dr-slurmctld.err)"
     for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q "is UP" && break; sleep 0.1; done
-    scontrol ping 2>/dev/null | grep -q "is UP" || cannot "slurmctld started but does not answer (see $LOGS/slurmctld.log)"
+    scontrol ping 2>/dev/null | grep -q "is UP" \
+        || cannot "slurmctld started but does not answer (see $LOGS/slurmctld.log)"
 fi
 if ! { [[ -f $SLURMD_PID ]] && kill -0 "$(cat $SLURMD_PID)" 2>/dev/null; }; then
     slurmd 2>/tmp/g3dr-slurmd.err || cannot "slurmd did not start: $(cat /tmp/g3dr-slurmd.err)"
