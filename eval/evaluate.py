@@ -27,7 +27,7 @@ import torch
 
 from g3dr.config import CameraConfig, Config, EvalConfig
 from g3dr.errors import DataError
-from g3dr.eval.report import metric_key
+from g3dr.eval.report import format_scale, metric_key
 from g3dr.log import get_logger
 from g3dr.metrics.depth import depth_accuracy_per_map, non_flatness_per_map
 from g3dr.metrics.fid import FeatureMoments, frechet_distance
@@ -269,7 +269,7 @@ def _keep_grid(grids, indices, grid_samples, view, scale, out) -> None:
     keep = [j for j, i in enumerate(indices) if i < grid_samples]
     if not keep:
         return
-    tag = f"{view}_s{metric_key('x', scale).split('/s')[1]}"
+    tag = f"{view}_s{format_scale(scale)}"
     grids.setdefault(f"rgb_{tag}", []).append(out["rgb"][keep].float().cpu())
     grids.setdefault(f"depth_{tag}", []).append(out["median_depth"][keep].float().cpu())
 

@@ -18,7 +18,6 @@ Only rank 0 talks to MLflow and writes files; decisions are broadcast so every r
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import signal

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from g3dr.distributed import DistEnv
-from g3dr.eval.evaluate import EvalInterrupted, EvalSpec
+from g3dr.eval.evaluate import EvalSpec
 from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, discover_checkpoints, run_sweep
 from g3dr.eval.tracking import TrackingError
 
