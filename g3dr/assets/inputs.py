@@ -4,7 +4,7 @@ Every input becomes the same raw sample dict the data pipeline decodes (``__key_
 extension), so images and depths are decoded exactly like training data
 (:func:`g3dr.data.pipeline.decode_sample`: centre square, Lanczos to ``data.resolution``, 16-bit depth
 without an 8-bit step). When an image has no depth and a depth model is given, the depth comes from the
-data-prep backend (:class:`g3dr.data_prep.depth_model.DepthEstimator`: centre square, the model, the
+data-prep backend (:class:`g3dr.data.depth_model.DepthEstimator`: centre square, the model, the
 per-image percentile mapping to the release encoding) and is stored as a 16-bit PNG in the sample.
 Inputs that cannot be used raise :class:`Rejected` with a short reason; the batch runner counts them.
 """
@@ -134,8 +134,7 @@ class DepthFiller:
         from PIL import Image
 
         from g3dr.data.depth_codec import encode_u16_png
-        from g3dr.data_prep.depth_model import DepthEstimator
-        from g3dr.data_prep.sources import centre_square
+        from g3dr.data.depth_model import DepthEstimator
 
         if self._estimator is None:
             self._estimator = DepthEstimator(self.model_path, device=self.device)
@@ -149,7 +148,9 @@ class DepthFiller:
                 image = image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:
             raise Rejected("corrupt_image", str(err)) from None
-        square = image.crop(centre_square(*image.size))
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        square = image.crop((left, top, left + side, top + side))  # the centre square, as g3dr prep crops
         (codes,) = self._estimator.predict_codes([square], size)
         return {**sample, "depth.png": encode_u16_png(codes)}
 
