@@ -68,6 +68,25 @@ class WhoAmI(LaunchedJob):
                 "env_port": os.environ["MASTER_PORT"], "source": rdv.source}
 
 
+class AllReduce(LaunchedJob):
+    """Joins a gloo process group from the exported rendezvous and sums ``rank + 1`` over all tasks."""
+
+    name = "all-reduce"
+
+    def run(self, rdv):
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=120))
+        total = torch.tensor([rdv.rank + 1.0])
+        dist.all_reduce(total)
+        dist.destroy_process_group()
+        return {"rank": rdv.rank, "node_rank": rdv.node_rank, "node": os.environ["SLURMD_NODENAME"],
+                "addr": rdv.master_addr, "port": rdv.master_port, "world": rdv.world_size, "sum": total.item()}
+
+
 class StepCounter(LaunchedJob):
     """Does ``total`` one-second steps, appending each finished step to ``log``; resumes from the log."""
 
@@ -135,6 +154,22 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on
     assert {r["source"] for r in results} == {"slurm"}
     assert job.paths.folder == tmp_path / job.job_id, "one log folder per job (%j)"
     assert "master {}:{}, requeue count 0".format(host, port_from_job_id(job.job_id)) in job.paths.stderr.read_text()
+
+
+def test_two_node_job_meets_at_the_first_node(cluster, tmp_path, cancel_on_exit):
+    """Partition `multi`: two (virtual) nodes, one task each; a real gloo all-reduce across them."""
+    start = time.monotonic()
+    [job] = submit_jobs([AllReduce()], "slurm", tmp_path / "%j",
+                        LaunchOptions(job_name="g3dr-2nodes", partition="multi", nodes=2, time_min=5))
+    cancel_on_exit.append(job.job_id)
+    results = wait_jobs([job], timeout_s=600, poll_s=0.5)[0]
+    print(f"two-node all-reduce job {job.job_id}: {time.monotonic() - start:.1f}s")
+    assert sorted((r["rank"], r["node_rank"], r["node"]) for r in results) == [(0, 0, "g3dr-vnode1"),
+                                                                                 (1, 1, "g3dr-vnode2")]
+    assert {(r["addr"], r["port"], r["world"], r["sum"]) for r in results} == {
+        ("g3dr-vnode1", port_from_job_id(job.job_id), 2, 3.0)}
+    with pytest.raises(ConfigError, match=r"--nodes 3 is more than partition 'multi' has \(2 nodes\)"):
+        submit_jobs([AllReduce()], "slurm", tmp_path / "%j", LaunchOptions(partition="multi", nodes=3))
 
 
 def test_time_limit_signal_checkpoints_requeues_and_finishes(cluster, tmp_path, cancel_on_exit):

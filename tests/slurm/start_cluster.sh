@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Start (or reuse) a single-node SLURM cluster on this machine, for the launcher tests and CI.
 #
-#   tests/slurm/start_cluster.sh          install slurm-wlm + munge when missing, start munged, slurmctld, slurmd
+#   tests/slurm/start_cluster.sh          install slurm-wlm + munge when missing, start munged, slurmctld, slurmds
 #   tests/slurm/start_cluster.sh --stop   stop the daemons this script started (found by its pid files)
 #
 # Idempotent: when `scontrol ping` already reaches a controller with a usable node, nothing is touched.
 # Exit status: 0 the cluster is up; 3 it cannot be started here (the reason is on stderr; tests skip with it).
-# The cluster: one node (this host, its real CPU count and memory from `slurmd -C`), one partition `debug`,
+# The cluster: partition `debug` (default) = this host as one node with its real CPU count and memory from
+# `slurmd -C`; partition `multi` = two virtual 1-CPU nodes g3dr-vnode1/2 served by two more slurmd on this
+# host (MULTIPLE_SLURMD; /etc/hosts maps their names to 127.0.0.1) for multi-node tests;
 # proctrack/linuxproc + task/none (no cgroups needed), select/cons_tres, daemons running as root, no accounting
 # database (so `sacct` is unavailable: the launcher reads job states with `scontrol show job`). Scheduling and
 # kill delays are short so that tests take seconds.
@@ -20,7 +22,9 @@ STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
 LOGS=/var/log/slurm
 CTLD_PID=/run/slurmctld-g3dr.pid
-SLURMD_PID=/run/slurmd-g3dr.pid
+SLURMD_PIDS=/run/slurmd-g3dr    # one pid file per node: $SLURMD_PIDS-<node>.pid
+VNODES=(g3dr-vnode1 g3dr-vnode2)
+VNODE_PORTS=(17001 17002)
 MUNGE_PID=/run/munge/munged-g3dr.pid
 
 say() { echo "start_cluster: $*" >&2; }
@@ -60,11 +64,11 @@ AuthType=auth/munge
 # A requeued job waits cred_expire+1 seconds before it may start again (default 120).
 AuthInfo=cred_expire=5
 StateSaveLocation=$STATE
-SlurmdSpoolDir=$SPOOL
+SlurmdSpoolDir=$SPOOL/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$SLURMD_PIDS-%n.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -88,12 +92,20 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 $NODE_LINE
+NodeName=${VNODES[0]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=${VNODE_PORTS[0]} CPUs=1 RealMemory=1024 State=UNKNOWN
+NodeName=${VNODES[1]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=${VNODE_PORTS[1]} CPUs=1 RealMemory=1024 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=multi Nodes=${VNODES[0]},${VNODES[1]} MaxTime=INFINITE State=UP
 CONFEOF
 }
 
+stop_slurmds() {
+    local f
+    for f in $SLURMD_PIDS*.pid; do stop_pidfile "$f"; done
+}
+
 if [[ ${1:-} == "--stop" ]]; then
-    stop_pidfile $SLURMD_PID
+    stop_slurmds
     stop_pidfile $CTLD_PID
     stop_pidfile $MUNGE_PID
     say "stopped"
@@ -145,7 +157,11 @@ fi
 NEW_CONF=$(mktemp)
 render_conf >"$NEW_CONF" || cannot "slurmd -C could not describe this node"
 NODE=$(hostname -s)
-install -d -m 0755 $CONF_DIR $STATE $SPOOL $LOGS
+install -d -m 0755 $CONF_DIR $STATE $LOGS $SPOOL/$NODE $SPOOL/${VNODES[0]} $SPOOL/${VNODES[1]}
+# The virtual nodes' names must resolve (the rendezvous uses node names, as on a real cluster).
+for vnode in "${VNODES[@]}"; do
+    getent hosts "$vnode" >/dev/null || echo "127.0.0.1 $vnode  # g3dr-scale test cluster" >>/etc/hosts
+done
 if ! cmp -s "$NEW_CONF" $CONF; then
     install -m 0644 "$NEW_CONF" $CONF
     CONF_CHANGED=1
@@ -156,7 +172,7 @@ rm -f "$NEW_CONF"
 
 # 4. Daemons. A controller left from an older config of ours is restarted.
 if [[ $CONF_CHANGED == 1 ]]; then
-    stop_pidfile $SLURMD_PID
+    stop_slurmds
     stop_pidfile $CTLD_PID
 fi
 if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
@@ -165,17 +181,24 @@ if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
     scontrol ping 2>/dev/null | grep -q "is UP" \
         || cannot "slurmctld started but does not answer (see $LOGS/slurmctld.log)"
 fi
-if ! { [[ -f $SLURMD_PID ]] && kill -0 "$(cat $SLURMD_PID)" 2>/dev/null; }; then
-    slurmd 2>/tmp/g3dr-slurmd.err || cannot "slurmd did not start: $(cat /tmp/g3dr-slurmd.err)"
-fi
-for _ in $(seq 150); do
-    STATE_NOW=$(sinfo -h -n "$NODE" -o "%t" 2>/dev/null | head -1)
-    case $STATE_NOW in
-        idle*|mix*|alloc*|comp*) break ;;
-        down*|drain*|drng*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 ;;
-    esac
-    sleep 0.2
+for node in "$NODE" "${VNODES[@]}"; do
+    pidfile=$SLURMD_PIDS-$node.pid
+    if ! { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }; then
+        slurmd -N "$node" 2>/tmp/g3dr-slurmd.err || cannot "slurmd -N $node did not start: $(cat /tmp/g3dr-slurmd.err)"
+    fi
 done
-cluster_up || cannot "the node did not become idle (state: ${STATE_NOW:-unknown}; see $LOGS/slurmd.log)"
+nodes_idle() {
+    local node state
+    for node in "$NODE" "${VNODES[@]}"; do
+        state=$(sinfo -h -n "$node" -o "%t" 2>/dev/null | head -1)
+        case $state in
+            idle*|mix*|alloc*|comp*) ;;
+            down*|drain*|drng*) scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1; return 1 ;;
+            *) return 1 ;;
+        esac
+    done
+}
+for _ in $(seq 150); do nodes_idle && break; sleep 0.2; done
+nodes_idle || cannot "the nodes did not become idle ($(sinfo -h -N -o '%N %t' | tr '\n' ' '); see $LOGS/slurmd-*.log)"
 say "up: $(sinfo -h -o '%P %D node(s) %c cpus %m MB %t' | tr '\n' ';')"
 exit 0
