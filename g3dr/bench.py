@@ -13,6 +13,7 @@ import importlib
 
 BENCH_MODULES: tuple[str, ...] = (
     "g3dr.data.bench",
+    "g3dr.render.bench",
 )
 
 

@@ -211,19 +211,13 @@ def test_decoder_without_mlp_weights_uses_reference(caplog):
     assert any("mlp_weights" in r.message for r in caplog.records)
 
 
-def test_compiled_lookups_match_eager(monkeypatch):
-    """The torch.compile'd lookups (used for large CPU renders) give the eager numbers."""
+def test_compiled_path_matches_reference(monkeypatch):
+    """The torch.compile'd per-chunk math (used for large CPU renders) keeps the reference numbers."""
     monkeypatch.setattr(fused, "COMPILE_MIN_SAMPLES", 0)
     monkeypatch.setenv("G3DR_FUSED_COMPILE", "1")
-    planes, decoder, origins, directions, _, loss_weights = _scene(27)
-    cfg = dict(num_coarse=8, num_fine=8)
-    compiled = _outputs_and_grads(_render("fused", planes, decoder, origins, directions, cfg), planes, decoder,
-                                  loss_weights)
+    _compare(27, dict(num_coarse=8, num_fine=8, sigma_scale=50.0), canonical=True)
     assert not fused._compile_failed, "torch.compile failed here (see the warning log)"
-    monkeypatch.setenv("G3DR_FUSED_COMPILE", "0")
-    eager = _outputs_and_grads(_render("fused", planes, decoder, origins, directions, cfg), planes, decoder, loss_weights)
-    for name, value in eager.items():
-        assert _rel(compiled[name], value) <= 1e-6, name
+    assert fused._compiled, "nothing was compiled"
 
 
 TRITON_CHILD = textwrap.dedent("""
