@@ -7,7 +7,7 @@ f_trigen. Here f_rgbd is ``diffusers``' ``StableDiffusionLDM3DPipeline`` loaded 
 
 Depth mapping: the pipeline's depth channel (in [0, 1]; LDM3D is trained on DPT depth, which is inverse
 depth: near = large) goes through the same per-image mapping as the data-prep depth backend
-(:func:`g3dr.data_prep.depth_model.codes_from_prediction`: 1st/99th percentiles -> [4, 6] in the release
+(:func:`g3dr.data.depth_model.codes_from_prediction`: 1st/99th percentiles -> [4, 6] in the release
 encoding), so f_trigen sees depth like its training data. ``--depth-convention depth`` for a model whose
 channel grows with distance.
 
@@ -90,7 +90,7 @@ def generate_rgbd(pipe, prompt: str, num: int, *, steps: int, guidance: float, s
     import numpy as np
     import torch
 
-    from g3dr.data_prep.depth_model import codes_from_prediction
+    from g3dr.data.depth_model import codes_from_prediction
 
     out = []
     for i in range(num):

@@ -152,7 +152,7 @@ def tiny_depth_model(tmp_path_factory):
 
 def test_depth_from_the_depth_model_when_only_an_image_is_given(checkpoint, folder, tiny_depth_model, tmp_path):
     from g3dr.assets.inputs import DepthFiller, input_from_files, rgbd_from_sample
-    from g3dr.data_prep.depth_model import DepthEstimator
+    from g3dr.data.depth_model import DepthEstimator
 
     out = tmp_path / "out"
     assert batch(checkpoint, out, "--input", str(folder), "--npz", "--depth-model", str(tiny_depth_model)) == 0

@@ -61,7 +61,7 @@ def checkpoint(tmp_path_factory, tiny_config_path):
 def test_generate_writes_rgbd_in_the_release_layout_and_lifts_it(tiny_pipeline, checkpoint, tmp_path):
     pytest.importorskip("trimesh", reason="the mesh output needs the 'mesh' extra")
     from g3dr.assets.generate_cli import load_ldm3d
-    from g3dr.data_prep.depth_model import codes_from_prediction
+    from g3dr.data.depth_model import codes_from_prediction
 
     out = tmp_path / "gen"
     assert main(["generate", "--pipeline", str(tiny_pipeline), "--class", "cat", "--num", "2", "--steps", "2",

@@ -29,7 +29,7 @@ trimesh = pytest.importorskip("trimesh", reason="mesh export needs the optional 
 pytest.importorskip("skimage", reason="mesh export needs the optional 'mesh' extra")
 
 from g3dr.assets.mesh import VIEWER_FROM_WORLD, TriplaneField, extract_mesh, write_mesh  # noqa: E402
-from g3dr.data_prep.synth import WALL_Z, SynthCamera, _hit, camera_rays, synth_sample  # noqa: E402
+from g3dr.data.synth import WALL_Z, SynthCamera, _hit, camera_rays, synth_sample  # noqa: E402
 
 SAMPLE = 9  # seed 0: a rotated cube (half-size 0.4), off-centre - not mirror-symmetric in the image
 IOU_BOUND = 0.5
@@ -85,6 +85,7 @@ def test_measure_scores_the_exact_primitive_high(tmp_path):
     assert truth > 1000 and iou > 0.85
 
 
+@pytest.mark.slow
 def test_overfit_tiny_model_mesh_overlaps_the_true_visible_shape(tmp_path, tiny_config_path):
     from g3dr.assets.inputs import inputs_from_shards, rgbd_from_sample
     from g3dr.cli import main

@@ -48,7 +48,7 @@ def test_viewer_frame_is_a_rotation_that_puts_the_canonical_camera_on_plus_z():
     np.testing.assert_allclose(dirs_v[16 * 33 + 16], [0, 0, -1], atol=1e-6)  # centre pixel looks along -z
     # Row 0 is the top of the image, column 0 its left: the top-left ray goes to -x, +y (no mirroring), as in
     # the synthetic data's camera (g3dr prep synth), whose frame is the viewer frame.
-    from g3dr.data_prep.synth import camera_rays
+    from g3dr.data.synth import camera_rays
 
     half = math.tan(math.radians(cam.fov_degrees) / 2)
     expected = np.array([-half, half, -1.0]) / np.linalg.norm([half, half, 1.0])
