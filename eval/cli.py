@@ -18,28 +18,36 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="FID, IS, NFS and depth accuracy of checkpoints at every sigma scale, logged to MLflow",
-        description="Evaluate f_trigen checkpoints (paper S.5) and log one MLflow run per checkpoint and eval config.")
+        description="Evaluate f_trigen checkpoints (paper S.5) and log one MLflow run per checkpoint and "
+                    "eval config.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", metavar="PATH", help="an f_trigen .safetensors file")
     target.add_argument("--sweep", metavar="DIR",
-                        help="evaluate every checkpoint under DIR without a finished run for this eval config, newest first")
-    parser.add_argument("--watch", action="store_true", help="with --sweep: keep polling for new checkpoints until SIGTERM")
-    parser.add_argument("--poll-seconds", type=float, default=60.0, metavar="S", help="with --watch: seconds between polls")
+                        help="evaluate every checkpoint under DIR without a finished run for this eval config, "
+                             "newest first")
+    parser.add_argument("--watch", action="store_true",
+                        help="with --sweep: keep polling for new checkpoints until SIGTERM")
+    parser.add_argument("--poll-seconds", type=float, default=60.0, metavar="S",
+                        help="with --watch: seconds between polls")
     parser.add_argument("--no-export", action="store_true",
-                        help="with --sweep: do not export DeepSpeed checkpoints (DIR/checkpoints/step-N) to DIR/exports first")
+                        help="with --sweep: do not export DeepSpeed checkpoints (DIR/checkpoints/step-N) "
+                             "to DIR/exports first")
     parser.add_argument("--data", metavar="SHARDS", help="eval input shards (brace pattern, comma list or folder); "
                         "default: the checkpoint's data config")
     parser.add_argument("--metrics", metavar="LIST", help="comma list of fid,is,nfs,da")
     parser.add_argument("--sigma-scales", metavar="LIST", help="comma list of density scale factors, e.g. 1,5,10,50")
     parser.add_argument("--num-samples", type=int, metavar="N", help="samples per metric and scale (default 256)")
     parser.add_argument("--views", metavar="LIST", help="comma list of canonical,novel")
-    parser.add_argument("--novel-camera", choices=["sampled", "video"], help="novel views as in training, or the video path")
+    parser.add_argument("--novel-camera", choices=["sampled", "video"],
+                        help="novel views as in training, or the video path")
     parser.add_argument("--inception", metavar="PATH", help="the Inception-v3 2015-12-05 file (eval.inception_weights)")
     parser.add_argument("--mlflow-uri", default="", metavar="URI",
                         help="tracking URI (sqlite:///x.db or http://host:port); default: the checkpoint's "
                              "logging.mlflow_uri, else a sqlite store in the sweep dir / beside the checkpoint")
-    parser.add_argument("--experiment", default="g3dr-eval", metavar="NAME", help="MLflow experiment (default g3dr-eval)")
-    parser.add_argument("--out", metavar="DIR", help="eval output folder (default: eval/ beside the checkpoint or in the sweep dir)")
+    parser.add_argument("--experiment", default="g3dr-eval", metavar="NAME",
+                        help="MLflow experiment (default g3dr-eval)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="eval output folder (default: eval/ beside the checkpoint or in the sweep dir)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--retries", type=int, default=3, metavar="N", help="attempts per MLflow call before failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -349,7 +349,10 @@ class Evaluator:
                 tracker = self.ensure_tracker(cfg)
                 finished = tracker.find_finished(ref.id, ehash)
                 saved = _read_results(out_dir)
-                decision = ("skip", finished) if finished else ("upload", None) if saved.get("complete") else ("run", None)
+                if finished:
+                    decision = ("skip", finished)
+                else:
+                    decision = ("upload", None) if saved.get("complete") else ("run", None)
             except TrackingError as err:  # tell the other ranks instead of leaving them in the broadcast
                 decision = ("error", str(err))
         decision = broadcast_object(decision)
@@ -375,7 +378,8 @@ class Evaluator:
         run_id = tracker.start_run(ref.label, tags, parent_run_id) if tracker is not None else None
         if tracker is not None:
             tracker.log_params(run_id, params)
-            _write_results(out_dir, {"complete": False, "status": "running", "run_id": run_id, **_header(ref, ehash, params)})
+            _write_results(out_dir, {"complete": False, "status": "running", "run_id": run_id,
+                                     **_header(ref, ehash, params)})
         try:
             results, grids = self._compute(ref, cfg, spec, ident)
         except EvalInterrupted:

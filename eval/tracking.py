@@ -41,7 +41,8 @@ def resolve_tracking(uri: str | None, base_dir: str | Path) -> tuple[str, str | 
     """
     if uri:
         if uri.startswith("file:"):
-            raise TrackingError(f"MLflow 3 does not accept file: stores ({uri}); use sqlite:///PATH.db or http://HOST:PORT")
+            raise TrackingError(f"MLflow 3 does not accept file: stores ({uri}); "
+                                "use sqlite:///PATH.db or http://HOST:PORT")
         return uri, None
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)

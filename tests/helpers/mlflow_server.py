@@ -67,7 +67,8 @@ def running_mlflow_server(workdir: Path, start_timeout_s: float = 120.0):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.skip(f"mlflow server did not become healthy in {start_timeout_s}s: {log_path.read_text()[-1500:]}")
+                pytest.skip(f"mlflow server did not become healthy in {start_timeout_s}s: "
+                            f"{log_path.read_text()[-1500:]}")
             time.sleep(0.5)
         yield uri
     finally:

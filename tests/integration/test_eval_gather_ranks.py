@@ -17,6 +17,7 @@ from g3dr.metrics.gather import gather_rows, shard_range
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "gather_worker.py"
 SIZES = [7, 1, 8, 33]  # odd, fewer samples than ranks (rank 1 holds none), even, larger
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _worker_module():
@@ -40,7 +41,7 @@ def test_single_process_gather_is_identity():
 
 
 def test_two_rank_gather_is_exact(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            str(WORKER), str(tmp_path), *map(str, SIZES)]
@@ -77,7 +78,7 @@ def test_two_rank_evaluation_equals_single_process(tmp_path):
     spec.loader.exec_module(tiny)
     inception = tiny.save_tiny_inception(tmp_path / "inception.pt")
     worker = helpers / "eval_rank_worker.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            str(worker), str(tmp_path), str(inception)]

@@ -24,7 +24,8 @@ _spec.loader.exec_module(fx)
 
 def test_release_pseudo_depth_nfs(release_samples):
     """The pseudo-depth of real photos is far from flat: NFS of the 24 release maps (256 px) in [4, 6]."""
-    maps = [np.array(Image.open(p)).astype(np.float64) / 65536 * 2 + 4 for p in sorted(release_samples.rglob("*_depth.png"))]
+    paths = sorted(release_samples.rglob("*_depth.png"))
+    maps = [np.array(Image.open(p)).astype(np.float64) / 65536 * 2 + 4 for p in paths]
     assert len(maps) == 24
     nfs = non_flatness_score(np.stack(maps), 4.0, 6.0, 64)
     assert nfs == pytest.approx(44.97, abs=0.01)

@@ -255,9 +255,11 @@ def test_a_broken_checkpoint_fails_alone(run_dir, capsys):
 def test_two_rank_sweep_through_torchrun(run_dir):
     """`torchrun -m g3dr.cli eval --sweep` on 2 ranks: rank 0 alone records, scores equal one process."""
     (run_dir / "broken.safetensors").unlink()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env["OMP_NUM_THREADS"] = "1"
-    flags = ["--metrics", "nfs,da", "--sigma-scales", "1", "--views", "canonical", "--num-samples", "5", "--no-progress"]
+    flags = ["--metrics", "nfs,da", "--sigma-scales", "1", "--views", "canonical", "--num-samples", "5",
+             "--no-progress"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            "-m", "g3dr.cli", "eval", "--sweep", str(run_dir), "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
            "--experiment", "eval-test", *flags]
@@ -265,13 +267,14 @@ def test_two_rank_sweep_through_torchrun(run_dir):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     client, runs = _runs(run_dir)
     evals = [r for r in runs if r.data.tags.get("g3dr.kind") == "eval"]
-    assert sorted(r.data.tags["g3dr.step"] for r in evals) == ["10", "20"] and all(r.info.status == "FINISHED" for r in evals)
+    assert sorted(r.data.tags["g3dr.step"] for r in evals) == ["10", "20"]
+    assert all(r.info.status == "FINISHED" for r in evals)
     assert len([r for r in runs if r.data.tags.get("g3dr.kind") == "sweep"]) == 1
     # the same evaluation in one process (another output folder and experiment) gives the same numbers
     single = Evaluator(EvalOptions(out_dir=run_dir / "eval-single", mlflow_uri=f"sqlite:///{run_dir / 'mlflow.db'}",
                                    experiment="eval-single", progress=False,
-                                   overrides=("eval.metrics=[nfs, da]", "eval.sigma_scales=[1]", "eval.views=[canonical]",
-                                              "eval.num_samples=5")), DistEnv())
+                                   overrides=("eval.metrics=[nfs, da]", "eval.sigma_scales=[1]",
+                                              "eval.views=[canonical]", "eval.num_samples=5")), DistEnv())
     outcome = single.evaluate(discover_checkpoints(run_dir)[0])
     two_rank = next(r for r in evals if r.data.tags["g3dr.step"] == "20").data.metrics
     assert outcome.results == pytest.approx(two_rank, rel=1e-6)

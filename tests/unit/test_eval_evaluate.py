@@ -153,6 +153,7 @@ def test_renders_at_another_resolution(tiny_setup):
     rgb = torch.cat([rgb, stream[1]["rgb"][:2]])
     depth = torch.cat([depth, stream[1]["depth"][:2]])
     with torch.no_grad(), render_settings(model, 1.0, True):
-        out = model.renderer(model.make_planes(rgb, depth), model.decoder, cameras(range(6), "canonical", spec, cfg.camera), 48)
+        cams = cameras(range(6), "canonical", spec, cfg.camera)
+        out = model.renderer(model.make_planes(rgb, depth), model.decoder, cams, 48)
     target = torch.nn.functional.interpolate(depth, size=(48, 48), mode="bilinear", align_corners=False)
     assert results["da/s1"] == pytest.approx(depth_accuracy(out["depth"], target), rel=1e-6)

@@ -58,7 +58,8 @@ def test_random_weight_inception_v3_architecture_behind_the_real_interface(tmp_p
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
     # the input is resized inside: a 299 x 299 upsampling of the same images gives the same features
     big = torch.nn.functional.interpolate(images.float(), size=[299, 299], mode="bilinear", align_corners=False)
-    torch.testing.assert_close(detector.features(big.round().clamp(0, 255).to(torch.uint8)), feats, rtol=0.05, atol=0.05)
+    resized = big.round().clamp(0, 255).to(torch.uint8)
+    torch.testing.assert_close(detector.features(resized), feats, rtol=0.05, atol=0.05)
 
 
 def test_detector_rejects_float_images(tmp_path):

@@ -125,7 +125,8 @@ def _is_by_loops(probs: np.ndarray, splits: int) -> tuple[float, float]:
         marginal = [sum(probs[i, c] for i in rows) / len(rows) for c in range(k)]
         kl = 0.0
         for i in rows:
-            kl += sum(probs[i, c] * (math.log(probs[i, c]) - math.log(marginal[c])) for c in range(k) if probs[i, c] > 0)
+            kl += sum(probs[i, c] * (math.log(probs[i, c]) - math.log(marginal[c]))
+                      for c in range(k) if probs[i, c] > 0)
         scores.append(math.exp(kl / len(rows)))
     mean = sum(scores) / splits
     return mean, math.sqrt(sum((v - mean) ** 2 for v in scores) / splits)
