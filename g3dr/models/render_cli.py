@@ -24,8 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "--yaw 1.77 --deterministic --png novel.png --save-npz novel.npz")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="f_trigen .safetensors checkpoint")
     parser.add_argument("--image", required=True, metavar="IMG", help="RGB image (jpg/png)")
-    parser.add_argument("--depth", required=True, metavar="DEPTH_PNG",
-                        help="16-bit release-format depth PNG (depth = v / 65536 * 2 + 4)")
+    parser.add_argument("--depth", metavar="DEPTH_PNG",
+                        help="16-bit release-format depth PNG (depth = v / 65536 * 2 + 4); or use --depth-model")
+    parser.add_argument("--depth-model", metavar="DIR",
+                        help="estimate the depth with this depth-model folder (as 'g3dr prep shards --depth-model'); "
+                             "needs the 'depth' extra")
     view = parser.add_mutually_exclusive_group()
     view.add_argument("--video", metavar="OUT.mp4",
                       help="render the circular video trajectory (paper S.6) to an .mp4 or .gif: RGB | colourised "
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--frames and --fps must be >= 1, got {args.frames} and {args.fps}")
     if args.resolution is not None and args.resolution < 1:
         raise ConfigError(f"--resolution must be >= 1, got {args.resolution}")
+    if (args.depth is None) == (args.depth_model is None):
+        raise ConfigError("give exactly one of --depth DEPTH_PNG and --depth-model DIR")
 
     overrides = []
     if args.deterministic:
@@ -170,7 +175,16 @@ def run(args: argparse.Namespace) -> int:
     resolution = args.resolution or cfg.data.resolution
     if args.depth_prior and resolution != cfg.data.resolution:
         raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
-    rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
+    if args.depth is not None:
+        rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
+    else:  # depth from the data-prep depth backend (see docs/assets.md)
+        from g3dr.assets.inputs import DepthFiller, Rejected, input_from_files, rgbd_from_sample
+
+        try:
+            rgb, depth = rgbd_from_sample(input_from_files(args.image, None), cfg.data.resolution, cfg.data.depth_scale,
+                                          cfg.data.depth_offset, DepthFiller(args.depth_model, device=args.device))
+        except Rejected as err:
+            raise DataError(f"cannot use {args.image}: {err.detail}") from None
     rgb, depth = rgb.to(device), depth.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 

@@ -167,6 +167,13 @@ def test_depth_from_the_depth_model_when_only_an_image_is_given(checkpoint, fold
     assert depth.std() > 0
     # Images that have a depth PNG keep it: the model is only used for the missing one.
     np.testing.assert_array_equal(np.load(out / "a.npz")["rgb"].shape, (3, 32, 32))
+    # g3dr render takes --depth-model too, and lifts the same RGB-D as g3dr batch.
+    rendered = tmp_path / "render.npz"
+    assert main(["render", "--checkpoint", str(checkpoint), "--image", str(folder / "nodepth.jpg"), "--depth-model",
+                 str(tiny_depth_model), "--device", "cpu", "--deterministic", "--save-npz", str(rendered)]) == 0
+    np.testing.assert_allclose(np.load(rendered)["rgb"], np.load(out / "nodepth.npz")["rgb"], atol=1e-5)
+    assert main(["render", "--checkpoint", str(checkpoint), "--image", str(folder / "nodepth.jpg"), "--device", "cpu",
+                 "--save-npz", str(rendered)]) != 0
 
 
 def test_shards_reader_keeps_samples_together(tmp_path):
