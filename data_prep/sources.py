@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class FileSource:
     depth_batch: int = 8
     device: str = "auto"
     _estimator: Any = field(default=None, repr=False, compare=False)
+    _listing: dict[Path, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
         """What decides the shard contents (goes into the plan fingerprint and the manifest); call after
@@ -160,7 +162,10 @@ class FileSource:
         root = Path(self.src)
         if not root.is_dir():
             raise DataError(f"--src {root} is not a directory")
-        items = self._list_release(root) if self.layout == "release" else self._list_imagenet(root)
+        try:
+            items = self._list_release(root) if self.layout == "release" else self._list_imagenet(root)
+        finally:
+            self._listing = {}  # not needed after listing; would be copied into every worker
         if not items:
             raise DataError(f"no input images found under {root} for layout '{self.layout}'; check --src and --layout")
         keys = [item.key for item in items]
@@ -176,32 +181,51 @@ class FileSource:
             return self.synsets.index(synset), synset
         return -1, synset
 
+    # Listing touches each directory once (os.walk / os.listdir, no stat per file): an ImageNet job lists
+    # 1.3M files, and every job of a SLURM array lists them again, often on a network file system.
+
     def _list_release(self, root: Path) -> list[Item]:
         items = []
-        for path in sorted(root.rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_depth") or not path.is_file():
-                continue
-            rel = path.relative_to(root).with_suffix("")
-            key = "/".join(sanitize_key(part) for part in rel.parts)
-            depth = self._depth_for(path.stem, path.parent, path.parent.name)
-            label, synset = self._label(path.stem)
-            items.append(Item(key=key, image=str(path), depth=depth, label=label, synset=synset))
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            folder = Path(dirpath)
+            self._listing[folder] = frozenset(filenames)
+            for name in sorted(filenames):
+                stem, suffix = os.path.splitext(name)
+                if suffix.lower() not in IMAGE_SUFFIXES or stem.endswith("_depth"):
+                    continue
+                path = folder / name
+                rel = path.relative_to(root).with_suffix("")
+                key = "/".join(sanitize_key(part) for part in rel.parts)
+                depth = self._depth_for(stem, folder, folder.name)
+                label, synset = self._label(stem)
+                items.append(Item(key=key, image=str(path), depth=depth, label=label, synset=synset))
         return items
 
     def _list_imagenet(self, root: Path) -> list[Item]:
         train = root / "train" if (root / "train").is_dir() else root
-        wnid_dirs = sorted(p for p in train.iterdir() if p.is_dir())
+        wnid_dirs = sorted(Path(entry.path) for entry in os.scandir(train) if entry.is_dir())
         if not self.synsets:
             self.synsets = tuple(p.name for p in wnid_dirs)
         items = []
         for wnid_dir in wnid_dirs:
-            for path in sorted(wnid_dir.iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            for name in sorted(os.listdir(wnid_dir)):
+                stem, suffix = os.path.splitext(name)
+                if suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                depth = self._depth_for(path.stem, None, wnid_dir.name)
-                label, synset = self._label(path.stem, wnid_dir.name)
-                items.append(Item(key=sanitize_key(path.stem), image=str(path), depth=depth, label=label, synset=synset))
+                depth = self._depth_for(stem, None, wnid_dir.name)
+                label, synset = self._label(stem, wnid_dir.name)
+                items.append(Item(key=sanitize_key(stem), image=str(wnid_dir / name), depth=depth, label=label,
+                                  synset=synset))
         return items
+
+    def _names_in(self, folder: Path) -> frozenset[str]:
+        if folder not in self._listing:
+            try:
+                self._listing[folder] = frozenset(os.listdir(folder))
+            except OSError:
+                self._listing[folder] = frozenset()
+        return self._listing[folder]
 
     def _depth_for(self, stem: str, beside: Path | None, wnid: str) -> str:
         """The depth file of an image: ``--depth-src`` (``<wnid>/<stem>[_depth].png`` or ``<stem>[_depth].png``), else beside it."""
@@ -215,7 +239,7 @@ class FileSource:
         elif beside is not None:
             candidates.append(beside / f"{stem}_depth.png")
         for candidate in candidates:
-            if candidate.is_file():
+            if candidate.name in self._names_in(candidate.parent):
                 return str(candidate)
         return str(candidates[0]) if candidates else ""
 
