@@ -1,5 +1,6 @@
-"""``g3dr submit train`` on the local SLURM cluster: the tiny config as a two-task job, uninterrupted and
-preempted + requeued; both must end at the same step with the same per-step losses in one MLflow run."""
+"""``g3dr submit train`` on the local SLURM cluster: the tiny config as a two-task job, uninterrupted on two
+(virtual) nodes and preempted + requeued on one node with two tasks; both must end at the same step with the
+same per-step losses, the requeued one in a single MLflow run."""
 
 from __future__ import annotations
 
@@ -65,15 +66,16 @@ def _logs(run_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory):
-    """The tiny config trained by `g3dr submit train --tasks-per-node 2 --wait` (the CLI, end to end)."""
+    """The tiny config trained by `g3dr submit train --partition multi --nodes 2 --wait` (the CLI, end to end):
+    two nodes, one task each."""
     root = tmp_path_factory.mktemp("train") / "straight"
     start = time.monotonic()
-    out = subprocess.run([str(G3DR), "submit", "train", "--tasks-per-node", "2", "--time", "10", "--wait",
-                          "--config", str(REPO / "configs" / "tiny.yaml"), *_overrides(root)],
+    out = subprocess.run([str(G3DR), "submit", "train", "--partition", "multi", "--nodes", "2", "--time", "10",
+                          "--wait", "--config", str(REPO / "configs" / "tiny.yaml"), *_overrides(root)],
                          capture_output=True, text=True, timeout=800)
     elapsed = time.monotonic() - start
     assert out.returncode == 0, out.stdout + out.stderr + _logs(root / "run")
-    print(f"uninterrupted two-task tiny training ({STEPS} steps) via SLURM: {elapsed:.1f}s")
+    print(f"uninterrupted two-node tiny training ({STEPS} steps) via SLURM: {elapsed:.1f}s")
     return root
 
 
@@ -83,6 +85,7 @@ def test_tiny_config_trains_as_two_task_job(uninterrupted):
     logs = _logs(run)
     assert "task 0/2" in logs and "requeue count 0" in logs  # rank 1 logs warnings only; submitit names it:
     assert "global_rank=0(2)" in logs and "global_rank=1(2)" in logs
+    assert "node=0(2)" in logs and "node=1(2)" in logs and "master g3dr-vnode1:" in logs
     run_ids, losses = _history(uninterrupted)
     assert len(run_ids) == 1 and sorted(losses) == list(range(1, STEPS + 1)), losses
 
