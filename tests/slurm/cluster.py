@@ -26,13 +26,17 @@ def _up() -> bool:
     return "is UP" in ping.stdout and any(s.startswith(("idle", "mix", "alloc", "comp")) for s in nodes.stdout.split())
 
 
+def _partitions() -> set[str]:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=15)
+    return {p.rstrip("*") for p in out.stdout.split()}
+
+
 def ensure_cluster() -> str | None:
-    """None when SLURM is usable, else why not (once per process)."""
+    """None when the test cluster is usable, else why not (decided once per process)."""
     if "reason" in _state:
         return _state["reason"]
-    if _up():
-        _state["reason"] = None
-        return None
+    was_up = _up()
+    # The script is idempotent and quick when the cluster is up (it restarts one of ours whose config is old).
     try:
         out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -42,6 +46,9 @@ def ensure_cluster() -> str | None:
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
         _state["reason"] = f"no local SLURM cluster: {why}"
         return _state["reason"]
-    _state["reason"] = None
-    atexit.register(lambda: subprocess.run(["bash", str(SCRIPT), "--stop"], capture_output=True, timeout=60))
-    return None
+    if not was_up:
+        atexit.register(lambda: subprocess.run(["bash", str(SCRIPT), "--stop"], capture_output=True, timeout=60))
+    missing = {"debug", "multi"} - _partitions()
+    _state["reason"] = (f"the running SLURM cluster is not the test cluster of {SCRIPT.name} (no partition "
+                        f"{', '.join(sorted(missing))})") if missing else None
+    return _state["reason"]
