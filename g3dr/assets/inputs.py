@@ -63,18 +63,24 @@ def input_from_files(image: str | Path, depth: str | Path | None) -> RawInput:
 
 
 def inputs_from_folder(folder: str | Path) -> list[RawInput]:
-    """Images of ``folder`` (sorted; not recursive) with ``NAME_depth.png`` beside them when present (release layout)."""
+    """Images under ``folder`` (recursive, sorted) with ``NAME_depth.png`` beside them when present (release layout).
+
+    The key of an image is its path relative to ``folder`` without the suffix (``1/1551``), so outputs mirror
+    the input tree.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"input folder {folder} does not exist")
     out = []
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_depth") or not path.is_file():
             continue
         depth = path.with_name(f"{path.stem}_depth.png")
-        out.append(input_from_files(path, depth if depth.is_file() else None))
+        raw = input_from_files(path, depth if depth.is_file() else None)
+        raw.key = path.relative_to(folder).with_suffix("").as_posix()
+        out.append(raw)
     if not out:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return out
 
 

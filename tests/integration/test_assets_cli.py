@@ -191,3 +191,21 @@ def test_shards_reader_keeps_samples_together(tmp_path):
     assert [s.key for s in samples] == ["k1", "k2"]
     assert samples[0].sample == {"__key__": "k1", "32.jpg": b"1", "32.depth.png": b"2"}
     assert samples[1].sample == {"__key__": "k2", "32.jpg": b"3", "cls": b"4"}
+
+
+def test_batch_on_the_release_samples(checkpoint, release_samples, tmp_path):
+    """Real release photos in class sub-folders (two per folder, linked here), depth beside each, are all
+    lifted; the outputs mirror the tree."""
+    src = tmp_path / "release"
+    images = []
+    for folder in sorted(p for p in release_samples.iterdir() if p.is_dir()):
+        for image in sorted(folder.glob("*.jpg"))[:2]:
+            (src / folder.name).mkdir(parents=True, exist_ok=True)
+            for path in (image, image.with_name(f"{image.stem}_depth.png")):
+                (src / folder.name / path.name).symlink_to(path)
+            images.append(f"{folder.name}/{image.stem}")
+    out = tmp_path / "out"
+    assert batch(checkpoint, out, "--input", str(src), "--png") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == len(images) == summary["written"] >= 2 and summary["rejected"] == 0
+    assert sorted(p.relative_to(out).with_suffix("").as_posix() for p in out.rglob("*.png")) == sorted(images)
