@@ -55,3 +55,19 @@ def test_submit_cli_checks_before_submitting(tmp_path, tiny_config_path):
     assert local_dry.returncode == 0 and "# local executor: 1 job(s)" in local_dry.stdout
     assert "--resume', 'auto'" in local_dry.stdout
     assert not any(tmp_path.iterdir()), "nothing may be written before a job is submitted"
+
+
+def test_local_prep_array_then_merge(tmp_path, release_samples):
+    """The local executor has no job dependencies: the CLI waits for the array, then runs merge + validate."""
+    shards = tmp_path / "shards"
+    out = subprocess.run([str(G3DR), "submit", "prep", "shards", "--executor", "local", "--num-shard-jobs", "2", "--",
+                          "--src", str(release_samples), "--layout", "release", "--out", str(shards), "--resolution",
+                          "32", "--shard-size", "8", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "prep shards (2 jobs): finished" in out.stdout and "prep merge + validate: finished" in out.stdout
+    import json
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["num_samples"] == 24 and manifest["num_shards"] == 3
+    job_dirs = [d for d in (tmp_path / "shards-slurm").iterdir() if d.name.isdigit()]  # local job ids are pids
+    assert len(job_dirs) == 3 and all((d / f"{d.name}_0_result.pkl").is_file() for d in job_dirs)  # 2 + merge
