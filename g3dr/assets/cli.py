@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "--mesh glb --depth-model weights/depth-anything-v2-small")
     _add_common(batch)
     source = batch.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", metavar="DIR", help="folder of images, searched recursively (depth as NAME_depth.png "
+    source.add_argument("--input", metavar="DIR",
+                        help="folder of images, searched recursively (depth as NAME_depth.png "
                         "beside them); outputs mirror its tree")
     source.add_argument("--shards", nargs="+", metavar="TAR", help="WebDataset shards (files or folders of *.tar)")
     batch.add_argument("--out", required=True, metavar="DIR")

@@ -36,7 +36,8 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
         description="Generate RGB-D images from a prompt (or a class name, prompted as 'a photo of a NAME') with a "
                     "diffusers StableDiffusionLDM3DPipeline saved in a local folder, write them in the release layout, "
                     "and lift each with f_trigen (--checkpoint) to the requested renders, videos and meshes.",
-        epilog="Example: g3dr generate --pipeline weights/ldm3d-4c --class goldfish --num 4 --checkpoint g3dr.safetensors "
+        epilog="Example: g3dr generate --pipeline weights/ldm3d-4c --class goldfish --num 4 "
+               "--checkpoint g3dr.safetensors "
                "--out gen/ --video mp4 --mesh glb")
     parser.add_argument("--pipeline", required=True, metavar="DIR", help="local StableDiffusionLDM3DPipeline folder")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -50,7 +51,8 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth-convention", choices=["inverse", "depth"], default="inverse",
                         help="what the pipeline's depth channel is: inverse depth (near = large; LDM3D) or depth")
     parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--checkpoint", metavar="CKPT", help="f_trigen checkpoint; without it only the RGB-D images are written")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="f_trigen checkpoint; without it only the RGB-D images are written")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--sigma-scale", type=float, metavar="S")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -78,7 +80,8 @@ def load_ldm3d(folder: str, device):
     except (OSError, ValueError, TypeError) as err:
         raise WeightsError(f"cannot load the LDM3D pipeline from {folder}: {err}") from None
     if pipe.vae.config.out_channels != 4:
-        raise WeightsError(f"{folder}: the autoencoder decodes {pipe.vae.config.out_channels} channels; only RGB + depth "
+        raise WeightsError(f"{folder}: the autoencoder decodes {pipe.vae.config.out_channels} channels; "
+                           "only RGB + depth "
                            "(4 channels, e.g. Intel/ldm3d-4c) is supported")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

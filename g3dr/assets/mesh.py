@@ -56,7 +56,8 @@ def _require_mesh_extra():
         import skimage.measure  # noqa: F401
         import trimesh  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"mesh export needs scikit-image and trimesh ({err}): pip install 'g3dr-scale[mesh]'") from None
+        raise ConfigError(f"mesh export needs scikit-image and trimesh ({err}): "
+                          "pip install 'g3dr-scale[mesh]'") from None
 
 
 @dataclass

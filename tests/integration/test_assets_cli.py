@@ -183,7 +183,8 @@ def test_shards_reader_keeps_samples_together(tmp_path):
 
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in [("x/k1.32.jpg", b"1"), ("x/k1.32.depth.png", b"2"), ("x/k2.32.jpg", b"3"), ("x/k2.cls", b"4")]:
+        members = [("x/k1.32.jpg", b"1"), ("x/k1.32.depth.png", b"2"), ("x/k2.32.jpg", b"3"), ("x/k2.cls", b"4")]
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

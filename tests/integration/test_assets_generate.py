@@ -36,7 +36,8 @@ def tiny_pipeline(tmp_path_factory):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
     vae = diffusers.AutoencoderKL(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   norm_num_groups=4, sample_size=16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -68,7 +69,8 @@ def test_generate_writes_rgbd_in_the_release_layout_and_lifts_it(tiny_pipeline, 
                  "--size", "16", "--seed", "5", "--device", "cpu", "--out", str(out), "--checkpoint", str(checkpoint),
                  "--png", "--mesh", "ply", "--grid", "12", "--threshold", "0.3", "--deterministic"]) == 0
     record = json.loads((out / "generate.json").read_text())
-    assert record["prompt"] == "a photo of a cat" and record["images"] == ["a_photo_of_a_cat_000", "a_photo_of_a_cat_001"]
+    assert record["prompt"] == "a photo of a cat"
+    assert record["images"] == ["a_photo_of_a_cat_000", "a_photo_of_a_cat_001"]
     pipe = load_ldm3d(str(tiny_pipeline), "cpu")
     for i, name in enumerate(record["images"]):
         rgb = np.asarray(Image.open(out / "rgbd" / f"{name}.png"))

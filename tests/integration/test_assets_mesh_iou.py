@@ -97,7 +97,8 @@ def test_overfit_tiny_model_mesh_overlaps_the_true_visible_shape(tmp_path, tiny_
     assert main(["prep", "synth", "--out", str(shards), "--n", str(SAMPLE + 1), "--resolution", "32",
                  "--no-progress"]) == 0
     raw = [item for item in inputs_from_shards([shards]) if item.key == f"synth_{SAMPLE:07d}"][0]
-    cfg = load_config(tiny_config_path, ["renderer.num_coarse=16", "renderer.num_fine=16", "renderer.deterministic=true",
+    cfg = load_config(tiny_config_path, ["renderer.num_coarse=16", "renderer.num_fine=16",
+                                         "renderer.deterministic=true",
                                          "renderer.impl=reference"])
     rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
 

@@ -38,9 +38,11 @@ def test_viewer_frame_is_a_rotation_that_puts_the_canonical_camera_on_plus_z():
     from g3dr.config import CameraConfig
     from g3dr.render import camera_to_world_from_angles, rays_from_cameras
 
-    assert np.allclose(VIEWER_FROM_WORLD @ VIEWER_FROM_WORLD.T, np.eye(3)) and np.isclose(np.linalg.det(VIEWER_FROM_WORLD), 1)
+    assert np.allclose(VIEWER_FROM_WORLD @ VIEWER_FROM_WORLD.T, np.eye(3))
+    assert np.isclose(np.linalg.det(VIEWER_FROM_WORLD), 1)
     cam = CameraConfig()
-    c2w = camera_to_world_from_angles(torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch]), cam.radius)
+    c2w = camera_to_world_from_angles(torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch]),
+                                      cam.radius)
     origins, dirs = rays_from_cameras(c2w.double(), cam.fov_degrees, 33)
     origin_v = VIEWER_FROM_WORLD @ origins[0, 0].numpy()
     dirs_v = dirs[0].numpy() @ VIEWER_FROM_WORLD.T
@@ -96,7 +98,8 @@ def test_density_reaching_the_box_is_capped_half_a_step_outside():
 def test_grid_and_errors():
     points = grid_points(5, 2.0)
     assert points.shape == (5, 5, 5, 3)
-    np.testing.assert_allclose(points[0, 0, 0], [-1, -1, -1]) and np.testing.assert_allclose(points[4, 2, 1], [1, 0, -0.5])
+    np.testing.assert_allclose(points[0, 0, 0], [-1, -1, -1])
+    np.testing.assert_allclose(points[4, 2, 1], [1, 0, -0.5])
     grid = density_grid_from_field(sphere_field, 16, 2.0)
     with pytest.raises(DataError, match="lower --threshold"):
         mesh_from_density_grid(grid, 2.0, float(grid.max()) + 1)
