@@ -157,6 +157,8 @@ def run_batch(args: argparse.Namespace) -> int:
                            mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
                            resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed)
     options.check()
+    if args.input and Path(args.out).resolve() == Path(args.input).resolve():
+        raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")
     model, cfg, meta, device = load_model(args)
     inputs = inputs_from_folder(args.input) if args.input else inputs_from_shards(args.shards)
     total = len(inputs) if isinstance(inputs, list) else None

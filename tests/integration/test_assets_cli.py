@@ -123,6 +123,8 @@ def test_mesh_cli_and_errors(checkpoint, folder, tmp_path, capsys):
     assert "--depth-model" in capsys.readouterr().err
     assert main(["batch", "--checkpoint", str(checkpoint), "--input", str(folder), "--out", str(tmp_path / "x")]) != 0
     assert "nothing to write" in capsys.readouterr().err
+    assert main(["batch", "--checkpoint", str(checkpoint), "--input", str(folder), "--out", str(folder), "--png"]) != 0
+    assert "overwrite inputs" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
