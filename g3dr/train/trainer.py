@@ -99,21 +99,25 @@ def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None
 
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("RANK", str(dist.rank))
-    os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
-    if dist.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
-                          "launch with torchrun, the DeepSpeed launcher or `g3dr submit train`")
+    init_method = None
+    if dist.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # A lone process: a private TCP rendezvous; RANK/WORLD_SIZE stay unset (DeepSpeed only needs LOCAL_RANK).
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    else:
+        # SLURM sets only SLURM_* variables; DeepSpeed and torch read these.
+        os.environ.setdefault("RANK", str(dist.rank))
+        os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
+                              "launch with torchrun, the DeepSpeed launcher or `g3dr submit train`")
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
-                               rank=dist.rank, world_size=dist.world_size)
+                               init_method=init_method, rank=dist.rank, world_size=dist.world_size)
 
 
 def _all_ranks_true(flag: bool, device: torch.device) -> bool:
