@@ -29,6 +29,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="mesh: density samples per axis over the scene box (default 128)")
     parser.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
                         help="mesh: iso-level on the activated density (default 5: a 0.2 thick layer is 63%% opaque)")
+    parser.add_argument("--keep-components", type=int, metavar="K",
+                        help="mesh: keep only the K largest connected components (drops floaters; default: all)")
 
 
 def _add_asset_outputs(parser: argparse.ArgumentParser) -> None:
@@ -134,8 +136,10 @@ def run_mesh(args: argparse.Namespace) -> int:
     with torch.no_grad():
         planes = model.make_planes(rgb.to(device), depth.to(device))
     field = TriplaneField(planes, model.decoder, model.renderer)
+    if args.keep_components is not None and args.keep_components < 1:
+        raise ConfigError(f"--keep-components must be >= 1, got {args.keep_components}")
     mesh = extract_mesh(field, resolution=args.grid, threshold=args.threshold, box_warp=cfg.renderer.box_warp,
-                        progress=True)
+                        keep_components=args.keep_components, progress=True)
     write_mesh(mesh, args.out)
     log.info("wrote %s", args.out)
     print(f"mesh of {args.image}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
@@ -155,7 +159,8 @@ def run_batch(args: argparse.Namespace) -> int:
     log = get_logger("g3dr.assets")
     options = AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
                            mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
-                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed)
+                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed,
+                           keep_components=args.keep_components)
     options.check()
     if args.input and Path(args.out).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")

@@ -39,6 +39,8 @@ class AssetOptions:
     """Mesh grid samples per axis (the grid covers the scene box, faces included)."""
     threshold: float = 5.0
     """Mesh iso-level on the activated density (see :mod:`g3dr.assets.mesh`)."""
+    keep_components: int | None = None
+    """Keep only this many largest connected mesh components (drops floaters); None keeps all."""
     seed: int = 0
 
     def check(self) -> None:
@@ -55,6 +57,8 @@ class AssetOptions:
                 raise ConfigError(f"--mesh format {suffix} is not one of {', '.join(MESH_FORMATS)}")
         if self.frames < 1 or self.fps < 1:
             raise ConfigError(f"--frames and --fps must be >= 1, got {self.frames} and {self.fps}")
+        if self.keep_components is not None and self.keep_components < 1:
+            raise ConfigError(f"--keep-components must be >= 1, got {self.keep_components}")
         if self.grid < 2 or not self.threshold > 0:
             raise ConfigError(f"--grid must be >= 2 and --threshold > 0, got {self.grid} and {self.threshold}")
 
@@ -97,7 +101,8 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
     if options.mesh:
         field_ = TriplaneField(planes, model.decoder, model.renderer)
         mesh = extract_mesh(field_, resolution=options.grid, threshold=options.threshold,
-                            box_warp=cfg.renderer.box_warp, progress=progress)
+                            box_warp=cfg.renderer.box_warp, keep_components=options.keep_components,
+                            progress=progress)
         pending += [(suffix, mesh) for suffix in options.mesh]
 
     out_stem = Path(out_stem)

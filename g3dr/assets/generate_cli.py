@@ -58,6 +58,7 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--grid", type=int, default=128, metavar="N")
     parser.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA")
+    parser.add_argument("--keep-components", type=int, metavar="K")
     _add_asset_outputs(parser)
     parser.set_defaults(handler=run_generate)
 
@@ -123,7 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num and --steps must be >= 1, got {args.num} and {args.steps}")
     options = AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
                            mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
-                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed)
+                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed,
+                           keep_components=args.keep_components)
     if args.checkpoint:
         options.check()
     elif options.png or options.npz or options.video or options.mesh:

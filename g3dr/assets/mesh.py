@@ -7,8 +7,8 @@ i.e. ``viewer = (z, y, -x)`` of the world (a proper rotation, :data:`VIEWER_FROM
 therefore faces the default camera of any viewer. (This is also the frame of ``g3dr prep synth``.)
 
 Density. The same quantity the ray marcher composites: ``softplus(sigma_raw + density_offset) *
-sigma_scale`` (per unit length). The default iso-level 10 is the density at which a layer 0.1 thick
-(5% of the box) has opacity ``1 - exp(-1) = 0.63``: a surface the renderer sees as solid.
+sigma_scale`` (per unit length). The default iso-level 5 is the density at which a layer 0.2 thick
+(a tenth of the box) has opacity ``1 - exp(-1) = 0.63``: a surface the renderer sees as solid.
 
 Watertightness. The grid covers the box including its faces and is padded by one sample of zero density
 on every side before marching cubes, so every level set is closed: where the density reaches the box
@@ -38,6 +38,7 @@ __all__ = [
     "density_grid_from_field",
     "mesh_from_density_grid",
     "extract_mesh",
+    "keep_largest_components",
     "write_mesh",
     "MESH_FORMATS",
 ]
@@ -170,11 +171,39 @@ def mesh_from_density_grid(grid: np.ndarray, box_warp: float, threshold: float) 
     return vertices.astype(np.float32), faces.astype(np.int64)
 
 
-def extract_mesh(field: Field, *, resolution: int = 128, threshold: float = 10.0, box_warp: float = 2.0,
-                 progress: bool = False) -> Mesh:
-    """Density grid -> marching cubes -> vertex colours from the field, in the viewer frame."""
+def keep_largest_components(vertices: np.ndarray, faces: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` connected components with the most faces (floaters dropped); vertices re-indexed.
+
+    Components are sets of faces joined by shared vertices. Each kept component stays closed.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if keep < 1:
+        raise ConfigError(f"the number of components to keep must be >= 1, got {keep}")
+    n = len(vertices)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    count, labels = connected_components(graph, directed=False)
+    if count <= keep:
+        return vertices, faces
+    face_labels = labels[faces[:, 0]]
+    sizes = np.bincount(face_labels, minlength=count)
+    kept = np.argsort(-sizes, kind="stable")[:keep]
+    face_mask = np.isin(face_labels, kept)
+    used = np.zeros(n, dtype=bool)
+    used[faces[face_mask].ravel()] = True
+    new_index = np.cumsum(used) - 1
+    return vertices[used], new_index[faces[face_mask]].astype(np.int64)
+
+
+def extract_mesh(field: Field, *, resolution: int = 128, threshold: float = 5.0, box_warp: float = 2.0,
+                 keep_components: int | None = None, progress: bool = False) -> Mesh:
+    """Density grid -> marching cubes -> (largest components) -> vertex colours from the field, viewer frame."""
     grid = density_grid_from_field(field, resolution, box_warp, progress=progress)
     vertices, faces = mesh_from_density_grid(grid, box_warp, threshold)
+    if keep_components is not None:
+        vertices, faces = keep_largest_components(vertices, faces, keep_components)
     rgb, _ = field(torch.from_numpy(vertices.astype(np.float64) @ VIEWER_FROM_WORLD))
     colors = (rgb.numpy() * 255).round().clip(0, 255).astype(np.uint8)
     return Mesh(vertices=vertices, faces=faces, colors=colors)

@@ -115,8 +115,9 @@ def test_mesh_cli_and_errors(checkpoint, folder, tmp_path, capsys):
     out = tmp_path / "a.obj"
     args = ["mesh", "--checkpoint", str(checkpoint), "--image", str(folder / "a.jpg"), "--device", "cpu",
             "--grid", "16", "--threshold", THRESHOLD]
-    assert main([*args, "--depth", str(folder / "a_depth.png"), "--out", str(out)]) == 0
-    assert trimesh.load(out, force="mesh").is_watertight
+    assert main([*args, "--depth", str(folder / "a_depth.png"), "--out", str(out), "--keep-components", "1"]) == 0
+    mesh = trimesh.load(out, force="mesh")
+    assert mesh.is_watertight and len(mesh.split(only_watertight=False)) == 1
     assert main([*args, "--depth", str(folder / "a_depth.png"), "--out", str(tmp_path / "a.stl")]) != 0
     assert "must end in" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "b.ply")]) != 0

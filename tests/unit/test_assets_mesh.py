@@ -148,3 +148,25 @@ def test_triplane_field_is_the_renderers_density(tiny_config_path):
     expected = torch.log1p(torch.exp(raw[0, :, 0].double() + cfg.renderer.density_offset)) * 3.0
     torch.testing.assert_close(density, expected.float())
     torch.testing.assert_close(colour, rgb[0].clamp(0, 1))
+
+
+def test_keep_largest_components_drops_floaters():
+    """Two separate balls (r 0.5 and a floater of r 0.15): keeping one leaves the big ball, closed and re-indexed."""
+    small = np.array([-0.6, 0.6, -0.6])
+
+    def field(points):
+        p = points.double()
+        big = RADIUS - (p - torch.from_numpy(CENTRE_WORLD)).norm(dim=-1)
+        floater = 0.15 - (p - torch.from_numpy(small)).norm(dim=-1)
+        return torch.full((len(p), 3), 0.5), (10.0 + 30.0 * torch.maximum(big, floater)).float()
+
+    both = extract_mesh(field, resolution=40, threshold=10.0).to_trimesh()
+    assert len(both.split(only_watertight=False)) == 2
+    mesh = extract_mesh(field, resolution=40, threshold=10.0, keep_components=1)
+    tm = mesh.to_trimesh()
+    assert tm.is_watertight and len(tm.split(only_watertight=False)) == 1
+    assert abs(tm.volume / (4 / 3 * math.pi * RADIUS**3) - 1) < 0.02
+    assert len(mesh.colors) == len(mesh.vertices) and mesh.faces.max() == len(mesh.vertices) - 1
+    assert extract_mesh(field, resolution=40, threshold=10.0, keep_components=5).faces.shape == both.faces.shape
+    with pytest.raises(ConfigError, match=">= 1"):
+        extract_mesh(field, resolution=12, threshold=10.0, keep_components=0)
