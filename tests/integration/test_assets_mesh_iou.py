@@ -12,9 +12,9 @@ The bound, IoU > 0.5, and why. The tiny model sees a 32x32 image, renders 16+16 
 for 150 Adam steps on CPU (20-40 s), reaching a mean depth error of ~0.13 and a silhouette blurred by about a
 pixel; its mesh (default threshold 5) measured IoU 0.59 on this sample (0.65 at threshold 10). The same mesh
 scores at most 0.33 against four other primitives of the dataset (so a wrong shape stays below the bound, and
-the test asserts that too), and the mesh of the exact primitive (an analytic density through the same marching cubes, file and measure) scores
-0.92 (what the measure itself loses to the 48^3 grid, the 64x64 z-buffer and the 32^3 voxels). 0.5 sits
-between, with margin on both sides.
+the test asserts that too), and the mesh of the exact primitive (an analytic density through the same marching
+cubes, file and measure) scores 0.92 (what the measure itself loses to the 48^3 grid, the 64x64 z-buffer and
+the 32^3 voxels). 0.5 sits between, with margin on both sides.
 """
 
 from __future__ import annotations
