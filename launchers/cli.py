@@ -36,7 +36,8 @@ def _launch_arguments() -> argparse.ArgumentParser:
     g.add_argument("--constraint", default=None, help="node feature constraint (e.g. h100)")
     g.add_argument("--signal-delay-s", type=int, default=120,
                    help="USR2 this many seconds before the time limit: the job checkpoints and requeues itself")
-    g.add_argument("--max-requeues", type=int, default=3, help="time-limit requeues allowed per job")
+    g.add_argument("--max-requeues", type=int, default=50,
+                   help="time-limit requeues allowed per job (a long training runs as a chain of time-limited runs)")
     g.add_argument("--job-name", default=None, help="SLURM job name (default g3dr-<kind>)")
     g.add_argument("--log-dir", default=None,
                    help="folder of per-job logs and submitit files (a %%j subfolder per job); default: see each kind")

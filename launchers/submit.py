@@ -51,8 +51,9 @@ class LaunchOptions:
     constraint: str | None = None
     signal_delay_s: int = 90
     """USR2 comes this many seconds before the time limit; the job checkpoints and requeues itself on it."""
-    max_requeues: int = 3
-    """How many time-limit requeues are allowed (preemptions do not count; submitit's ``max_num_timeout``)."""
+    max_requeues: int = 50
+    """How many time-limit requeues are allowed (preemptions do not count; submitit's ``max_num_timeout``). A long
+    training runs as a chain of time-limited runs, one requeue each."""
     array_parallelism: int = 256
     dependency: str | None = None
     """A SLURM dependency (``afterok:123``); set by :func:`submit_jobs` callers chaining jobs."""

@@ -113,7 +113,7 @@ def test_preempted_training_requeues_and_matches_uninterrupted(uninterrupted, tm
     assert job_restarts(submitted) == 1
     assert stopped and 2 <= stopped[0] < STEPS, logs
     assert "requeueing, this will be requeue #1" in logs and "requeue count 1" in logs
-    assert f"--resume auto: " in logs or "resum" in logs.lower()
+    assert f"resumed from {root / 'run' / 'checkpoints' / f'step-{stopped[0]}'} at step {stopped[0]}" in logs
     assert (root / "run" / "checkpoints" / f"step-{STEPS}").is_dir()
     run_ids, losses = _history(root)
     straight_ids, straight = _history(uninterrupted)
