@@ -158,6 +158,9 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on
 
 def test_two_node_job_meets_at_the_first_node(cluster, tmp_path, cancel_on_exit):
     """Partition `multi`: two (virtual) nodes, one task each; a real gloo all-reduce across them."""
+    reason = _cluster_helper().ensure_cluster(("multi",))
+    if reason:
+        pytest.skip(reason)
     start = time.monotonic()
     [job] = submit_jobs([AllReduce()], "slurm", tmp_path / "%j",
                         LaunchOptions(job_name="g3dr-2nodes", partition="multi", nodes=2, time_min=5))

@@ -36,7 +36,7 @@ def _cluster_helper():
 def cluster():
     if importlib.util.find_spec("g3dr.train.cli") is None:
         pytest.skip("g3dr train is not in this checkout")
-    reason = _cluster_helper().ensure_cluster()
+    reason = _cluster_helper().ensure_cluster(("debug", "multi"))
     if reason:
         pytest.skip(reason)
 

@@ -31,24 +31,29 @@ def _partitions() -> set[str]:
     return {p.rstrip("*") for p in out.stdout.split()}
 
 
-def ensure_cluster() -> str | None:
-    """None when the test cluster is usable, else why not (decided once per process)."""
-    if "reason" in _state:
+def ensure_cluster(partitions: tuple[str, ...] = ("debug",)) -> str | None:
+    """None when the test cluster is up with ``partitions``, else why not (the cluster is started once)."""
+    if "reason" not in _state:
+        _state["reason"] = _start()
+    if _state["reason"]:
         return _state["reason"]
+    missing = set(partitions) - _partitions()
+    if missing:
+        return (f"the running SLURM cluster has no partition {', '.join(sorted(missing))} "
+                f"(not the test cluster of {SCRIPT.name}, or its virtual nodes could not be set up)")
+    return None
+
+
+def _start() -> str | None:
     was_up = _up()
     # The script is idempotent and quick when the cluster is up (it restarts one of ours whose config is old).
     try:
         out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        _state["reason"] = f"{SCRIPT.name} did not finish in 600 s"
-        return _state["reason"]
+        return f"{SCRIPT.name} did not finish in 600 s"
     if out.returncode != 0:
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
-        _state["reason"] = f"no local SLURM cluster: {why}"
-        return _state["reason"]
+        return f"no local SLURM cluster: {why}"
     if not was_up:
         atexit.register(lambda: subprocess.run(["bash", str(SCRIPT), "--stop"], capture_output=True, timeout=60))
-    missing = {"debug", "multi"} - _partitions()
-    _state["reason"] = (f"the running SLURM cluster is not the test cluster of {SCRIPT.name} (no partition "
-                        f"{', '.join(sorted(missing))})") if missing else None
-    return _state["reason"]
+    return None

@@ -92,11 +92,30 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 $NODE_LINE
-NodeName=${VNODES[0]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=${VNODE_PORTS[0]} CPUs=1 RealMemory=1024 State=UNKNOWN
-NodeName=${VNODES[1]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=${VNODE_PORTS[1]} CPUs=1 RealMemory=1024 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=multi Nodes=${VNODES[0]},${VNODES[1]} MaxTime=INFINITE State=UP
 CONFEOF
+    if (( ${#VNODES[@]} == 2 )); then
+        local i
+        for i in 0 1; do
+            echo "NodeName=${VNODES[$i]} NodeHostname=$NODE NodeAddr=127.0.0.1 Port=${VNODE_PORTS[$i]} CPUs=1" \
+                 "RealMemory=1024 State=UNKNOWN"
+        done
+        echo "PartitionName=multi Nodes=${VNODES[0]},${VNODES[1]} MaxTime=INFINITE State=UP"
+    fi
+}
+
+resolve_vnodes() {  # keep the virtual nodes only if their names resolve (root adds them to /etc/hosts)
+    local v
+    for v in "${VNODES[@]}"; do
+        if ! getent hosts "$v" >/dev/null && [[ $(id -u) == 0 ]]; then
+            echo "127.0.0.1 $v  # g3dr-scale test cluster" >>/etc/hosts 2>/dev/null
+        fi
+        if ! getent hosts "$v" >/dev/null; then
+            say "the virtual nodes' names do not resolve (read-only /etc/hosts?): no partition multi"
+            VNODES=()
+            return 0
+        fi
+    done
 }
 
 stop_slurmds() {
@@ -111,6 +130,8 @@ if [[ ${1:-} == "--stop" ]]; then
     say "stopped"
     exit 0
 fi
+
+resolve_vnodes
 
 if command -v scontrol >/dev/null && cluster_up; then
     if [[ $(id -u) == 0 && -f $CONF ]] && grep -qF "$MARKER" $CONF && [[ "$(render_conf)" != "$(cat $CONF)" ]]; then
@@ -157,11 +178,8 @@ fi
 NEW_CONF=$(mktemp)
 render_conf >"$NEW_CONF" || cannot "slurmd -C could not describe this node"
 NODE=$(hostname -s)
-install -d -m 0755 $CONF_DIR $STATE $LOGS $SPOOL/$NODE $SPOOL/${VNODES[0]} $SPOOL/${VNODES[1]}
-# The virtual nodes' names must resolve (the rendezvous uses node names, as on a real cluster).
-for vnode in "${VNODES[@]}"; do
-    getent hosts "$vnode" >/dev/null || echo "127.0.0.1 $vnode  # g3dr-scale test cluster" >>/etc/hosts
-done
+install -d -m 0755 $CONF_DIR $STATE $LOGS
+for node in "$NODE" "${VNODES[@]}"; do install -d -m 0755 "$SPOOL/$node"; done
 if ! cmp -s "$NEW_CONF" $CONF; then
     install -m 0644 "$NEW_CONF" $CONF
     CONF_CHANGED=1
