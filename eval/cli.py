@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: the checkpoint's data config")
     parser.add_argument("--metrics", metavar="LIST", help="comma list of fid,is,nfs,da")
     parser.add_argument("--sigma-scales", metavar="LIST", help="comma list of density scale factors, e.g. 1,5,10,50")
-    parser.add_argument("--num-samples", type=int, metavar="N", help="samples per metric and scale (default 256)")
+    parser.add_argument("--num-samples", type=int, metavar="N", help="samples behind NFS and DA (default 256)")
+    parser.add_argument("--fid-samples", type=int, metavar="N",
+                        help="samples behind FID and IS (default 50000; 0: --num-samples)")
     parser.add_argument("--views", metavar="LIST", help="comma list of canonical,novel")
     parser.add_argument("--novel-camera", choices=["sampled", "video"],
                         help="novel views as in training, or the video path")
@@ -72,6 +74,8 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[str, ...]:
         out.append(f"eval.sigma_scales={_list(args.sigma_scales)}")
     if args.num_samples is not None:
         out.append(f"eval.num_samples={args.num_samples}")
+    if args.fid_samples is not None:
+        out.append(f"eval.fid_samples={args.fid_samples}")
     if args.views:
         out.append(f"eval.views={_list(args.views)}")
     if args.novel_camera:

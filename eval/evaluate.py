@@ -1,6 +1,7 @@
 """Evaluate one f_trigen: lift dataset RGB-D images to triplanes, render them at every sigma scale, score.
 
-For each input sample (the first ``eval.num_samples`` of the eval stream), the triplane is built once and
+For each input sample (the first ``max(eval.num_samples, eval.fid_samples)`` of the eval stream: NFS and DA
+use the first ``num_samples``, FID and IS the first ``fid_samples``), the triplane is built once and
 rendered, per sigma scale, in the canonical view (NFS on the median depth, DA against the input's
 pseudo-depth, and FID/IS when ``canonical`` is among the views) and in a novel view (FID/IS). Novel
 cameras are a function of the sample index (seeded per sample, or the video trajectory), and eval renders
@@ -52,6 +53,7 @@ class EvalSpec:
     metrics: tuple[str, ...]
     sigma_scales: tuple[float, ...]
     num_samples: int
+    fid_samples: int
     views: tuple[str, ...]
     novel_camera: str
     nfs_bins: int
@@ -67,7 +69,8 @@ class EvalSpec:
     def from_config(cls, cfg: Config) -> EvalSpec:
         e: EvalConfig = cfg.eval
         return cls(metrics=tuple(e.metrics), sigma_scales=tuple(float(s) for s in e.sigma_scales),
-                   num_samples=e.num_samples, views=tuple(e.views), novel_camera=e.novel_camera,
+                   num_samples=e.num_samples, fid_samples=e.fid_samples or e.num_samples,
+                   views=tuple(e.views), novel_camera=e.novel_camera,
                    nfs_bins=e.nfs_bins, nfs_near=e.nfs_near, nfs_far=e.nfs_far, is_splits=e.is_splits,
                    num_real=e.num_real, deterministic_render=e.deterministic_render, seed=e.seed,
                    resolution=e.render_resolution or cfg.data.resolution)
@@ -79,6 +82,11 @@ class EvalSpec:
             v = getattr(self, f.name)
             out[f"eval.{f.name}"] = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
         return out
+
+    @property
+    def total_samples(self) -> int:
+        """Input samples read: the larger of the NFS/DA and the FID/IS counts."""
+        return max(self.num_samples, self.fid_samples)
 
     @property
     def needs_inception(self) -> bool:
@@ -105,7 +113,7 @@ def novel_angles(indices: Sequence[int], spec: EvalSpec, cam_cfg: CameraConfig) 
     from g3dr.render.cameras import sample_novel_angles, video_trajectory
 
     if spec.novel_camera == "video":
-        yaw, pitch = video_trajectory(spec.num_samples, cam_cfg)
+        yaw, pitch = video_trajectory(spec.total_samples, cam_cfg)
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return yaw[idx], pitch[idx]
     yaws, pitches = [], []
@@ -155,7 +163,8 @@ def take_block(batches: Iterable[dict], block: range, batch_size: int, total: in
         if seen >= total:  # every rank reads all N, so a short stream fails on every rank alike
             break
     if seen < total:
-        raise DataError(f"the eval data holds {seen} samples but eval.num_samples={total}; lower it or use more data")
+        raise DataError(f"the eval data holds {seen} samples but the evaluation needs {total} "
+                        f"(eval.num_samples / eval.fid_samples); lower them or use more data")
     if pending:
         yield _stack(pending)
 
@@ -198,7 +207,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                    device: torch.device | str = "cpu", batch_size: int | None = None,
                    grid_samples: int = 0, should_stop: Callable[[], bool] = lambda: False,
                    progress: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Scores of ``model`` on the first ``spec.num_samples`` samples of ``batches``; returns
+    """Scores of ``model`` on the first ``spec.total_samples`` samples of ``batches``; returns
     ``(results, grids)``: results by MLflow metric name (``fid/s5``...), identical on every rank, and on
     rank 0 the first ``grid_samples`` renders per view and scale (``rgb_novel_s5``, ``depth_canonical_s5``).
 
@@ -211,7 +220,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
     if "fid" in spec.metrics and real_stats is None:
         raise ValueError("FID needs the dataset statistics")
     rank, world = _world()
-    block = shard_range(spec.num_samples, rank, world)
+    block = shard_range(spec.total_samples, rank, world)
     batch_size = batch_size or cfg.eval.batch_size
     image_views = list(spec.views) if spec.needs_inception else []
     render_views = sorted(set(image_views) | ({"canonical"} if {"nfs", "da"} & set(spec.metrics) else set()))
@@ -223,31 +232,34 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
         from tqdm import tqdm
         bar = tqdm(total=len(block), desc="eval samples", unit="img", leave=False)
     with torch.no_grad():
-        for indices, batch in take_block(batches, block, batch_size, spec.num_samples):
+        for indices, batch in take_block(batches, block, batch_size, spec.total_samples):
             if should_stop():
                 raise EvalInterrupted("stop requested during evaluation")
             rgb = batch["rgb"].to(device)
             depth = batch["depth"].to(device)
             planes = model.make_planes(rgb, depth)
             cams = {v: cameras(indices, v, spec, cfg.camera).to(device) for v in render_views}
+            for_images = [j for j, i in enumerate(indices) if i < spec.fid_samples]  # rows scored by FID/IS
+            for_depth = [j for j, i in enumerate(indices) if i < spec.num_samples]  # rows scored by NFS/DA
             for scale in spec.sigma_scales:
                 with render_settings(model, scale, spec.deterministic_render):
                     for view in render_views:
                         out = model.renderer(planes, model.decoder, cams[view], spec.resolution,
                                              depth=None, canonical=view == "canonical")
                         acc = scores[(view, scale)]
-                        if view in image_views:
-                            images = quantize_images(out["rgb"])
+                        if view in image_views and for_images:
+                            images = quantize_images(out["rgb"][for_images])
                             if "fid" in spec.metrics:
                                 acc.moments.update(detector.features(images))
                             if "is" in spec.metrics:
                                 acc.probs.append(detector.probabilities(images))
-                        if view == "canonical":
+                        if view == "canonical" and for_depth:
                             if "nfs" in spec.metrics:
-                                acc.nfs.append(non_flatness_per_map(out["median_depth"], spec.nfs_near,
+                                acc.nfs.append(non_flatness_per_map(out["median_depth"][for_depth], spec.nfs_near,
                                                                     spec.nfs_far, spec.nfs_bins))
                             if "da" in spec.metrics:
-                                acc.da.append(depth_accuracy_per_map(out["depth"], _resized(depth, spec.resolution)))
+                                target = _resized(depth[for_depth], spec.resolution)
+                                acc.da.append(depth_accuracy_per_map(out["depth"][for_depth], target))
                         _keep_grid(grids, indices, grid_samples, view, scale, out)
             if bar is not None:
                 bar.update(len(indices))
@@ -278,18 +290,18 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
             real_stats: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
     """Combine the ranks' accumulators into final scores (every rank runs the same collectives in order)."""
     results: dict[str, float] = {}
-    n = spec.num_samples
+    n, n_images = spec.num_samples, spec.fid_samples
     for (view, scale), acc in sorted(scores.items()):
         image_view = view in spec.views and spec.needs_inception
         if image_view and "fid" in spec.metrics:
             total = all_reduce_moments(acc.moments)
-            _check_count(total.count, n, "FID features")
+            _check_count(total.count, n_images, "FID features")
             mu, sigma = total.mean_cov()
             results[metric_key("fid", scale, view, spec.views)] = frechet_distance(mu, sigma, *real_stats)
         if image_view and "is" in spec.metrics:
             local = torch.cat(acc.probs) if acc.probs else torch.zeros(0, 1008)
             probs = gather_rows(local)
-            _check_count(probs.shape[0], n, "IS probabilities")
+            _check_count(probs.shape[0], n_images, "IS probabilities")
             mean, std = inception_score(as_numpy(probs), spec.is_splits)
             results[metric_key("is", scale, view, spec.views)] = mean
             results[metric_key("is_std", scale, view, spec.views)] = std

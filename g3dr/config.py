@@ -404,6 +404,9 @@ class EvalConfig:
     """Seed of the per-sample novel-view cameras (sample i always gets the same camera)."""
     grid_samples: int = 8
     """Samples shown in the render and depth grids logged as artifacts (0: none)."""
+    fid_samples: int = 50_000
+    """Samples behind FID and IS (0: ``num_samples``): 50k as EG3D's ``fid50k_full`` and ``is50k``. NFS and
+    DA always use the first ``num_samples`` samples."""
     render_resolution: int = 0
     """Resolution of the eval renders and of the FID reference images (0: data.resolution). The paper
     reports ImageNet metrics at 256; the triplane is still built from the input at data.resolution."""
@@ -414,8 +417,9 @@ class EvalConfig:
         _check(self.num_real >= 0, "num_real", f"must be >= 0, got {self.num_real}")
         _check(self.grid_samples >= 0, "grid_samples", f"must be >= 0, got {self.grid_samples}")
         _check(self.render_resolution >= 0, "render_resolution", f"must be >= 0, got {self.render_resolution}")
-        _check(self.is_splits <= self.num_samples or "is" not in self.metrics, "is_splits",
-               f"must be <= eval.num_samples ({self.num_samples}) when IS is computed, got {self.is_splits}")
+        _check(self.fid_samples >= 0, "fid_samples", f"must be >= 0, got {self.fid_samples}")
+        _check(self.is_splits <= (self.fid_samples or self.num_samples) or "is" not in self.metrics, "is_splits",
+               f"must be <= the IS sample count ({self.fid_samples or self.num_samples}), got {self.is_splits}")
         _check(len(self.sigma_scales) >= 1 and all(s > 0 for s in self.sigma_scales), "sigma_scales",
                f"must be a non-empty list of positive numbers, got {list(self.sigma_scales)}")
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")

@@ -31,7 +31,7 @@ def setup(inception: str):
     depth = 4.5 + torch.rand(9, 1, 32, 32, generator=gen)
     stream = [{"rgb": rgb[i:i + 4], "depth": depth[i:i + 4]} for i in range(0, 9, 4)]
     spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da"), num_samples=NUM_SAMPLES,
-                               is_splits=2)
+                               fid_samples=NUM_SAMPLES, is_splits=2)
     return cfg, model, stream, spec, load_inception(inception)
 
 

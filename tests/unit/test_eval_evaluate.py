@@ -92,7 +92,8 @@ def tiny_setup(tmp_path_factory):
     torch.manual_seed(0)
     model = FTrigen(cfg).eval()
     detector = load_inception(_helper("tiny_inception").save_tiny_inception(tmp_path_factory.mktemp("inc") / "i.pt"))
-    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da"), num_samples=6, is_splits=2)
+    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da"), num_samples=6, fid_samples=6,
+                               is_splits=2)
     return cfg, model, detector, spec
 
 
@@ -157,3 +158,23 @@ def test_renders_at_another_resolution(tiny_setup):
         out = model.renderer(model.make_planes(rgb, depth), model.decoder, cams, 48)
     target = torch.nn.functional.interpolate(depth, size=(48, 48), mode="bilinear", align_corners=False)
     assert results["da/s1"] == pytest.approx(depth_accuracy(out["depth"], target), rel=1e-6)
+
+
+def test_fid_and_is_use_their_own_sample_count(tiny_setup):
+    """NFS/DA on the first num_samples, IS on the first fid_samples (here more), in one pass."""
+    cfg, model, detector, spec = tiny_setup
+    split = dataclasses.replace(spec, num_samples=3, fid_samples=7, views=("novel",), sigma_scales=(1.0,))
+    results, _ = evaluate_model(model, cfg, _batches(8, 4), split, detector, None, batch_size=4, progress=False)
+    stream = _batches(8, 4)
+    rgb = torch.cat([b["rgb"] for b in stream])[:7]
+    depth = torch.cat([b["depth"] for b in stream])[:7]
+    with torch.no_grad(), render_settings(model, 1.0, True):
+        planes = model.make_planes(rgb, depth)
+        canon = model.renderer(planes, model.decoder, cameras(range(7), "canonical", split, cfg.camera), 32)
+        novel = model.renderer(planes, model.decoder, cameras(range(7), "novel", split, cfg.camera), 32)
+    assert results["nfs/s1"] == pytest.approx(
+        non_flatness_score(canon["median_depth"][:3], split.nfs_near, split.nfs_far, split.nfs_bins), rel=1e-9)
+    assert results["da/s1"] == pytest.approx(depth_accuracy(canon["depth"][:3], depth[:3]), rel=1e-6)
+    probs = detector.probabilities(quantize_images(novel["rgb"])).numpy()
+    assert results["is/s1"] == pytest.approx(inception_score(probs, 2)[0], rel=1e-5)
+    assert inception_score(probs[:3], 2)[0] != pytest.approx(results["is/s1"], rel=1e-5)
