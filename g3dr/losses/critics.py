@@ -33,6 +33,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORM_EPS = 1e-6  # floor of the squared channel norm in the perceptual distance (features are O(1) and larger)
 
 # Overrides of the open_clip architecture for the random-weight test critic (same model class and code path).
 TINY_CLIP_OVERRIDES: dict[str, Any] = {
@@ -97,7 +98,7 @@ class VggCritic(nn.Module):
     """VGG perceptual distance (LPIPS-style, without learned layer weights) between images in [-1, 1].
 
     Features are taken after the last ReLU of every VGG block (relu1_2 ... relu5_3 for VGG16), unit-normalised
-    over channels; the distance of a layer is the spatial mean of the squared difference summed over
+    over channels (``f / sqrt(|f|^2 + 1e-6)``); the distance of a layer is the spatial mean of the squared difference summed over
     channels, and ``forward(x, y, layer_weights)`` returns ``sum_l weight_l * distance_l`` averaged over the
     batch. Differentiable in both images; VGG weights are frozen.
     """
@@ -142,8 +143,10 @@ class VggCritic(nn.Module):
         for w, fx, fy in zip(weights, self.layer_features(x), self.layer_features(y)):
             if w == 0:
                 continue
-            nx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            ny = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            # sqrt(|f|^2 + eps) rather than LPIPS's |f| + 1e-10: where a pixel's features are all (nearly) zero,
+            # the direction of f is undefined and its gradient ~1/|f| would amplify float noise without bound.
+            nx = fx * torch.rsqrt(fx.pow(2).sum(1, keepdim=True) + NORM_EPS)
+            ny = fy * torch.rsqrt(fy.pow(2).sum(1, keepdim=True) + NORM_EPS)
             total = total + w * (nx - ny).pow(2).sum(1).mean()
         return total
 

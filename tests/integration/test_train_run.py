@@ -92,8 +92,11 @@ def test_gradient_accumulation_is_exact_and_dead_tracking_keeps_going(tmp_path):
     from g3dr.train.trainer import seed_everything, train
 
     # tau=0: every micro-batch is canonical (same view choice either way); eps=1 and no clipping make the
-    # Adam update proportional to the gradient, so a wrongly scaled accumulation would show.
-    common = ["train.total_steps=1", "train.global_batch_size=8", "train.warmup_steps=0", "train.grad_clip=0.0",
+    # Adam update proportional to the gradient, so a wrongly scaled accumulation would show. Perceptual off: with it
+    # (and the reference renderer) plain PyTorch itself gives gradients for 1 x 8 and 4 x 2 that differ by
+    # 1.7e-4 relative (1e-6 without it), most likely max-pool ties in flat regions of the render routing
+    # subgradients differently per batch shape; that moves a few tiny-gradient tensors by up to 2e-1.
+    common = ["train.total_steps=1", "loss.perceptual=0.0", "train.global_batch_size=8", "train.warmup_steps=0", "train.grad_clip=0.0",
               "train.eps=1.0", "loss.tau=0.0", "logging.mlflow_uri=http://127.0.0.1:9"]
     deltas = {}
     cfg = None
@@ -116,13 +119,8 @@ def test_gradient_accumulation_is_exact_and_dead_tracking_keeps_going(tmp_path):
     assert moved > len(initial) // 2
     total = float((torch.cat(all2) - torch.cat(all8)).norm() / torch.cat(all8).norm())
     print(f"relative difference of the updates: all {total:.2e}, worst tensor {worst:.2e} ({worst_name})")
-    # A mis-scaled or incomplete accumulation is off by 25% or more overall.
-    assert total < 2e-2, f"all parameters: accumulated update differs from the one-batch update by {total:.2e}"
-    if worst > 1e-3:
-        # Plain PyTorch accumulates these micro-batches to 2e-6 of the one-batch gradient, and DeepSpeed with one
-        # micro-batch per step is bit-reproducible; with gradient_accumulation_steps > 1 two identical DeepSpeed
-        # runs already differ (~2e-3 relative in the gradients). Open: see docs/training.md, known limits.
-        pytest.xfail(f"DeepSpeed gradient accumulation is not exact: worst tensor {worst_name} differs by {worst:.2e}")
+    assert total < 1e-4, f"all parameters: accumulated update differs from the one-batch update by {total:.2e}"
+    assert worst < 1e-3, f"{worst_name}: accumulated update differs from the one-batch update by {worst:.2e}"
 
 
 class PoisonedBatches(FixedBatches):

@@ -55,8 +55,8 @@ def _vgg_reference(features, x, y, weights):
             for i in range(hh):
                 for j in range(ww):
                     u, v = fx[n, :, i, j], fy[n, :, i, j]
-                    u = u / (u.norm() + 1e-10)
-                    v = v / (v.norm() + 1e-10)
+                    u = u / (u.pow(2).sum() + 1e-6).sqrt()
+                    v = v / (v.pow(2).sum() + 1e-6).sqrt()
                     acc += float(((u - v) ** 2).sum())
         total += w * acc / (b * hh * ww)
     return total
