@@ -418,8 +418,6 @@ class EvalConfig:
         _check(self.grid_samples >= 0, "grid_samples", f"must be >= 0, got {self.grid_samples}")
         _check(self.render_resolution >= 0, "render_resolution", f"must be >= 0, got {self.render_resolution}")
         _check(self.fid_samples >= 0, "fid_samples", f"must be >= 0, got {self.fid_samples}")
-        _check(self.is_splits <= (self.fid_samples or self.num_samples) or "is" not in self.metrics, "is_splits",
-               f"must be <= the IS sample count ({self.fid_samples or self.num_samples}), got {self.is_splits}")
         _check(len(self.sigma_scales) >= 1 and all(s > 0 for s in self.sigma_scales), "sigma_scales",
                f"must be a non-empty list of positive numbers, got {list(self.sigma_scales)}")
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
@@ -427,6 +425,8 @@ class EvalConfig:
         _check(self.nfs_bins >= 2, "nfs_bins", f"must be >= 2, got {self.nfs_bins}")
         _check(self.is_splits >= 1, "is_splits", f"must be >= 1, got {self.is_splits}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.is_splits <= (self.fid_samples or self.num_samples) or "is" not in self.metrics, "is_splits",
+               f"must be <= the IS sample count ({self.fid_samples or self.num_samples}), got {self.is_splits}")
 
 
 @dataclass
