@@ -303,8 +303,12 @@ def train(cfg: Config, resume: str | None = None,
     task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype), model_dtype=dtype)
     loader = (build_loader or _default_loader)(cfg, dist)
 
-    # Resume: rank 0 picks the checkpoint, every rank loads the same one.
-    resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None) if resume else None
+    # Resume: for `auto` rank 0 picks the checkpoint and every rank loads that one; an explicit path is checked
+    # on every rank (so a bad path fails everywhere instead of leaving ranks waiting in a collective).
+    if resume == "auto":
+        resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
+    else:
+        resume_path = ckpt.resolve_resume(resume, run_dir)
     start_step, run_id = 0, None
     seed_everything(rank_seed(train_cfg.seed, dist.rank))
     if resume_path is not None:
