@@ -70,7 +70,7 @@ COLOR_STRETCH = 1e-3
 """The decoder's colour is ``sigmoid(x) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH`` (``TriplaneDecoder``)."""
 log = get_logger("g3dr.render.fused")
 
-SAMPLES_PER_CHUNK = 16384
+SAMPLES_PER_CHUNK = 131072
 """Samples processed at once (rounded to whole rays): bounds the transient memory of forward and backward."""
 COMPILE_MIN_SAMPLES = 2**20
 """On CPU, renders of at least this many samples compile the lookups (``G3DR_FUSED_COMPILE=0``: never)."""
@@ -412,6 +412,12 @@ class FusedTriplaneComposite(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_depth, grad_weight_sum, _grad_weights):  # noqa: D102
+        # Backward may run inside the caller's autocast region: the math stays in the inputs' dtype.
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return FusedTriplaneComposite._backward(ctx, grad_rgb, grad_depth, grad_weight_sum)
+
+    @staticmethod
+    def _backward(ctx, grad_rgb, grad_depth, grad_weight_sum):
         table, hidden_weight, hidden_bias, out_weight, out_bias = ctx.saved_tensors
         state: _FusedState = ctx.state
         rays, levels = state.rays, state.levels
@@ -503,14 +509,30 @@ def render_rays_fused(
     The sampling steps are those of ``render_rays`` (same functions, same random draws in the same
     order), so for one seed both paths composite the same depths. ``decoder`` must satisfy
     :func:`decoder_supports_fused`. ``backend`` defaults to Triton for CUDA tensors (when importable)
-    and torch otherwise. ``RenderResult.weights`` carries no gradient here.
+    and torch otherwise. ``RenderResult.weights`` carries no gradient here. Lookups, decoder and
+    compositing run in at least float32 with autocast off (bf16 planes and decoders are cast; the
+    reference runs its decoder in the features' dtype, so bf16 results differ by bf16 rounding).
     """
+    with torch.autocast(planes.device.type, enabled=False):
+        return _render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
+                                  use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
+                                  plane_axes=plane_axes, backend=backend, samples_per_chunk=samples_per_chunk)
+
+
+def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior, use_depth_kernel, sample_depths,
+                       generator, plane_axes, backend, samples_per_chunk):
     from g3dr.render.renderer import RenderResult  # renderer.py imports this module lazily
 
     batch, rays_per_image = origins.shape[:2]
     backend = backend or _default_backend(planes)
-    levels = table_from_levels(planes_pyramid_from_planes(planes, cfg.plane_resolutions))
-    mlp = _mlp_from_decoder(decoder, planes.dtype)
+    # Everything runs in at least float32 (bf16 planes or decoders included; the casts are differentiable,
+    # so gradients reach them in their own dtype).
+    compute = torch.promote_types(planes.dtype, torch.float32)
+    origins, directions = origins.to(compute), directions.to(compute)
+    depth_prior = None if depth_prior is None else depth_prior.to(compute)
+    sample_depths = None if sample_depths is None else sample_depths.to(compute)
+    levels = table_from_levels([lvl.to(compute) for lvl in planes_pyramid_from_planes(planes, cfg.plane_resolutions)])
+    mlp = _mlp_from_decoder(decoder, compute)
     plane_axes = plane_axes.to(planes.device)
     flat_origins, flat_directions = origins.detach().reshape(-1, 3), directions.detach().reshape(-1, 3)
 

@@ -260,3 +260,21 @@ def test_triton_kernels_in_interpreter():
     code = TRITON_CHILD.format(tests=str(REPO / "tests"), this=str(Path(__file__).resolve()))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bfloat16_planes_and_decoder():
+    """bf16 planes/decoder: the fused path computes in float32 (autocast off) and returns gradients in
+    bf16; it stays within bf16 rounding of the reference path (whose decoder runs in bf16)."""
+    planes, decoder, origins, directions, prior, loss_weights = _scene(28)
+    planes = planes.detach().bfloat16().requires_grad_()
+    decoder = decoder.bfloat16()
+    cfg = dict(num_coarse=8, num_fine=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = {impl: _outputs_and_grads(_render(impl, planes, decoder, origins, directions, cfg, depth_prior=prior,
+                                                use_depth_kernel=True), planes, decoder, loss_weights)
+               for impl in ("fused", "reference")}
+    assert out["fused"]["grad.planes"].dtype == torch.bfloat16
+    assert out["fused"]["rgb"].dtype == torch.float32
+    for name, ref in out["reference"].items():
+        assert torch.isfinite(out["fused"][name]).all(), name
+        assert _rel(out["fused"][name].float(), ref.float()) < 0.05, name
