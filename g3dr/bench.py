@@ -14,6 +14,7 @@ import importlib
 BENCH_MODULES: tuple[str, ...] = (
     "g3dr.data.bench",
     "g3dr.render.bench",
+    "g3dr.train.bench",
 )
 
 
