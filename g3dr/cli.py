@@ -18,15 +18,15 @@ from g3dr.log import setup_logging
 
 # Modules that provide subcommands, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "g3dr.config_cli",
-    "g3dr.models.import_cli",
-    "g3dr.models.render_cli",
-    "g3dr.data_prep.cli",
-    "g3dr.bench",
-    "g3dr.eval.cli",
-    "g3dr.launchers.cli",
-    "g3dr.train.cli",
-    "g3dr.assets.cli",
+    "g3dr.data_prep.cli",     # prep
+    "g3dr.train.cli",         # train
+    "g3dr.launchers.cli",     # submit
+    "g3dr.eval.cli",          # eval
+    "g3dr.models.render_cli",  # render
+    "g3dr.assets.cli",        # batch, mesh, generate
+    "g3dr.models.import_cli",  # import-official
+    "g3dr.bench",             # bench
+    "g3dr.config_cli",        # config
 )
 
 
