@@ -481,6 +481,12 @@ class _FusedState:
 
 
 def _default_backend(planes: torch.Tensor) -> Backend:
+    """Triton for CUDA tensors when importable, else torch; ``G3DR_FUSED_BACKEND=torch|triton`` overrides."""
+    forced = os.environ.get("G3DR_FUSED_BACKEND")
+    if forced is not None:
+        if forced not in ("torch", "triton"):
+            raise ValueError(f"G3DR_FUSED_BACKEND must be 'torch' or 'triton', got {forced!r}")
+        return forced
     if planes.is_cuda:
         from g3dr.render.fused_triton import triton_available
 

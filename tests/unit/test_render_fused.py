@@ -278,3 +278,14 @@ def test_bfloat16_planes_and_decoder():
     for name, ref in out["reference"].items():
         assert torch.isfinite(out["fused"][name]).all(), name
         assert _rel(out["fused"][name].float(), ref.float()) < 0.05, name
+
+
+def test_backend_override(monkeypatch):
+    monkeypatch.delenv("G3DR_FUSED_BACKEND", raising=False)
+    planes = torch.zeros(1, 3, 2, 4, 4)
+    assert fused._default_backend(planes) == "torch"  # CPU tensors
+    monkeypatch.setenv("G3DR_FUSED_BACKEND", "triton")
+    assert fused._default_backend(planes) == "triton"
+    monkeypatch.setenv("G3DR_FUSED_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="G3DR_FUSED_BACKEND"):
+        fused._default_backend(planes)
