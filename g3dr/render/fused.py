@@ -17,13 +17,15 @@ expensive part - for the merged, sorted sample depths - is one custom autograd f
 Triplane sampling is a gather: the three levels are one channels-last table of rows
 (``table_from_levels``); each sample reads 3 planes x L levels x 4 bilinear corners (``grid_sample``
 semantics: ``align_corners=False``, zero padding), weighted by the bilinear weight / 3 (the plane mean),
-with ``F.embedding_bag`` (one fused gather-multiply-sum). Backward is the transposed gather: the
-(row, sample) pairs are sorted by row and ``embedding_bag`` sums each row's weighted sample gradients
-(faster here than ``index_add_``, which materialises a (36 N, C) tensor; see docs/performance.md).
+with ``F.embedding_bag`` (one fused gather-multiply-sum). Backward is the transposed gather: the base
+rows of the lookups are sorted and, per corner, ``embedding_bag`` sums each row's weighted sample
+gradients (faster here than ``index_add_``, which materialises a (36 N, C) tensor; see
+docs/performance.md, which also has the measured figures).
 
 Two backends compute the per-chunk decode and decoder/sampling backward: plain torch (CPU, and the
-fallback) and Triton kernels (``g3dr.render.fused_triton``; CUDA tensors, or CPU under
-``TRITON_INTERPRET=1`` in tests). The marcher backward is shared torch code.
+fallback; large CPU renders run the per-chunk math through ``torch.compile``) and Triton kernels
+(``g3dr.render.fused_triton``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1`` in tests). The
+marcher backward is shared torch code. Everything runs in at least float32 with autocast off.
 
 The coarse pass that only places importance samples runs without grad. The decoder must expose
 ``mlp_weights(dtype)`` (:class:`g3dr.models.decoder.TriplaneDecoder`); :func:`decoder_supports_fused`
