@@ -5,6 +5,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed compiles its CPU communication op on first use; keep the build with the venv it belongs to,
+# so two checkouts on one machine do not rebuild each other's copy.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test install clean
 
