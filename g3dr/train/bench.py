@@ -253,8 +253,11 @@ def _child(args: argparse.Namespace) -> None:
     changed = sum(int(not torch.equal(a, p.detach())) for a, p in zip(params_before, model.parameters(), strict=True))
     wall["mean"] = sum(wall[v] for v in VIEWS) / len(VIEWS)
     cpu["mean"] = sum(cpu[v] for v in VIEWS) / len(VIEWS)
-    critic_desc = ("random-weight paper architectures: CLIP " + cfg.loss.clip_model + f" at {cfg.loss.clip_resolution}px, "
-                   + cfg.loss.vgg_model) if args.critics == "paper" else "loss.critics=random (tiny random critics)"
+    if args.critics == "paper":
+        critic_desc = (f"random-weight paper architectures: CLIP {cfg.loss.clip_model} at "
+                       f"{cfg.loss.clip_resolution}px, {cfg.loss.vgg_model}")
+    else:
+        critic_desc = "loss.critics=random (tiny random critics)"
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),
