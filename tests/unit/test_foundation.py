@@ -19,6 +19,17 @@ from g3dr.log import get_logger, setup_logging
 G3DR = Path(sys.executable).with_name("g3dr")
 
 
+@pytest.fixture(autouse=True)
+def restore_g3dr_logger():
+    """These tests call setup_logging() on streams pytest closes afterwards: put the logger back as it was."""
+    logger = logging.getLogger("g3dr")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -119,8 +130,6 @@ def test_setup_logging_is_idempotent():
         setup_logging("INFO", dist=DistEnv(), stream=stream)
     get_logger("g3dr.once").info("hello")
     assert stream.getvalue().count("hello") == 1
-    setup_logging("INFO", dist=DistEnv(), stream=sys.stderr)
-    logging.getLogger("g3dr").setLevel("INFO")
 
 
 # ----------------------------------------------------------------------------- layout
