@@ -204,18 +204,24 @@ def test_bad_inputs_are_clear_errors():
         render_rays(planes, lambda f, x, d: (f[..., :3], f[..., :2]), origins, directions, _cfg())
 
 
-def test_module_buffers_and_fused_fallback(caplog):
+def test_module_buffers_and_fused_fallback():
+    # A handler of its own on the renderer's logger: independent of how other tests left the g3dr
+    # logger tree (handlers, propagation) and of pytest's log capture.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("g3dr.render")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     TriplaneRenderer._fused_fallback_logged = False
-    logger = logging.getLogger("g3dr")
-    old_propagate = logger.propagate
-    logger.propagate = True
     try:
-        with caplog.at_level(logging.INFO, logger="g3dr.render"):
-            renderer = TriplaneRenderer(_cfg(impl="fused"), CameraConfig())
-            TriplaneRenderer(_cfg(impl="fused"), CameraConfig())
+        renderer = TriplaneRenderer(_cfg(impl="fused"), CameraConfig())
+        TriplaneRenderer(_cfg(impl="fused"), CameraConfig())
     finally:
-        logger.propagate = old_propagate
-    assert sum("fused" in r.message for r in caplog.records) == 1
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert sum("fused" in r.getMessage() for r in records) == 1
     assert "plane_axes" not in renderer.state_dict()
     assert renderer.plane_axes.tolist() == [[0, 1], [0, 2], [2, 0]]
 
