@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from g3dr.errors import ConfigError
+from g3dr.models.render_cli import load_model
 
 _CKPT_HELP = "f_trigen .safetensors checkpoint (ours; convert the reference's with 'g3dr import-official')"
 _DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards --depth-model'), used for images "
@@ -84,26 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_generate(subparsers)
 
 
-def load_model(args: argparse.Namespace):
-    """(model, cfg, meta, device) from ``--checkpoint`` with the render-time overrides of the flags."""
-    import torch
-
-    from g3dr.models.checkpoint_io import load_f_trigen
-
-    overrides = []
-    if args.deterministic:
-        overrides.append("renderer.deterministic=true")
-    if args.sigma_scale is not None:
-        overrides.append(f"renderer.sigma_scale={args.sigma_scale!r}")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was requested but no CUDA device is available")
-        device = torch.device(args.device)
-    model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)
-    model.eval()
-    return model, cfg, meta, device
 
 
 def _depth_filler(args):

@@ -153,7 +153,7 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("wrote %d RGB-D image(s) to %s", len(names), out / "rgbd")
     written = []
     if args.checkpoint:
-        from g3dr.assets.cli import load_model
+        from g3dr.models.render_cli import load_model
 
         model, cfg, meta, device = load_model(args)
         for name in names:

@@ -133,13 +133,34 @@ def write_video(path: str | Path, rgb, depth, fps: int, near: float, far: float)
     write_frames(path, frames_from_images(rgb, depth, near, far), fps)
 
 
+
+def load_model(args: argparse.Namespace):
+    """(model, cfg, meta, device) from ``--checkpoint`` with the render-time overrides of the flags
+    (``--deterministic``, ``--sigma-scale``, ``--device``); shared by ``render``, ``batch``, ``mesh``, ``generate``."""
+    import torch
+
+    from g3dr.models.checkpoint_io import load_f_trigen
+
+    overrides = []
+    if args.deterministic:
+        overrides.append("renderer.deterministic=true")
+    if args.sigma_scale is not None:
+        overrides.append(f"renderer.sigma_scale={args.sigma_scale!r}")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA device is available")
+        device = torch.device(args.device)
+    model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)  # in eval mode
+    return model, cfg, meta, device
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
 
     from g3dr.log import get_logger
-    from g3dr.models.checkpoint_io import load_f_trigen
 
     log = get_logger("g3dr.render_cli")
     if not (args.png or args.save_npz or args.video):
@@ -160,18 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.depth is None) == (args.depth_model is None):
         raise ConfigError("give exactly one of --depth DEPTH_PNG and --depth-model DIR")
 
-    overrides = []
-    if args.deterministic:
-        overrides.append("renderer.deterministic=true")
-    if args.sigma_scale is not None:
-        overrides.append(f"renderer.sigma_scale={args.sigma_scale!r}")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was requested but no CUDA device is available")
-        device = torch.device(args.device)
-    model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)
+    model, cfg, meta, device = load_model(args)
     resolution = args.resolution or cfg.data.resolution
     if args.depth_prior and resolution != cfg.data.resolution:
         raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
