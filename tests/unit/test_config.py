@@ -133,6 +133,13 @@ def test_override_a_whole_section(tiny_config_path):
     assert cfg.renderer.depth_kernel.enabled is False and cfg.renderer.depth_kernel.s1 == 2.0
 
 
+def test_bad_value_inside_a_section_override_blames_the_override(tmp_path):
+    # The file sets the same nested key: the error must still name the override that replaced it.
+    path = write_yaml(tmp_path / "k.yaml", {"renderer": {"depth_kernel": {"s2": 0.03}}})
+    with pytest.raises(ConfigError, match=r"^override 'renderer\.depth_kernel=\{s2: -1\}': renderer\.depth_kernel\.s2"):
+        load_config(path, ["renderer.depth_kernel={s2: -1}"])
+
+
 @pytest.mark.parametrize("text,expected", [
     ("train.lr=1e-4", ("train.lr", 1e-4)),
     ("train.lr=-2.5E+3", ("train.lr", -2500.0)),
