@@ -48,7 +48,8 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
     run_dir = tmp_path / "run"
     overrides = [f"run_dir={run_dir}", f"data.synthetic_dir={tmp_path}/synthetic", "train.zero_stage=2",
                  "train.micro_batch_size=2", "train.global_batch_size=4", "train.total_steps=3",
-                 "train.checkpoint_every=3", "train.image_every=3", "train.log_every=1"]
+                 "train.checkpoint_every=3", "train.image_every=3", "train.log_every=1",
+                 "loss.tau=1.0"]  # Eq. 1 then makes step 2 (of 0..2) a novel view on every micro-batch
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -82,3 +83,25 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
     lrs = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
     assert [m.step for m in lrs] == [1, 2, 3]
     assert [m.value for m in lrs] == pytest.approx([learning_rate(s, cfg.train) for s in range(3)], rel=1e-6)
+
+    # The same run on one rank accumulates 2 micro-batches per step: the LR and the CLIP ramp (and Eq. 1's
+    # progress) are the same functions of the optimizer step, never of micro-batches or ranks.
+    from g3dr.train.schedules import clip_weight
+    from g3dr.train.trainer import train
+
+    single_cfg = load_config("configs/tiny.yaml", [*overrides, f"run_dir={tmp_path / 'single'}"])
+    assert single_cfg.train.grad_accumulation(1) == 2 and cfg.train.grad_accumulation(2) == 1
+    single = train(single_cfg, export=False)
+    single_client = MlflowClient(tracking_uri(single_cfg))
+
+    def history(c, run_id, key):
+        return {m.step: m.value for m in c.get_metric_history(run_id, key)}
+
+    assert history(single_client, single.run_id, "lr") == pytest.approx(history(client, run.info.run_id, "lr"),
+                                                                        rel=1e-12)
+    clip_logged = 0
+    for c, run_id in ((client, run.info.run_id), (single_client, single.run_id)):
+        for step, value in history(c, run_id, "weight/clip").items():  # logged at steps with a novel view
+            assert value == pytest.approx(clip_weight(step - 1, cfg.loss), rel=1e-9), (run_id, step)
+            clip_logged += 1
+    assert clip_logged >= 2  # seeded: novel views occur in both runs, so the ramp was checked
