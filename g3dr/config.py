@@ -77,6 +77,16 @@ class DataConfig:
     """Data-loader worker processes per rank."""
     epoch_length: int = 0
     """Samples per rank per epoch in resampled mode (0: derived from the manifest)."""
+    max_skip_fraction: float = 0.01
+    """Stop with a DataError when more than this fraction of the samples read on a rank were skipped
+    (undecodable, duplicate key, cut by a truncated tar); 1.0 never stops. See docs/data.md."""
+    skip_check_min_samples: int = 10000
+    """Samples a rank (and each reader) must have read before ``max_skip_fraction`` is checked. Bad data
+    comes in whole shards: to ride over one bad shard of S samples, use at least S / max_skip_fraction."""
+    eval_few_shards: Literal["error", "fewer_workers", "read_all"] = "error"
+    """Exact (eval) passes split shards over ranks x workers. With fewer shards: ``error`` (a DataError naming
+    the counts and fixes), ``fewer_workers`` (lower the workers per rank, with a warning), ``read_all``
+    (every reader reads all shards and keeps every k-th sample: exact, but reads the data k times)."""
 
     def __post_init__(self) -> None:
         _check(self.source != "shards" or bool(self.shards), "source",
@@ -88,6 +98,12 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.epoch_length >= 0, "epoch_length", f"must be >= 0, got {self.epoch_length}")
+        _check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction",
+               f"must be in [0, 1] (1 = never stop), got {self.max_skip_fraction}")
+        _check(self.skip_check_min_samples >= 1, "skip_check_min_samples",
+               f"must be >= 1, got {self.skip_check_min_samples}")
+        _check(self.eval_few_shards in ("error", "fewer_workers", "read_all"), "eval_few_shards",
+               f"must be error, fewer_workers or read_all, got {self.eval_few_shards!r}")
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Loaders built from the config: ``build_train_loader`` (resampled, fixed epoch length, resumable) and
 ``build_eval_loader`` (exact single pass).
 
+Both sum the skip counts their workers send with every batch (:attr:`TrainLoader.counts`,
+:attr:`EvalLoader.counts`), stop with a :class:`DataError` past ``data.max_skip_fraction`` of the samples
+read on this rank, and raise a worker's DataError in this process with its own message.
+
 With ``data.source: synthetic`` the synthetic shards are first written to ``data.synthetic_dir``
 (``g3dr prep synth``'s code) when that folder has no manifest yet.
 """
@@ -14,7 +18,9 @@ from typing import Any, Iterator
 import torch
 
 from g3dr.config import Config
-from g3dr.data.pipeline import ShardStream, expand_shard_urls, finish_batch, manifest_num_samples, read_manifest
+from g3dr.data.counts import CountsByWorker, DataCounts
+from g3dr.data.pipeline import (ShardStream, expand_shard_urls, finish_batch, manifest_num_samples,
+                                plan_exact_workers, read_manifest)
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
 from g3dr.log import get_logger
@@ -56,6 +62,32 @@ def _data_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.Data
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
 
 
+def _wire_batches(stream: ShardStream, num_workers: int, counts: CountsByWorker) -> Iterator[dict[str, Any]]:
+    """The stream's wire batches through a DataLoader, with the workers' counts taken off into ``counts``
+    (checked against the skip fraction on this rank's totals); stats-only items are consumed here and a
+    worker's DataError is raised here. Worker processes are shut down when the iteration ends."""
+    counts.new_iteration()
+    batches = iter(_data_loader(stream, num_workers))
+    where = f" on rank {stream.rank}"
+    try:
+        for wire in batches:
+            counts.update(wire["_stats"]["worker"], wire.pop("_stats"))
+            if "_error" in wire:
+                raise DataError(wire["_error"])
+            counts.total().check(stream.max_skip_fraction, stream.skip_check_min_samples, where)
+            if "rgb" in wire:
+                yield wire
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:  # do not leave workers to the garbage collector
+            shutdown()
+
+
+def _log_counts(counts: DataCounts, what: str) -> None:
+    if counts.skipped_total or counts.shard_errors:
+        log.warning("%s: %s", what, counts.summary())
+
+
 class TrainLoader:
     """Infinite training batches for one rank, in epochs of ``batches_per_epoch`` batches.
 
@@ -72,6 +104,20 @@ class TrainLoader:
         self.batches_done = 0
         self._consumed: dict[int, int] = {}
         self._active: Iterator[dict[str, Any]] | None = None
+        self._counts = CountsByWorker()
+
+    @property
+    def counts(self) -> DataCounts:
+        """Samples read, delivered and skipped (by reason) on this rank since this loader was built
+        (not carried across a resume: the resumed process counts from zero)."""
+        return self._counts.total()
+
+    def data_metrics(self) -> dict[str, float]:
+        """``data/read``, ``data/skipped``, ``data/skip_fraction``, ``data/shard_errors`` of this rank (for MLflow)."""
+        counts = self.counts
+        return {"data/read": float(counts.read), "data/skipped": float(counts.skipped_total),
+                "data/skip_fraction": counts.skip_fraction,
+                "data/shard_errors": float(sum(counts.shard_errors.values()))}
 
     @property
     def batches_per_epoch(self) -> int:
@@ -116,17 +162,20 @@ class TrainLoader:
             self.stream.epoch = self.epoch
             self.stream.resume_batches_done = self.batches_done
             self.stream.resume_consumed = dict(self._consumed)
-            batches = iter(_data_loader(self.stream, self.num_workers))
             pin = torch.cuda.is_available()
+            wires = _wire_batches(self.stream, self.num_workers, self._counts)
             try:
-                for wire in batches:
+                for wire in wires:
                     self._consumed[wire.pop("_worker")] = wire.pop("_consumed")
                     self.batches_done += 1
                     yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset, pin)
             finally:
-                shutdown = getattr(batches, "_shutdown_workers", None)
-                if shutdown is not None:  # do not leave workers to the garbage collector
-                    shutdown()
+                wires.close()  # stops the worker processes now, also when this generator is closed
+            if self.batches_done >= self.batches_per_epoch:
+                _log_counts(self.counts, f"train data after epoch {self.epoch} on rank {self.stream.rank}")
+            else:  # every worker ended early: cannot happen with resampled shards; never loop on it silently
+                raise DataError(f"the training stream of rank {self.stream.rank} ended after {self.batches_done} of "
+                                f"{self.batches_per_epoch} batches of epoch {self.epoch} ({self.counts.summary()})")
 
 
 class EvalLoader:
@@ -135,17 +184,23 @@ class EvalLoader:
     def __init__(self, stream: ShardStream, num_workers: int):
         self.stream = stream
         self.num_workers = num_workers
+        self._counts = CountsByWorker()
+
+    @property
+    def counts(self) -> DataCounts:
+        """Samples read, delivered and skipped (by reason) on this rank in the current or last pass."""
+        return self._counts.total()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        batches = iter(_data_loader(self.stream, self.num_workers))
+        self._counts = CountsByWorker()
         pin = torch.cuda.is_available()
+        wires = _wire_batches(self.stream, self.num_workers, self._counts)
         try:
-            for wire in batches:
+            for wire in wires:
                 yield finish_batch(wire, self.stream.depth_scale, self.stream.depth_offset, pin)
         finally:
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            wires.close()
+        _log_counts(self.counts, f"eval data pass on rank {self.stream.rank}")
 
 
 def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
@@ -168,21 +223,32 @@ def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
     stream = ShardStream(urls=urls, mode="train", resolution=cfg.data.resolution, batch_size=batch, rank=dist.rank,
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          flip_p=cfg.data.flip_p, depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset,
-                         batches_per_epoch=batches, wire=True)
+                         batches_per_epoch=batches, wire=True, max_skip_fraction=cfg.data.max_skip_fraction,
+                         skip_check_min_samples=cfg.data.skip_check_min_samples)
     log.info("train data: %d shards, %d batches of %d per epoch on rank %d/%d, %d workers",
              len(urls), batches, batch, dist.rank, dist.world_size, cfg.data.num_workers)
     return TrainLoader(stream, cfg.data.num_workers)
 
 
 def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size: int | None = None,
-                      num_workers: int | None = None) -> EvalLoader:
+                      num_workers: int | None = None, resolution: int | None = None) -> EvalLoader:
     """One exact pass over ``shards`` (default: the config's data) split over ranks and workers; no flip, no shuffle.
 
-    Together the ranks see every sample exactly once; the last batch of a worker may be smaller.
+    Together the ranks see every sample exactly once; the last batch of a worker may be smaller, and ranks
+    may get different numbers of batches (uneven shards): consumers must not run per-batch collectives.
+    Shards are split over ranks x workers: with fewer shards this raises a :class:`DataError` naming the
+    counts and the fixes, unless ``data.eval_few_shards`` opts in to fewer workers or to every reader
+    reading all shards (:func:`g3dr.data.pipeline.plan_exact_workers`). ``resolution`` defaults to
+    ``data.resolution``.
     """
     urls = _urls(cfg, shards)
-    stream = ShardStream(urls=urls, mode="eval", resolution=cfg.data.resolution,
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    workers = plan_exact_workers(len(urls), dist.world_size, workers, cfg.data.eval_few_shards)
+    stream = ShardStream(urls=urls, mode="eval", resolution=resolution or cfg.data.resolution,
                          batch_size=batch_size or cfg.train.micro_batch_size, rank=dist.rank,
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=0, flip_p=0.0,
-                         depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset, wire=True)
-    return EvalLoader(stream, cfg.data.num_workers if num_workers is None else num_workers)
+                         depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset, wire=True,
+                         max_skip_fraction=cfg.data.max_skip_fraction,
+                         skip_check_min_samples=cfg.data.skip_check_min_samples,
+                         few_shards="read_all" if cfg.data.eval_few_shards == "read_all" else "error")
+    return EvalLoader(stream, workers)

@@ -8,13 +8,18 @@ Stages (per rank, per data-loader worker):
   seeded RNG (as open_clip's resampled mode), shuffles in a buffer, decodes, flips image and depth
   together with p = ``flip_p``, batches, and stops after a fixed number of batches per epoch so every
   rank runs the same number of steps;
-- **eval** (exact single pass): no shuffle, no flip; shards are split by rank and worker when there
-  are enough of them, otherwise every worker reads all shards and keeps every k-th sample; together
+- **eval** (exact single pass): no shuffle, no flip; shards are split by rank and worker, so there must
+  be at least ranks x workers shards (:func:`plan_exact_workers`: a :class:`DataError` by default, or the
+  opt-in ``read_all`` plan where every worker reads all shards and keeps every k-th sample); together
   the ranks and workers see every sample exactly once;
 - decoding picks the smallest stored resolution >= the training resolution and resizes with Lanczos;
   depth is decoded from the 16-bit PNG explicitly (never through an 8-bit image mode);
-- a sample that fails to read or decode is skipped, counted by reason and logged (rate-limited); the
-  counts are on :attr:`ShardStream.skipped` in the process that ran the stage and in the log of workers.
+- a sample that fails to decode, repeats a key of its shard, or is cut by a truncated or corrupt tar
+  stream is skipped, counted by reason and logged (rate-limited); shard-level failures are counted apart
+  (:mod:`g3dr.data.counts`). The counts are on :attr:`ShardStream.counts` in the process that ran the
+  stream, and in wire mode every batch carries a snapshot (``_stats``) so the loaders can sum them; past
+  ``max_skip_fraction`` of the samples read (after ``skip_check_min_samples``) the stream stops with a
+  :class:`DataError`.
 
 Batches are dicts ``rgb`` float32 (B, 3, H, W) in [-1, 1], ``depth`` float32 (B, 1, H, W) in the
 release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str].
@@ -22,7 +27,10 @@ release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str].
 In train mode the stream adds ``_worker`` / ``_consumed`` bookkeeping entries that :class:`TrainLoader`
 strips; they make the position exactly resumable (:meth:`TrainLoader.state_dict`). The loaders run the
 stream with ``wire=True`` (uint8 images and raw depth codes cross the process boundary) and complete the
-batches in the receiving process with :func:`finish_batch`.
+batches in the receiving process with :func:`finish_batch`. In wire mode every item carries ``_stats``
+(the worker's counts so far); each worker ends with a stats-only item, and a :class:`DataError` inside a
+worker is sent as a stats-only item with ``_error`` (the loaders raise it in the receiving process, so
+the message arrives without a worker traceback).
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from g3dr.data.counts import DataCounts
 from g3dr.data.depth_codec import decode_u16_png
-from g3dr.data.tar_reader import iter_samples
+from g3dr.data.tar_reader import TarReadError, iter_samples
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 
@@ -52,6 +61,7 @@ _DEPTH_EXT = re.compile(r"^(?:(\d+)\.)?depth\.png$")
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _LOG_FIRST = 5
 _LOG_EVERY = 100
+_SKIP = "__skip__"  # a raw-sample entry (reason, detail): the sample is counted and skipped at the decode stage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +295,51 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 1
 
 
+FewShards = Literal["error", "fewer_workers", "read_all"]
+
+
+def plan_exact_workers(num_shards: int, world_size: int, num_workers: int, policy: FewShards = "error") -> int:
+    """The DataLoader workers per rank for an exact (eval) pass over ``num_shards`` shards.
+
+    Exact reading splits shards over ``world_size x max(num_workers, 1)`` readers. With fewer shards:
+    ``error`` raises a :class:`DataError` naming the counts and the fixes; ``fewer_workers`` lowers the
+    workers to ``num_shards // world_size`` with a warning (an error when there are fewer shards than
+    ranks); ``read_all`` keeps the workers and lets every reader read all shards and keep every k-th
+    sample (exact, but the data is read k times; a warning says so).
+    """
+    readers = world_size * max(num_workers, 1)
+    if num_shards >= readers:
+        return num_workers
+    counts = (f"{num_shards} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} reader(s) per rank "
+              f"(data.num_workers={num_workers}) = {readers} readers")
+    if policy == "read_all":
+        log.warning("exact pass: %s; every reader reads all shards and keeps every %d-th sample "
+                    "(data.eval_few_shards=read_all): exact, but the data is read %d times", counts, readers, readers)
+        return num_workers
+    if policy == "fewer_workers" and num_shards >= world_size:
+        workers = num_shards // world_size  # >= 1; num_workers == 0 never gets here (readers == world_size)
+        log.warning("exact pass: %s; using %d worker(s) per rank instead of %d (data.eval_few_shards=fewer_workers)",
+                    counts, workers, num_workers)
+        return workers
+    raise _few_shards_error(num_shards, world_size, num_workers)
+
+
+def _few_shards_error(num_shards: int, world_size: int, num_workers: int) -> DataError:
+    readers = world_size * max(num_workers, 1)
+    counts = (f"{num_shards} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} reader(s) per rank "
+              f"(data.num_workers={num_workers}) = {readers} readers")
+    fixes = [f"reshard into at least {readers} smaller shards ('g3dr prep shards --shard-size N')"]
+    if num_shards >= world_size:
+        fixes.append(f"set data.num_workers={num_shards // world_size} (or 0: read in the rank's own process)")
+        fixes.append("opt in with data.eval_few_shards=fewer_workers (lower the workers automatically)")
+    else:
+        fixes.append(f"run on at most {num_shards} rank(s)")
+    fixes.append(f"opt in with data.eval_few_shards=read_all (every reader reads all shards and keeps every "
+                 f"{readers}-th sample: exact, but reads the data {readers} times)")
+    return DataError(f"exact (eval) reading splits shards over ranks x workers, but there are {counts}. Fix: "
+                     + "; or ".join(fixes))
+
+
 @dataclass
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches from shards for one rank; see the module docstring for the two modes."""
@@ -307,55 +362,102 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Train mode: batches of this epoch already delivered (exact resume)."""
     resume_consumed: dict[int, int] = field(default_factory=dict)
     """Train mode: raw samples each (logical) worker already consumed in this epoch (exact resume)."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Samples skipped in this process, by reason."""
     wire: bool = False
     """Yield compact batches (uint8 images, raw depth codes) that the receiving process completes with
     :func:`finish_batch`; the loaders do this, so workers send 60% fewer bytes."""
+    max_skip_fraction: float = 0.01
+    """Stop with a :class:`DataError` when more than this fraction of the samples read were skipped ..."""
+    skip_check_min_samples: int = 10000
+    """... once at least this many samples were read (by this stream; the loaders check their totals too)."""
+    few_shards: Literal["error", "read_all"] = "error"
+    """Eval mode with fewer shards than ranks x workers: raise, or let every reader read all shards and keep
+    every k-th sample (see :func:`plan_exact_workers`)."""
+    counts: DataCounts = field(default_factory=DataCounts)
+    """What the last iteration in this process read, delivered and skipped (reset by ``__iter__``)."""
 
     def __post_init__(self) -> None:
         super().__init__()
         if self.mode == "train" and self.batches_per_epoch < 1:
             raise ValueError("train mode needs batches_per_epoch >= 1")
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped in this process by reason (``counts.skipped``)."""
+        return self.counts.skipped
+
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _skip(self, reason: str, err: BaseException, where: str) -> None:
-        count = self.skipped.get(reason, 0) + 1
-        self.skipped[reason] = count
-        total = sum(self.skipped.values())
+    def _log_problem(self, reason: str, detail: Any, where: str) -> None:
+        total = self.counts.skipped_total + sum(self.counts.shard_errors.values())
         if total <= _LOG_FIRST or total % _LOG_EVERY == 0:
-            log.warning("skipped a sample (%s) in %s: %s [%d skipped so far in this worker: %s]",
-                        reason, where, err, total, dict(self.skipped))
+            log.warning("data problem (%s) in %s: %s [so far in this reader: %s, shard errors %s, %d read]", reason,
+                        where, detail, dict(self.counts.skipped), dict(self.counts.shard_errors), self.counts.read)
 
-    def _samples_of(self, url: str) -> Iterator[dict[str, Any]]:
-        """Raw samples of one shard; a read error is counted and ends the shard (a broken tar stream
-        cannot be resynchronised), after the complete samples before it."""
+    def _skip(self, reason: str, detail: Any, where: str) -> None:
+        """Count one skipped sample; raises :class:`DataError` past the configured fraction."""
+        self.counts.add_skip(reason, where)
+        self._log_problem(reason, detail, where)
+        self.counts.check(self.max_skip_fraction, self.skip_check_min_samples,
+                          f" in reader {self._worker()[0]} of rank {self.rank}")
+
+    def _shard_error(self, reason: str, detail: Any, url: str) -> None:
+        self.counts.add_shard_error(reason, url)
+        self._log_problem(reason, detail, url)
+
+    def _samples_of(self, url: str, count_shard_errors: bool = True) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard. A key already seen in this shard comes out marked as a duplicate; a
+        break in the tar stream ends the shard (it cannot be resynchronised) with the cut sample marked
+        ``incomplete_sample`` (when one was cut); marked samples are counted where they are consumed, so
+        that exact passes count each once. Shard-level failures are counted here (when
+        ``count_shard_errors``)."""
         from webdataset.gopen import gopen
+
+        def shard_error(reason: str, err: BaseException) -> None:
+            if count_shard_errors:
+                self._shard_error(reason, err, url)
 
         try:
             stream = gopen(url, "rb")
         except Exception as err:  # noqa: BLE001 - missing file, failed pipe: counted, logged, skipped
-            self._skip("unreadable_shard_data", err, url)
+            shard_error("unreadable_shard", err)
             return
+        seen: set[str] = set()
+        errors_before = sum(self.counts.shard_errors.values())
         try:
-            yield from iter_samples(stream, url)
-        except Exception as err:  # noqa: BLE001
-            self._skip("unreadable_shard_data", err, url)
+            for raw in iter_samples(stream, url):
+                key = raw["__key__"]
+                if key in seen:
+                    raw[_SKIP] = ("duplicate_key", f"key {key} appears twice in the shard; the first is kept")
+                seen.add(key)
+                yield raw
+        except TarReadError as err:
+            shard_error("corrupt_shard" if err.kind == "corrupt" else "truncated_shard", err)
+            if err.partial_key is not None:
+                yield {"__key__": err.partial_key, "__url__": url, _SKIP: ("incomplete_sample", err)}
+        except Exception as err:  # noqa: BLE001 - read errors of the transport
+            shard_error("unreadable_shard", err)
         finally:
             try:
                 stream.close()  # for pipe: this checks the command's exit status
             except Exception as err:  # noqa: BLE001
-                self._skip("unreadable_shard_data", err, url)
+                shard_error("unreadable_shard", err)
+        if not seen and sum(self.counts.shard_errors.values()) == errors_before:
+            shard_error("empty_shard", RuntimeError("the shard holds no samples"))
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        where = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
+        if _SKIP in raw:
+            reason, detail = raw[_SKIP]
+            self._skip(reason, detail, where)
+            return None
         try:
             return _decode_parts(raw, self.resolution)
         except Exception as err:  # noqa: BLE001 - any corrupt sample is skipped, counted and logged
-            self._skip("undecodable_sample", err, str(raw.get("__url__", "?")))
+            self._skip("undecodable_sample", err, where)
             return None
 
     def _collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        self.counts.delivered += len(samples)
         return collate_wire(samples) if self.wire else collate(samples, self.depth_scale, self.depth_offset)
 
     @staticmethod
@@ -366,10 +468,24 @@ class ShardStream(torch.utils.data.IterableDataset):
     # ---- modes ----------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.counts = DataCounts()
         worker, num_workers = self._worker()
         if self.mode == "train":
-            return self._iter_train(worker, num_workers)
-        return self._iter_eval(worker, num_workers)
+            batches = self._iter_train(worker, num_workers)
+        else:
+            batches = self._iter_eval(worker, num_workers)
+        return self._wired(batches, worker) if self.wire else batches
+
+    def _wired(self, batches: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
+        """Attach the counts to every batch; end with a stats-only item (or one carrying the DataError)."""
+        try:
+            for batch in batches:
+                batch["_stats"] = {"worker": worker, **self.counts.to_dict()}
+                yield batch
+        except DataError as err:
+            yield {"_stats": {"worker": worker, **self.counts.to_dict()}, "_error": str(err)}
+            return
+        yield {"_stats": {"worker": worker, **self.counts.to_dict()}}
 
     def _iter_train(self, physical_worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         # Batch j of an epoch comes from logical worker j % W (the DataLoader takes workers round-robin).
@@ -393,11 +509,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if got:
                     empty_in_a_row = 0
                     continue
-                self._skip("empty_or_unreadable_shard", RuntimeError("no samples"), url)
                 empty_in_a_row += 1
                 if empty_in_a_row >= 2 * len(self.urls) + 10:
-                    raise DataError(f"{empty_in_a_row} shards in a row gave no samples (last: {url}); "
-                                    "check data.shards and run 'g3dr prep validate' on the shard folder")
+                    raise DataError(f"{empty_in_a_row} shards in a row gave no samples (last: {url}; "
+                                    f"{self.counts.summary()}); check data.shards and run 'g3dr prep validate' "
+                                    "on the shard folder")
 
         buffer: list[dict[str, Any]] = []
         capacity = max(self.shuffle_buffer, 1)
@@ -420,6 +536,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             consumed += 1
             if consumed <= to_skip:
                 continue
+            self.counts.read += 1
             sample = self._decode(raw)
             if sample is None:
                 continue
@@ -439,17 +556,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         if len(self.urls) >= slots:
             # Split by shard: slot k reads shards k, k + slots, ...
             plan = [(url, None) for url in self.urls[slot::slots]]
-        else:
-            # Too few shards: every slot reads all shards and keeps samples j with j % slots == slot.
+        elif self.few_shards == "read_all":
+            # Opt-in: every slot reads all shards and keeps samples j with j % slots == slot.
             plan = [(url, "sample") for url in self.urls]
+        else:
+            raise _few_shards_error(len(self.urls), self.world_size, num_workers)
         index = 0
         pending: list[dict[str, Any]] = []
         for url, split in plan:
-            for raw in self._samples_of(url):
+            # With the read_all plan every slot meets the same shard failures: slot 0 alone counts them.
+            for raw in self._samples_of(url, count_shard_errors=split is None or slot == 0):
                 keep = split is None or index % slots == slot
                 index += 1
                 if not keep:
                     continue
+                self.counts.read += 1
                 sample = self._decode(raw)
                 if sample is None:
                     continue
@@ -459,3 +580,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     pending = []
         if pending:
             yield self._collate(pending)
+        # The pass is complete: the fraction is exact now, so check it once more (a skip already checked
+        # it as it happened, but only with the counts of that moment).
+        self.counts.check(self.max_skip_fraction, self.skip_check_min_samples,
+                          f" in reader {worker} of rank {self.rank}")

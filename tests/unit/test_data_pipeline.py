@@ -50,17 +50,19 @@ def test_expand_urls(tmp_path, synth_dir):
         expand_shard_urls(str(tmp_path))
 
 
-def _eval_keys(urls, rank, world, workers) -> list[str]:
-    stream = ShardStream(urls=expand_shard_urls(urls), mode="eval", resolution=32, batch_size=2, rank=rank, world_size=world)
+def _eval_keys(urls, rank, world, workers, few_shards="error") -> list[str]:
+    stream = ShardStream(urls=expand_shard_urls(urls), mode="eval", resolution=32, batch_size=2, rank=rank,
+                         world_size=world, few_shards=few_shards)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     return [key for batch in loader for key in batch["key"]]
 
 
-@pytest.mark.parametrize("num_shards", [8, 3])  # split by shard (8 >= 2 ranks x 2 workers) and by sample (3 < 4)
-def test_two_ranks_two_workers_see_every_sample_once(synth_dir, num_shards):
+# split by shard (8 >= 2 ranks x 2 workers) and, opted in, by sample (3 < 4: every reader reads all shards)
+@pytest.mark.parametrize("num_shards,few_shards", [(8, "error"), (3, "read_all")])
+def test_two_ranks_two_workers_see_every_sample_once(synth_dir, num_shards, few_shards):
     urls = expand_shard_urls(str(synth_dir))[:num_shards]
     expected = {f"synth_{i:07d}" for i in range(num_shards * 3)}
-    seen = [_eval_keys(urls, rank, 2, 2) for rank in range(2)]
+    seen = [_eval_keys(urls, rank, 2, 2, few_shards) for rank in range(2)]
     assert not set(seen[0]) & set(seen[1])
     all_keys = seen[0] + seen[1]
     assert len(all_keys) == len(set(all_keys)) == len(expected) and set(all_keys) == expected
@@ -161,8 +163,8 @@ def test_corrupt_samples_are_skipped_counted_and_logged(synth_dir, tmp_path, cap
         keys = [k for batch in stream for k in batch["key"]]
     assert keys[:3] == ["synth_0000000", "synth_0000001", "synth_0000002"]
     assert stream.skipped["undecodable_sample"] >= 3
-    assert stream.skipped.get("unreadable_shard_data", 0) == 1
-    assert "skipped a sample" in caplog.text
+    assert stream.counts.shard_errors == {"truncated_shard": 1} and stream.skipped["incomplete_sample"] == 1
+    assert "data problem (undecodable_sample)" in caplog.text
 
 
 def test_depth_is_exact_at_the_stored_resolution(synth_dir):
@@ -210,7 +212,7 @@ def test_pipe_urls_read_like_local_paths(synth_dir):
     keys = _eval_keys(f"pipe:cat {synth_dir}/synth-00000{{0..1}}.tar", 0, 1, 0)
     assert keys == [f"synth_{i:07d}" for i in range(6)]
     stream = ShardStream(urls=["pipe:cat /nonexistent/x.tar"], mode="eval", resolution=32, batch_size=2)
-    assert list(stream) == [] and stream.skipped["unreadable_shard_data"] >= 1
+    assert list(stream) == [] and stream.counts.shard_errors == {"unreadable_shard": 1} and not stream.skipped
 
 
 def test_close_stops_the_worker_processes(synth_dir):
