@@ -308,11 +308,8 @@ class Evaluator:
         data.resolution): the data pipeline's exact single pass, split over ranks, no flip."""
         from g3dr.data.pipeline import ShardStream
 
-        stream = ShardStream(urls=self.data_urls(cfg), mode="eval", resolution=resolution,
-                             batch_size=cfg.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                             seed=cfg.train.seed, shuffle_buffer=0, flip_p=0.0, depth_scale=cfg.data.depth_scale,
-                             depth_offset=cfg.data.depth_offset)
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers)
+        return build_eval_loader(cfg, self.dist, shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size,
+                                 resolution=resolution)
 
     def eval_dir(self, ref: CheckpointRef, ehash: str) -> Path:
         base = self.options.out_dir or ref.path.parent / "eval"

@@ -412,6 +412,7 @@ def train(cfg: Config, resume: str | None = None,
                 result.preempted, status = True, "KILLED"
                 break
         result.param_digest = _check_replicas_agree(engine.module)
+                metrics.update(loader.data_metrics() if hasattr(loader, "data_metrics") else {})  # data/skipped...
         if export and not result.preempted and dist.is_main and result.checkpoint is not None:
             result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME)
             log.info("exported f_trigen (fp32) to %s", result.export)
