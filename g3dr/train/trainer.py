@@ -396,6 +396,7 @@ def train(cfg: Config, resume: str | None = None,
                 metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
                                 "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
                                 "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})
+                metrics.update(loader.data_metrics() if hasattr(loader, "data_metrics") else {})  # data/skipped...
                 tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", lr=f"{lr:.2e}",
                                 sps=f"{metrics['samples_per_second']:.1f}")
@@ -412,7 +413,6 @@ def train(cfg: Config, resume: str | None = None,
                 result.preempted, status = True, "KILLED"
                 break
         result.param_digest = _check_replicas_agree(engine.module)
-                metrics.update(loader.data_metrics() if hasattr(loader, "data_metrics") else {})  # data/skipped...
         if export and not result.preempted and dist.is_main and result.checkpoint is not None:
             result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME)
             log.info("exported f_trigen (fp32) to %s", result.export)
