@@ -306,7 +306,7 @@ class Evaluator:
     def _reference_loader(self, cfg: Config, resolution: int):
         """The eval data decoded at ``resolution`` (FID reference images when renders are not at
         data.resolution): the data pipeline's exact single pass, split over ranks, no flip."""
-        from g3dr.data.pipeline import ShardStream
+        from g3dr.data.loader import build_eval_loader
 
         return build_eval_loader(cfg, self.dist, shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size,
                                  resolution=resolution)
