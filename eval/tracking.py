@@ -5,6 +5,13 @@ every MLflow call is retried a few times and then fails the job with a :class:`T
 results are also in the eval directory as JSON, so a failed upload loses nothing and the next sweep
 uploads them without recomputing.
 
+Several eval jobs may log to one store at once (a ``g3dr submit eval`` array). With an ``mlflow server``
+in front of the database nothing more is needed (the recommended setup on a cluster, see docs/eval.md).
+With a shared sqlite file, the store is created once under a file lock
+(:func:`g3dr.train.tracking.prepare_tracking_store`) and SQLite's "database is locked" is retried with
+jittered exponential back-off for up to ``lock_wait_s`` seconds, on top of (and not counted as) the
+ordinary attempts.
+
 A run counts as done only with status ``FINISHED``; it is marked so after its metrics and artifacts are
 logged. An interrupted or failed evaluation ends its run as ``KILLED`` / ``FAILED``, which sweeps redo.
 
@@ -16,6 +23,7 @@ names its training run) and ``mlflow.parentRunId`` (the sweep run).
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +31,7 @@ from typing import Any, TypeVar
 
 from g3dr.errors import G3DRError
 from g3dr.log import get_logger
+from g3dr.train.tracking import get_or_create_experiment, is_lock_error, prepare_tracking_store
 
 log = get_logger("g3dr.eval")
 
@@ -53,7 +62,7 @@ class EvalTracker:
     """Rank-0 MLflow client for evaluation runs, with bounded retries on every call."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
-                 attempts: int = 3, retry_wait_s: float = 1.0):
+                 attempts: int = 3, retry_wait_s: float = 1.0, lock_wait_s: float = 120.0):
         # Bound MLflow's own HTTP back-off so that "down" costs seconds, then our retries decide.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -62,29 +71,44 @@ class EvalTracker:
         self.uri = uri
         self.attempts = max(1, attempts)
         self.retry_wait_s = retry_wait_s
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._call(lambda: self._experiment(experiment, artifact_location),
+        self.lock_wait_s = lock_wait_s
+        self.lock_retries = 0
+        """How many times a call met "database is locked" and was retried (for tests and logs)."""
+
+        def open_store():
+            prepare_tracking_store(uri, lock_timeout_s=max(lock_wait_s, 1.0))
+            return MlflowClient(tracking_uri=uri)
+
+        self.client = self._call(open_store, "open the tracking store")
+        self.experiment_id = self._call(lambda: get_or_create_experiment(self.client, experiment, artifact_location),
                                         f"open experiment {experiment!r}")
 
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=artifact_location)
-
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        for attempt in range(1, self.attempts + 1):
+        attempt = 1
+        lock_deadline = time.monotonic() + self.lock_wait_s
+        lock_wait = 0.2
+        while True:
             try:
                 return fn()
             except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
-                if attempt == self.attempts:
+                if is_lock_error(err) and time.monotonic() < lock_deadline:
+                    # Another job holds the sqlite write lock (beyond its busy timeout): wait, with jitter so
+                    # the waiting jobs do not all retry at the same instant; not counted as a failed attempt.
+                    self.lock_retries += 1
+                    if self.lock_retries in (1, 10) or self.lock_retries % 100 == 0:
+                        log.warning("MLflow: %s: the sqlite store is locked by another job (%d lock retries so "
+                                    "far); retrying", what, self.lock_retries)
+                    time.sleep(min(lock_wait, max(0.0, lock_deadline - time.monotonic())) * random.uniform(0.5, 1.5))
+                    lock_wait = min(lock_wait * 2, 5.0)
+                    continue
+                if attempt >= self.attempts:
                     raise TrackingError(f"MLflow at {self.uri}: {what} failed after {self.attempts} attempts "
                                         f"({type(err).__name__}: {str(err)[:300]}); check that the tracking server "
                                         f"is up (results stay in the eval directory as JSON)") from None
                 log.warning("MLflow: %s failed (attempt %d/%d: %s); retrying", what, attempt, self.attempts,
                             type(err).__name__)
                 time.sleep(self.retry_wait_s * attempt)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     # -- queries ----------------------------------------------------------------------------------
 

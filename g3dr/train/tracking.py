@@ -7,6 +7,11 @@
   dropped with a (rate-limited) warning; after repeated failures calls are attempted only now and then.
 - An empty ``logging.mlflow_uri`` means a sqlite store ``<run_dir>/mlflow.db`` with artifacts beside it
   (MLflow 3 refuses the old ``file:`` store).
+
+Shared with the eval jobs (``g3dr.eval.tracking``): :func:`prepare_tracking_store` creates or upgrades a
+sqlite store once under a file lock (MLflow's own table creation races when several processes open a new
+database together), :func:`get_or_create_experiment` tolerates another process creating the experiment
+first, and :func:`is_lock_error` recognises SQLite's transient "database is locked".
 """
 
 from __future__ import annotations
@@ -22,6 +27,72 @@ from g3dr.log import get_logger
 log = get_logger("g3dr.train.tracking")
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
+
+
+_LOCK_MESSAGES = ("database is locked", "database table is locked", "database schema has changed")
+
+
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` tracking URI (None for other schemes and in-memory stores)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database).resolve()
+
+
+def prepare_tracking_store(uri: str, lock_timeout_s: float = 120.0) -> None:
+    """Create (or upgrade) the MLflow store behind a ``sqlite:`` ``uri`` once, under a file lock beside the
+    database (``<db>.lock``); a no-op for other stores (an ``mlflow server`` creates its own tables once).
+
+    MLflow creates the tables of a new sqlite database when a client first opens it, without a lock
+    across processes: several jobs opening a new store together fail with "table ... already exists",
+    alembic version mismatches or "database is locked", and can leave the schema half-migrated. Under the
+    lock the first process creates and migrates; the others find a complete schema. The lock is an
+    ``fcntl`` lock (the ``filelock`` package): it holds across nodes only where the shared file system
+    supports POSIX locks (NFSv4, Lustre with ``flock``); otherwise use an ``mlflow server``.
+    Raises ``filelock.Timeout`` after ``lock_timeout_s`` seconds, and whatever MLflow raises.
+    """
+    path = sqlite_db_path(uri)
+    if path is None:
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=lock_timeout_s):
+        MlflowClient(tracking_uri=uri)  # building the client opens the store: tables created and migrated here
+
+
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if absent; another process creating it at the same moment
+    (the loser's create fails with RESOURCE_ALREADY_EXISTS / a unique-constraint error) is not an error."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def is_lock_error(err: BaseException) -> bool:
+    """True for SQLite's transient lock errors ("database is locked"...), however MLflow wrapped them."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        if any(m in text for m in _LOCK_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -79,15 +150,14 @@ class MlflowTracker(NullTracker):
         def start() -> str:
             from mlflow.tracking import MlflowClient
 
+            prepare_tracking_store(self.uri, lock_timeout_s=30.0)
             client = MlflowClient(tracking_uri=self.uri)
             if run_id:
                 client.get_run(run_id)  # raises if the store lost the run
                 client.update_run(run_id, status="RUNNING")
                 self.client = client
                 return run_id
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = (found.experiment_id if found is not None
-                             else client.create_experiment(experiment, artifact_location=artifact_location))
+            experiment_id = get_or_create_experiment(client, experiment, artifact_location)
             run = client.create_run(experiment_id, run_name=run_name or None)
             self.client = client
             return run.info.run_id
