@@ -12,6 +12,8 @@ without one (or with one rank) every function is the identity.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as tdist
@@ -47,21 +49,34 @@ def _collective_device() -> torch.device:
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``x`` ``(n_rank, ...)`` along dim 0, in rank order, on every rank.
 
-    Ranks may hold different numbers of rows (including zero); trailing dimensions and dtype must agree.
-    Returns a CPU tensor with exactly ``sum(n_rank)`` rows.
+    Ranks may hold different numbers of rows (uneven shards give ranks different batch counts), including
+    zero; a rank with no rows may pass any empty tensor (``torch.zeros(0)``): it takes the trailing shape
+    and dtype of the ranks that have rows. Ranks with rows must agree on both, else every rank raises the
+    same ValueError (no rank is left waiting in a collective). Returns a CPU tensor with exactly
+    ``sum(n_rank)`` rows.
     """
     rank, world = _world()
     if world == 1:
         return x.detach().cpu()
     device = _collective_device()
-    local = x.detach().to(device).contiguous()
-    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    tdist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
+    local = x.detach()
+    # One small object gather: rows, trailing shape and dtype of every rank (the collective shapes below
+    # must match on all ranks, or gloo/NCCL would fail or wait).
+    metas: list[Any] = [None] * world
+    tdist.all_gather_object(metas, (int(local.shape[0]) if local.dim() else 0, tuple(local.shape[1:]),
+                                    str(local.dtype).removeprefix("torch.")))
+    sizes = [m[0] for m in metas]
+    layouts = {(m[1], m[2]) for m in metas if m[0] > 0}
+    if len(layouts) > 1:
+        raise ValueError(f"gather_rows: ranks hold rows of different shapes or dtypes: {metas}")
+    if not layouts:
+        return local.reshape(0, *local.shape[1:]).cpu() if local.dim() else local.reshape(0).cpu()
+    trailing, dtype_name = layouts.pop()
+    dtype = getattr(torch, dtype_name)
+    local = local.to(device=device, dtype=dtype).reshape(sizes[rank], *trailing).contiguous()
     width = max(sizes)
-    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: local.shape[0]] = local
+    padded = torch.zeros((width, *trailing), dtype=dtype, device=device)
+    padded[: sizes[rank]] = local
     buffers = [torch.empty_like(padded) for _ in range(world)]
     tdist.all_gather(buffers, padded)
     return torch.cat([b[:n] for b, n in zip(buffers, sizes)], dim=0).cpu()
