@@ -13,6 +13,14 @@ A save writes everything into ``step-N.partial``, waits for every rank, then ran
 renames the directory to ``step-N`` and finally replaces ``latest``. A kill at any point leaves the
 previous complete checkpoint untouched and findable: :func:`find_latest` trusts only directories named
 ``step-N`` that hold ``meta.json`` (``latest`` is a convenience for humans and tools).
+
+Resuming on another world size: with ZeRO 1/2 the fp32 master weights and Adam moments are stored as one
+flat partition per rank (``*optim_states.pt``), which DeepSpeed cannot re-split itself. :func:`load_checkpoint`
+then converts the checkpoint once into DeepSpeed's universal format (``deepspeed.checkpoint.ds_to_universal``:
+one folder per parameter with ``fp32``, ``exp_avg``, ``exp_avg_sq``, ``step``), cached as ``step-N/universal/``,
+and loads that into an engine created with ``checkpoint.load_universal`` (:func:`needs_universal` tells the
+trainer before it builds the engine). Per-rank state (RNG, data position) cannot carry over; the trainer
+re-derives it.
 """
 
 from __future__ import annotations
@@ -206,20 +214,163 @@ def prune(root: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def load_checkpoint(engine: Any, path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load a complete checkpoint into ``engine`` (model, optimizer, LR scheduler); collective.
+UNIVERSAL_DIRNAME = "universal"
+_OPTIM_GLOB = "*optim_states.pt"
 
-    Returns ``(client_state, rank_state)``; ``rank_state`` is None when the checkpoint was written by fewer
-    ranks than this rank's index (a resume on another world size; the caller re-derives RNG and data state).
+
+def saved_world_size(path: str | Path) -> int:
+    """The number of ranks that saved the complete checkpoint ``path``."""
+    return int(read_meta(path)["world_size"])
+
+
+def has_zero_partitions(path: str | Path) -> bool:
+    """True when the checkpoint holds ZeRO 1/2 optimizer partitions (one ``*optim_states.pt`` per rank)."""
+    return any(Path(path).glob(_OPTIM_GLOB))
+
+
+def needs_universal(path: str | Path, world_size: int) -> bool:
+    """True when resuming ``path`` on ``world_size`` ranks needs the universal-checkpoint conversion: the
+    checkpoint was saved by another number of ranks and its optimizer state is partitioned (ZeRO 1/2).
+
+    ZeRO 0 checkpoints keep the whole optimizer state in ``mp_rank_00_model_states.pt`` and load on any
+    world size as they are.
+    """
+    return saved_world_size(path) != int(world_size) and has_zero_partitions(path)
+
+
+def check_zero_stage(path: str | Path, zero_stage: int) -> None:
+    """ConfigError when the checkpoint's optimizer layout cannot be loaded by an engine of ``zero_stage``.
+
+    DeepSpeed would otherwise start a ZeRO 1/2 engine from a ZeRO 0 checkpoint with fresh Adam moments (it
+    finds no partitions and silently rebuilds the fp32 weights from the module), and a ZeRO 0 engine cannot
+    read partitions at all. Switching between ZeRO 1 and 2 is fine (the same partition format).
+    """
+    partitioned = has_zero_partitions(path)
+    if partitioned != (int(zero_stage) in (1, 2)):
+        saved = "ZeRO 1/2 (partitioned optimizer state)" if partitioned else "ZeRO 0 (whole optimizer state)"
+        raise ConfigError(f"checkpoint {path} was saved with {saved}, but train.zero_stage={zero_stage}; resume with "
+                          f"train.zero_stage={'1 or 2' if partitioned else '0'} (the optimizer state would otherwise "
+                          "be lost)")
+
+
+def universal_dir(path: str | Path) -> Path:
+    """Where the universal-format copy of the checkpoint ``path`` is cached (removed with the checkpoint)."""
+    return Path(path) / UNIVERSAL_DIRNAME
+
+
+def convert_to_universal(path: str | Path) -> Path:
+    """Convert the complete ZeRO 1/2 checkpoint ``path`` into DeepSpeed's universal format, once; returns
+    ``path/universal`` (DeepSpeed tag ``universal`` under the load directory ``path``). One process only.
+
+    The conversion is DeepSpeed's own (``ds_to_universal``): the per-rank flat partitions of the fp32 master
+    weights and Adam moments are cut into per-parameter tensors using the parameter-to-slice mapping every
+    partition file records. It is written to ``universal.partial`` and renamed, so a kill mid-way leaves no
+    half conversion behind; an existing ``universal`` folder is reused.
+    """
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    path = Path(path)
+    final = universal_dir(path)
+    if final.is_dir():
+        return final
+    partial = path / (UNIVERSAL_DIRNAME + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
+    started = time.time()
+    # One extraction process: worker pools forked from a rank that holds a process group are not safe.
+    args = Namespace(input_folder=str(path), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True,
+                     # Our engines record no Megatron-style parallelism info; with plain data parallelism the
+                     # conversion needs none (DeepSpeed's own option for exactly this case).
+                     inject_missing_state=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ds_to_universal(args)
+    log.debug("ds_to_universal output:\n%s", printed.getvalue())
+    # ds_to_universal also names its output in `latest_universal` beside it; we always pass the tag instead.
+    (path / "latest_universal").unlink(missing_ok=True)
+    os.replace(partial, final)
+    _fsync_dir(path)
+    log.info("converted %s to a universal checkpoint in %.1f s", path, time.time() - started)
+    return final
+
+
+def _convert_on_rank0(path: Path, rank: int) -> None:
+    """Rank 0 converts while the others wait; a failure is raised on every rank (no rank left in a collective)."""
+    error = None
+    if rank == 0:
+        try:
+            convert_to_universal(path)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = f"{type(exc).__name__}: {exc}"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {error}")
+
+
+def read_rank_states(path: str | Path) -> list[dict[str, Any]]:
+    """The per-rank states (``rank-R.pt``) of every rank that saved ``path``, in rank order."""
+    path = Path(path)
+    return [torch.load(path / f"rank-{r}.pt", map_location="cpu", weights_only=False)
+            for r in range(saved_world_size(path)) if (path / f"rank-{r}.pt").is_file()]
+
+
+def load_checkpoint(engine: Any, path: str | Path, rank: int,
+                    world_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load a complete checkpoint into ``engine`` (weights, Adam state, LR scheduler); collective.
+
+    Returns ``(client_state, rank_state)``. ``rank_state`` (RNG states, data position of this rank) is None
+    when the checkpoint was saved by another number of ranks than ``world_size`` (default: the saver's):
+    per-rank state does not carry over and the caller re-derives it.
+
+    On another world size a ZeRO 1/2 checkpoint is converted to the universal format (rank 0, once, see
+    :func:`convert_to_universal`) and loaded from there; the engine must have been created with
+    ``checkpoint.load_universal`` (see :func:`needs_universal`). The fp32 master weights, Adam moments and
+    step, the LR scheduler and DeepSpeed's step counters are restored exactly; module buffers, which the
+    universal format does not carry, are copied from the saved module state.
     """
     path = Path(path)
     if not is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint (no {META_FILENAME})")
     meta = read_meta(path)
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    saved = int(meta["world_size"])
+    world_size = saved if world_size is None else int(world_size)
+    universal = needs_universal(path, world_size)
+    if universal:
+        if not engine.load_universal_checkpoint():
+            raise RuntimeError(f"{path} was saved by {saved} ranks and this run has {world_size}: the engine must be "
+                               "created with checkpoint.load_universal=true (see checkpoint.needs_universal)")
+        _convert_on_rank0(path, rank)
+        load_dir, tag = path, UNIVERSAL_DIRNAME
+    else:
+        load_dir, tag = path.parent, path.name
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {path}")
+    if universal:
+        _load_buffers(engine.module, path)
+    if world_size != saved:
+        return meta["client_state"], None
     rank_file = path / f"rank-{rank}.pt"
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else None
     return meta["client_state"], rank_state
+
+
+def _load_buffers(module: torch.nn.Module, path: Path) -> None:
+    """Copy the saved values of ``module``'s buffers (universal loading restores parameters only)."""
+    names = set(module.state_dict()) - {name for name, _ in module.named_parameters()}  # persistent buffers
+    if not names:
+        return
+    saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    missing = sorted(names - set(saved))
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks the module buffers {missing}; it was written by another model")
+    module.load_state_dict({k: v for k, v in saved.items() if k in names}, strict=False)

@@ -7,7 +7,9 @@ are reached through small components with ``should_*`` checks.
 Seeds: the model is initialised from ``train.seed`` on every rank (DeepSpeed also broadcasts rank 0's
 weights); afterwards each rank seeds its RNGs from ``(train.seed, rank)``, so view choice, novel cameras
 and renderer jitter differ between ranks, and the whole run is reproducible from the one seed. The RNG
-states and the data position of every rank are saved with each checkpoint, so a resume continues exactly.
+states and the data position of every rank are saved with each checkpoint, so a resume on the same world size
+continues exactly; on another world size (docs/training.md) weights, Adam state and schedules continue exactly
+and RNG and data position are re-derived from the seed and the step.
 """
 
 from __future__ import annotations
@@ -287,10 +289,30 @@ def train(cfg: Config, resume: str | None = None,
     root = ckpt.checkpoints_root(run_dir)
     train_cfg = cfg.train
 
+    # Resume: for `auto` rank 0 picks the checkpoint and every rank loads that one; an explicit path is checked
+    # on every rank (so a bad path fails everywhere instead of leaving ranks waiting in a collective).
+    if resume == "auto":
+        resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
+    else:
+        resume_path = ckpt.resolve_resume(resume, run_dir)
+    load_universal = False
+    if resume_path is not None:
+        ckpt.check_zero_stage(resume_path, train_cfg.zero_stage)
+        saved_world = ckpt.saved_world_size(resume_path)
+        if saved_world != dist.world_size:
+            load_universal = ckpt.needs_universal(resume_path, dist.world_size)
+            log.warning("checkpoint %s was saved by %d ranks, this run has %d: %s; RNG states and the data position "
+                        "are re-derived from the seed and the step (a statistical resume, not exactly-once)",
+                        resume_path, saved_world, dist.world_size,
+                        "its ZeRO optimizer partitions are converted to a universal checkpoint and re-partitioned"
+                        if load_universal else "the optimizer state is not partitioned and loads as it is")
+
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)
     model = FTrigen(cfg)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, train_cfg) / train_cfg.lr)
@@ -303,25 +325,19 @@ def train(cfg: Config, resume: str | None = None,
     task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype), model_dtype=dtype)
     loader = (build_loader or _default_loader)(cfg, dist)
 
-    # Resume: for `auto` rank 0 picks the checkpoint and every rank loads that one; an explicit path is checked
-    # on every rank (so a bad path fails everywhere instead of leaving ranks waiting in a collective).
-    if resume == "auto":
-        resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
-    else:
-        resume_path = ckpt.resolve_resume(resume, run_dir)
     start_step, run_id = 0, None
     seed_everything(rank_seed(train_cfg.seed, dist.rank))
     if resume_path is not None:
-        client_state, rank_state = ckpt.load_checkpoint(engine, resume_path, dist.rank)
+        client_state, rank_state = ckpt.load_checkpoint(engine, resume_path, dist.rank, dist.world_size)
         start_step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
         if rank_state is not None:
             ckpt.set_rng_state(rank_state["rng"])
             if rank_state.get("data") is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(rank_state["data"])
-        else:
-            log.warning("checkpoint %s has no state for rank %d (saved by %s ranks): RNG and data position "
-                        "re-derived from the seed and the step", resume_path, dist.rank, client_state.get("world_size"))
+        else:  # another world size: per-rank state cannot carry over
             seed_everything(rank_seed(train_cfg.seed + start_step, dist.rank))
+            if hasattr(loader, "load_state_dict") and hasattr(loader, "state_dict"):
+                loader.load_state_dict(_fresh_data_position(loader, ckpt.read_rank_states(resume_path)))
         log.info("resumed from %s at step %d", resume_path, start_step)
     elif resume == "auto":
         log.info("--resume auto: no complete checkpoint under %s; starting fresh", root)
@@ -426,6 +442,18 @@ def train(cfg: Config, resume: str | None = None,
         if hasattr(loader, "close"):
             loader.close()
     return result
+
+
+def _fresh_data_position(loader: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data position for a resume on another world size: every rank starts the epoch after the newest
+    one any saved rank reached, so its resampled shard draws, seeded by (seed, rank, worker, epoch), are ones
+    no rank of the saved run consumed. Statistical, not exactly-once: with resampling, which samples come
+    next was random anyway; a rank of the new world does not continue the stream of the old rank of that index.
+    """
+    epochs = [int(s["data"]["epoch"]) for s in saved if s.get("data") is not None]
+    position = dict(loader.state_dict())
+    position.update(epoch=max(epochs) + 1 if epochs else int(position["epoch"]), batches_done=0, consumed={})
+    return position
 
 
 def _default_loader(cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
