@@ -7,6 +7,8 @@
   shard 1 (4 samples, 2 batches); per-sample rows are gathered (uneven gather) and moments all-reduced:
   every key arrives exactly once, nothing waits. A second pass where rank 1's only shard is entirely
   corrupt gives rank 1 no batch at all, and the gather still completes with every good key once.
+
+Also: a tiny real training logs its loader's skip counts to MLflow (issue 10 item 10).
 """
 
 from __future__ import annotations
@@ -170,3 +172,40 @@ def test_two_ranks_uneven_shards_no_hang_every_sample_once(uneven, tmp_path, rep
     for r in ranks:
         assert sorted(r["eval_corrupt"]["ids"]) == [0, 1, *range(6, 14)]
         assert r["eval_corrupt"]["count"] == 10 and len(r["eval_corrupt"]["feats"]) == 10
+
+
+@pytest.mark.slow
+def test_training_logs_the_skip_counts_to_mlflow(uneven, tmp_path):
+    """A tiny real training (one process) on a good and an all-corrupt shard logs data/skipped, data/read,
+    data/skip_fraction and data/shard_errors of its loader at every logged step."""
+    from mlflow.tracking import MlflowClient
+
+    from g3dr.config import load_config
+    from g3dr.data import build_train_loader
+    from g3dr.train.tracking import tracking_uri
+    from g3dr.train.trainer import train
+
+    folder, corrupt = uneven
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "data.source=shards",
+                                            f"data.shards={folder}/part-2.tar,{corrupt}", "data.epoch_length=16",
+                                            "data.shuffle_buffer=1", "data.num_workers=0", "data.max_skip_fraction=1.0",
+                                            "train.total_steps=3", "train.log_every=1", "train.image_every=0",
+                                            "train.checkpoint_every=100"])
+    loaders = []
+
+    def build(c, d):
+        loaders.append(build_train_loader(c, d))
+        return loaders[0]
+
+    result = train(cfg, build_loader=build, export=False)
+    assert result.step == 3
+    counts = loaders[0].counts
+    assert counts.skipped_total > 0  # the corrupt shard was drawn
+    client = MlflowClient(tracking_uri(cfg))
+    history = {name: sorted(client.get_metric_history(result.run_id, name), key=lambda m: m.step)
+               for name in ("data/skipped", "data/read", "data/skip_fraction", "data/shard_errors")}
+    assert [m.step for m in history["data/skipped"]] == [1, 2, 3]
+    assert history["data/skipped"][-1].value == counts.skipped_total
+    assert history["data/read"][-1].value == counts.read == 6 + counts.skipped_total  # 3 steps x 2 delivered
+    assert history["data/skip_fraction"][-1].value == pytest.approx(counts.skip_fraction)
+    assert history["data/shard_errors"][-1].value == 0

@@ -263,3 +263,4 @@ def test_a_worker_whose_samples_are_all_bad_stops_the_job_from_its_process(shard
     message = str(info.value)
     assert message.startswith("too much bad data in reader 1 of rank 0: 3 of 3 samples read were skipped")
     assert "Traceback" not in message and "all-bad.tar" in message
+
