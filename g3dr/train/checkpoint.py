@@ -306,6 +306,7 @@ def _convert_on_rank0(path: Path, rank: int) -> None:
         try:
             convert_to_universal(path)
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            log.exception("converting %s to a universal checkpoint failed", path)
             error = f"{type(exc).__name__}: {exc}"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [error]
