@@ -8,6 +8,9 @@
   every key arrives exactly once, nothing waits. A second pass where rank 1's only shard is entirely
   corrupt gives rank 1 no batch at all, and the gather still completes with every good key once.
 
+- A rank stopped by a DataError (all its data corrupt) does not leave the other waiting in a collective:
+  the launcher (torchrun) tears the job down within seconds.
+
 Also: a tiny real training logs its loader's skip counts to MLflow (issue 10 item 10).
 """
 
@@ -172,6 +175,52 @@ def test_two_ranks_uneven_shards_no_hang_every_sample_once(uneven, tmp_path, rep
     for r in ranks:
         assert sorted(r["eval_corrupt"]["ids"]) == [0, 1, *range(6, 14)]
         assert r["eval_corrupt"]["count"] == 10 and len(r["eval_corrupt"]["feats"]) == 10
+
+
+FAILING_WORKER = r'''
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+from g3dr.config import load_config
+from g3dr.data import build_train_loader
+from g3dr.distributed import resolve_dist_env
+
+good, bad = sys.argv[1], sys.argv[2]
+env = resolve_dist_env()
+# A long collective timeout: only the launcher's teardown can end rank 0's wait quickly.
+tdist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
+cfg = load_config(None, ["data.source=shards", f"data.shards={good if env.rank == 0 else bad}", "data.resolution=32",
+                         "renderer.plane_resolutions=[32,16]", "model.channel_mults=[1,2]", "data.num_workers=0",
+                         "train.micro_batch_size=2", "train.global_batch_size=4", "data.epoch_length=8",
+                         "data.max_skip_fraction=0.5", "data.skip_check_min_samples=2"])
+for batch in build_train_loader(cfg, env):  # rank 1 raises a DataError before its first batch
+    step = torch.ones(1)
+    tdist.all_reduce(step)
+'''
+
+
+def test_a_rank_stopped_by_bad_data_does_not_leave_the_other_waiting(uneven, tmp_path, repo_root):
+    """Rank 1's data is all corrupt: its DataError ends its process; torchrun then stops rank 0, which was
+    waiting in the step's collective - within seconds, not after the 10-minute collective timeout."""
+    import time
+
+    folder, corrupt = uneven
+    (tmp_path / "worker.py").write_text(FAILING_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(tmp_path / "worker.py"), str(folder / "part-2.tar"), str(corrupt)]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"rank 0 kept waiting for the failed rank 1: {str(err.stderr)[-3000:]}")
+    assert proc.returncode != 0 and time.monotonic() - start < 180
+    assert "too much bad data" in proc.stderr and "undecodable_sample" in proc.stderr
 
 
 @pytest.mark.slow
