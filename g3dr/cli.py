@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.assets.cli",        # batch, mesh, generate
     "g3dr.models.import_cli",  # import-official
     "g3dr.bench",             # bench
+    "g3dr.weights.cli",       # weights
     "g3dr.config_cli",        # config
 )
 

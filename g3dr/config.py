@@ -269,14 +269,16 @@ class LossConfig:
     """The weight-sum term ramps 0 -> ``weight_sum`` over this fraction of training."""
     clip_model: str = "ViT-B-16-quickgelu"
     """open_clip architecture of the CLIP critic (OpenAI weights need the QuickGELU form)."""
-    clip_weights: str = "weights/clip/ViT-B-16-openai.bin"
-    """Local file of the CLIP critic's weights (OpenAI ViT-B/16)."""
+    clip_weights: str = "weights/clip/ViT-B-16.pt"
+    """Local file of the CLIP critic's weights (OpenAI ViT-B/16): OpenAI's original release, whose sha256 is
+    published (``g3dr weights fetch clip-vit-b-16-openai``), or open_clip's state dict of the same weights."""
     clip_resolution: int = 224
     """Renders are resized to this size before the CLIP critic."""
     vgg_model: str = "vgg16"
     """timm architecture of the perceptual critic."""
-    vgg_weights: str = "weights/vgg/vgg16.safetensors"
-    """Local file of the VGG16 ImageNet weights."""
+    vgg_weights: str = "weights/vgg/vgg16-397923af.pth"
+    """Local file of the VGG16 ImageNet weights: torchvision's file, whose name carries its sha256 prefix
+    (``g3dr weights fetch vgg16-torchvision``), or timm's safetensors copy of it."""
     critics: Literal["pretrained", "random"] = "pretrained"
     """``pretrained`` loads the weight files (real runs); ``random`` builds random-weight critics (tests, demo)."""
 
@@ -461,6 +463,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    weights_lock: str = ""
+    """Lock file pinning the sha256 of the weight files (``g3dr weights verify --write-lock FILE``); every job
+    checks the files it needs against it before starting. Empty: the built-in registry's hashes only."""
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir", "must not be empty")

@@ -44,14 +44,13 @@ TINY_CLIP_OVERRIDES: dict[str, Any] = {
 # Layer list of the random-weight test VGG (timm ``VGG`` cfg format: channels, "M" = max-pool).
 TINY_VGG_LAYERS: list[Any] = [8, "M", 16, "M", 16, 16, "M", 16, 16, "M", 16, 16, "M"]
 
-CLIP_HOWTO = ("obtain the OpenAI CLIP ViT-B/16 weights on a machine with internet, e.g. "
-              "`python -c \"import open_clip; open_clip.create_model('ViT-B-16-quickgelu', pretrained='openai', "
-              "cache_dir='weights/clip')\"` (or open_clip_pytorch_model.bin of the Hugging Face repo "
-              "timm/vit_base_patch16_clip_224.openai), copy the file there, or set loss.critics=random for a "
-              "smoke test")
-VGG_HOWTO = ("obtain the timm VGG16 ImageNet weights on a machine with internet, e.g. model.safetensors of the "
-             "Hugging Face repo timm/vgg16.tv_in1k, copy the file there, or set loss.critics=random for a "
-             "smoke test")
+CLIP_HOWTO = ("obtain the OpenAI CLIP ViT-B/16 weights on a machine with internet with "
+              "`g3dr weights fetch clip-vit-b-16-openai --dest FILE` (OpenAI's file, sha256-verified; or "
+              "clip-vit-b-16-openai-hf, open_clip's state dict), copy the file there, or set loss.critics=random "
+              "for a smoke test")
+VGG_HOWTO = ("obtain the VGG16 ImageNet weights on a machine with internet with "
+             "`g3dr weights fetch vgg16-torchvision --dest FILE` (or vgg16-timm-hf, model.safetensors of "
+             "timm/vgg16.tv_in1k), copy the file there, or set loss.critics=random for a smoke test")
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -154,13 +153,36 @@ class VggCritic(nn.Module):
         return super().train(False)
 
 
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a TorchScript archive (a zip holding ``constants.pkl``), the format of OpenAI's CLIP files."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def build_clip_model(model_name: str, weights: str | None, overrides: dict[str, Any] | None = None) -> nn.Module:
-    """An open_clip model ``model_name``; weights from the local file ``weights`` (strict) or random if None."""
+    """An open_clip model ``model_name``; weights from the local file ``weights`` (strict) or random if None.
+
+    ``weights`` may be an open_clip state dict or OpenAI's original TorchScript file (``ViT-B-16.pt``), which
+    ``torch.load(weights_only=True)`` refuses; open_clip then reads its state dict through ``torch.jit.load``
+    (TorchScript, not arbitrary pickled Python; ``g3dr weights verify`` checks the file's published sha256).
+    """
+    import warnings
+
     import open_clip
 
     kwargs = dict(overrides or {})
+    if weights is not None and is_torchscript_archive(weights):
+        kwargs["weights_only"] = False
     try:
-        return open_clip.create_model(model_name, pretrained=weights, **kwargs)
+        with warnings.catch_warnings():  # torch.load's "dispatching to torch.jit.load" note on TorchScript files
+            warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated.*", category=FutureWarning)
+            return open_clip.create_model(model_name, pretrained=weights, **kwargs)
     except RuntimeError as err:
         if weights is None:
             raise
