@@ -90,6 +90,10 @@ def _summary(result, extra: dict) -> int:
 def run_shards(args: argparse.Namespace) -> int:
     from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
     from g3dr.data_prep.sources import FileSource, read_synsets
+    from g3dr.weights import verify_for
+
+    if args.depth_model:  # the depth model's files, before any image is read
+        verify_for(None, "prep", depth_model=args.depth_model, progress=not args.no_progress)
 
     options = StoreOptions(resolutions=tuple(args.resolution), image_format=args.image_format,
                            quality=args.quality, min_size=args.min_size, depth_png_level=args.depth_png_level)

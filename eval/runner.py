@@ -336,6 +336,9 @@ class Evaluator:
         """Evaluate ``ref`` unless already done; ``parent_factory()`` gives the sweep run id lazily."""
         cfg = self.config_for(ref)
         spec = EvalSpec.from_config(cfg)
+        from g3dr.weights import verify_for
+
+        verify_for(cfg, "eval", progress=self.dist.is_main)  # Inception when FID/IS: before any work
         ident = self.identity(cfg, spec)
         ehash = eval_hash(spec, **ident)
         out_dir = self.eval_dir(ref, ehash)

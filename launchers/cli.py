@@ -42,6 +42,9 @@ def _launch_arguments() -> argparse.ArgumentParser:
     g.add_argument("--log-dir", default=None,
                    help="folder of per-job logs and submitit files (a %%j subfolder per job); default: see each kind")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
+    g.add_argument("--skip-weights-check", action="store_true",
+                   help="do not verify the weight files here before submitting (when only the compute nodes see "
+                        "them; the job still verifies them before it starts)")
     g.add_argument("--wait", action="store_true",
                    help="wait for the jobs and fail if one fails (always on with --executor local)")
     g.add_argument("--wait-timeout", type=float, default=24 * 3600.0, metavar="S", help="give up waiting after S s")
@@ -142,6 +145,10 @@ def run_train(args: argparse.Namespace) -> int:
     options = _options(args, "train")
     cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
     cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
+    if not args.skip_weights_check:
+        from g3dr.weights import verify_for
+
+        verify_for(cfg, "train")  # a missing CLIP/VGG file fails here, not after the queue
     job = train_job(str(Path(args.config).resolve()) if args.config else None, args.overrides)
     check_g3dr_arguments(list(job.steps[0]))
     # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
@@ -184,6 +191,11 @@ def run_prep_shards(args: argparse.Namespace) -> int:
     for job in [*array, merge]:
         for step in job.steps:
             check_g3dr_arguments(list(step))
+    depth_model = _option_value(prep_args, "--depth-model")
+    if depth_model and not args.skip_weights_check:
+        from g3dr.weights import verify_for
+
+        verify_for(None, "prep", depth_model=depth_model)
     executor = _executor(args)
     options = _options(args, "prep")
     folder = Path(args.log_dir or Path(out).parent / f"{Path(out).name}-slurm").resolve()
@@ -219,6 +231,19 @@ def eval_jobs(checkpoints: list[str], metrics: list[str], eval_args: list[str]):
     return jobs
 
 
+def eval_job_config(argv: list[str]):
+    """The config ``g3dr eval ARGV`` (one checkpoint) will run with: the checkpoint's stored config plus the
+    flags and overrides, as :class:`g3dr.eval.runner.Evaluator` builds it."""
+    from g3dr.cli import build_parser
+    from g3dr.config import config_from_dict
+    from g3dr.eval.cli import overrides_from_args
+    from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+    ns = build_parser().parse_args(argv)
+    meta = read_f_trigen_metadata(ns.checkpoint)
+    return config_from_dict(meta["config"], overrides_from_args(ns), source=f"{ns.checkpoint} (stored config)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from g3dr.errors import ConfigError
     from g3dr.launchers.submit import submit_jobs
@@ -233,6 +258,10 @@ def run_eval(args: argparse.Namespace) -> int:
     jobs_to_run = eval_jobs(args.checkpoints, metrics, list(args.eval_args))
     for job in jobs_to_run:
         check_g3dr_arguments(list(job.steps[0]))
+        if not args.skip_weights_check:
+            from g3dr.weights import verify_for
+
+            verify_for(eval_job_config(list(job.steps[0])), "eval")  # Inception when the job computes FID/IS
     executor = _executor(args)
     options = _options(args, "eval")
     folder = Path(args.log_dir or "outputs/eval-slurm").resolve() / "%j"

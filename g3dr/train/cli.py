@@ -30,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from g3dr.train.trainer import EXIT_PREEMPTED, train
 
     cfg = load_config(args.config, args.overrides)
+    from g3dr.distributed import resolve_dist_env
+    from g3dr.weights import verify_for
+
+    # Before any process group: every rank checks the same files and fails alike (hashes are cached).
+    verify_for(cfg, "train", progress=resolve_dist_env().is_main)
     result = train(cfg, resume=args.resume, export=not args.no_export)
     log = get_logger("g3dr.train")
     if result.preempted:
