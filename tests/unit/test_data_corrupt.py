@@ -264,3 +264,42 @@ def test_a_worker_whose_samples_are_all_bad_stops_the_job_from_its_process(shard
     assert message.startswith("too much bad data in reader 1 of rank 0: 3 of 3 samples read were skipped")
     assert "Traceback" not in message and "all-bad.tar" in message
 
+
+
+def test_the_reader_names_the_sample_lost_at_a_break(shards):
+    """Where a tar stream breaks decides which sample is lost; the complete ones before it are yielded."""
+    from g3dr.data.tar_reader import TarReadError
+
+    path = Path(shards["src"][0])
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar}
+    jpg2 = members[f"{_key(2)}.32.jpg"]  # key 2's second member (the writer sorts: 32.depth.png, 32.jpg, cls, json)
+    first2 = min((m for m in members.values() if m.name.startswith(_key(2) + ".")), key=lambda m: m.offset)
+    assert first2.name == f"{_key(2)}.32.depth.png"
+    last5 = max(members.values(), key=lambda m: m.offset)
+    end5 = last5.offset_data + last5.size + (-last5.size % 512)
+
+    def read(blob: bytes):
+        keys = []
+        with pytest.raises(TarReadError) as info:
+            for sample in iter_samples(io.BytesIO(blob), "u"):
+                keys.append(sample["__key__"])
+        return keys, info.value
+
+    cases = {
+        "mid-member": (jpg2.offset_data + 10, [_key(0), _key(1)], _key(2), "truncated"),
+        # a break in a header: the sample before it may lack members, so it is the one counted as lost
+        "inside a header": (first2.offset + 100, [_key(0)], _key(1), "truncated"),
+        "inside the next sample's first member": (first2.offset_data + 1, [_key(0), _key(1)], _key(2), "truncated"),
+        "at the end, without the zero blocks": (end5, [_key(i) for i in range(5)], _key(5), "truncated"),
+    }
+    for what, (cut, kept, lost, kind) in cases.items():
+        keys, err = read(data[:cut])
+        assert (keys, err.partial_key, err.kind) == (kept, lost, kind), what
+    # a corrupt header (checksum) is a break in a header too
+    corrupt = bytearray(data)
+    corrupt[first2.offset + 5] ^= 0x01
+    keys, err = read(bytes(corrupt))
+    assert (keys, err.partial_key, err.kind) == ([_key(0)], _key(1), "corrupt")
+    assert list(iter_samples(io.BytesIO(b""))) == []  # an empty stream is no tar at all: nothing, no error
