@@ -108,9 +108,9 @@ def load_inception(path: str | Path, device: torch.device | str = "cpu") -> Ince
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
-            f"Inception weights not found at {path}. On a machine with internet, download "
-            f"{INCEPTION_URL_PT} (or the StyleGAN3 pickle {INCEPTION_URL_PKL}), copy it to {path}, "
-            f"or point eval.inception_weights at it")
+            f"Inception weights not found at {path}. On a machine with internet, run "
+            f"`g3dr weights fetch inception-2015-12-05 --dest {path}` (it downloads {INCEPTION_URL_PT}; or the "
+            f"StyleGAN3 pickle {INCEPTION_URL_PKL}), copy it to {path}, or point eval.inception_weights at it")
     try:
         if path.suffix == ".pkl":
             with open(path, "rb") as f:

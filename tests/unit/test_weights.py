@@ -462,19 +462,36 @@ def test_prep_refuses_a_missing_depth_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_refuses_to_start_without_inception(tmp_path, capsys):
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
     from g3dr.models.checkpoint_io import save_f_trigen
     from g3dr.models.f_trigen import FTrigen
 
     cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}"])
-    ck = save_f_trigen(FTrigen(cfg), cfg, tmp_path / "f_trigen.safetensors", step=1)
+    return save_f_trigen(FTrigen(cfg), cfg, tmp_path / "f_trigen.safetensors", step=1)
+
+
+def test_eval_refuses_to_start_without_inception(tmp_path, tiny_checkpoint, capsys):
     missing = tmp_path / "nowhere" / "inception-2015-12-05.pt"
-    code = main(["eval", "--checkpoint", str(ck), "--metrics", "fid", "--inception", str(missing),
+    code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--metrics", "fid", "--inception", str(missing),
                  "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and f"eval.inception_weights={missing}: missing" in err
     assert f"g3dr weights fetch inception-2015-12-05 --dest {missing}" in err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_submit_eval_verifies_each_job_config_before_queueing(tmp_path, tiny_checkpoint, capsys):
+    """The config an eval array job will run with (the checkpoint's, plus the flags) is verified here."""
+    missing = tmp_path / "nowhere" / "inception-2015-12-05.pt"
+    argv = ["submit", "eval", "--executor", "slurm", "--dry-run", "--checkpoints", str(tiny_checkpoint),
+            "--metrics", "nfs,fid", "--", "--inception", str(missing)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert f"eval.inception_weights={missing}: missing" in captured.err and "#SBATCH" not in captured.out
+    # NFS alone needs no Inception: that job passes the check, and the array is printed.
+    assert main([*argv[:7], "--metrics", "nfs", *argv[9:]]) == 0
+    assert "#SBATCH" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
