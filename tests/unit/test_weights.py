@@ -462,6 +462,17 @@ def test_prep_refuses_a_missing_depth_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_submit_prep_verifies_the_depth_model_before_queueing(tmp_path, capsys):
+    argv = ["submit", "prep", "shards", "--executor", "slurm", "--dry-run", "--num-shard-jobs", "2", "--",
+            "--src", str(tmp_path), "--layout", "imagenet", "--out", str(tmp_path / "out"),
+            "--depth-model", str(tmp_path / "depth")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert f"prep.depth_model={tmp_path / 'depth'}: missing" in captured.err and "#SBATCH" not in captured.out
+    assert main([*argv[:3], "--skip-weights-check", *argv[3:]]) == 0
+    assert "#SBATCH" in capsys.readouterr().out
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     from g3dr.models.checkpoint_io import save_f_trigen
