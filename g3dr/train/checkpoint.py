@@ -233,9 +233,14 @@ def needs_universal(path: str | Path, world_size: int) -> bool:
     checkpoint was saved by another number of ranks and its optimizer state is partitioned (ZeRO 1/2).
 
     ZeRO 0 checkpoints keep the whole optimizer state in ``mp_rank_00_model_states.pt`` and load on any
-    world size as they are.
+    world size as they are. A step-0 checkpoint (written before the first optimizer step, e.g. by the
+    non-finite guard) has no Adam state to carry: its weights load and the fp32 copy is rebuilt from them.
+    It must not be converted: with no optimizer state DeepSpeed's converter falls back to saving each module
+    tensor, and each is a view of ZeRO's flat weight buffer, so it writes the whole buffer once per parameter
+    (for the paper model 279 x 590 MB).
     """
-    return saved_world_size(path) != int(world_size) and has_zero_partitions(path)
+    meta = read_meta(path)
+    return int(meta["world_size"]) != int(world_size) and int(meta["step"]) > 0 and has_zero_partitions(path)
 
 
 def check_zero_stage(path: str | Path, zero_stage: int) -> None:
@@ -352,7 +357,10 @@ def load_checkpoint(engine: Any, path: str | Path, rank: int,
         load_dir, tag = path, UNIVERSAL_DIRNAME
     else:
         load_dir, tag = path.parent, path.name
-    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+    # Partitions of another world size that need no conversion (step 0: empty Adam state) cannot be loaded
+    # as they are; DeepSpeed then rebuilds its fp32 copy from the loaded weights.
+    load_optimizer = universal or world_size == saved or not has_zero_partitions(path)
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=load_optimizer,
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {path}")

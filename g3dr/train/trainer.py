@@ -305,7 +305,7 @@ def train(cfg: Config, resume: str | None = None,
                         "are re-derived from the seed and the step (a statistical resume, not exactly-once)",
                         resume_path, saved_world, dist.world_size,
                         "its ZeRO optimizer partitions are converted to a universal checkpoint and re-partitioned"
-                        if load_universal else "the optimizer state is not partitioned and loads as it is")
+                        if load_universal else "it holds no partitioned Adam state to convert (ZeRO 0, or step 0)")
 
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)

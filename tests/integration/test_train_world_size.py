@@ -368,6 +368,25 @@ def test_a_failed_conversion_is_an_error(tmp_path):
     assert not (path / "universal").exists()
 
 
+def test_a_step_0_checkpoint_loads_on_another_world_size_without_conversion(tmp_path):
+    """Before the first optimizer step there is no Adam state: the weights load, nothing is converted (DeepSpeed's
+    converter would write the whole flat weight buffer once per parameter for such a checkpoint)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    saver = _linear_engine(zero_stage=2)
+    with torch.no_grad():
+        for p in saver.module.parameters():
+            p.add_(1.0)
+    path = _save(saver, tmp_path / "checkpoints", 0, world_size=2)
+    assert not ckpt.needs_universal(path, 1)
+    engine = _linear_engine(zero_stage=2)
+    client, rank_state = ckpt.load_checkpoint(engine, path, rank=0, world_size=1)
+    assert client == {"step": 0} and rank_state is None
+    assert not (path / ckpt.UNIVERSAL_DIRNAME).exists()
+    for a, b in zip(saver.module.parameters(), engine.module.parameters()):
+        assert torch.equal(a, b) and torch.equal(safe_get_full_fp32_param(b), a)
+
+
 def test_zero_stage_switch_that_would_lose_the_optimizer_state_is_refused(tmp_path):
     zero = tmp_path / "step-1"
     zero.mkdir()
