@@ -309,9 +309,12 @@ def verify_for(cfg: Config | None, kind: str, *, depth_model: str = "", lock: st
     failures = [c for c in checks if not c.passes(strict)]
     if failures:
         raise WeightsError(failure_message(failures, f"`{kind}`"))
+    from g3dr.distributed import resolve_dist_env
+
+    warn = log.warning if resolve_dist_env().is_main else log.debug  # once per job, not once per rank
     for c in checks:
         if c.status == "unpinned":
-            log.warning("weights: %s=%s has no published sha256 and no lock entry (checked presence only); pin it "
+            warn("weights: %s=%s has no published sha256 and no lock entry (checked presence only); pin it "
                         "with `g3dr weights verify --write-lock FILE` and set weights_lock", c.key, c.path)
     log.info("weights for %s verified: %s", kind, ", ".join(f"{c.key} ({c.verified_by or 'present'})" for c in checks))
     return checks
