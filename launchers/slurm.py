@@ -22,6 +22,13 @@ TERMINAL_STATES = frozenset({
 })
 
 
+TIME_LIMIT_CHECK_S = 30
+"""slurmctld checks time limits every 30 s (``PERIODIC_TIMEOUT``, a compile-time constant). At each check it sends
+the ``--signal`` of a job whose end is at most ``delay + 30`` s away, and ends a job past its limit: USR2 comes
+about ``delay`` to ``delay + 30`` s before the limit, and the kill 0 to 30 s after it, one check (30 s) or more
+after the signal."""
+
+
 def sbatch_available() -> bool:
     """True where ``sbatch`` is on the PATH: the launcher then defaults to the SLURM executor."""
     return shutil.which("sbatch") is not None

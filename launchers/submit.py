@@ -49,8 +49,9 @@ class LaunchOptions:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    signal_delay_s: int = 90
-    """USR2 comes this many seconds before the time limit; the job checkpoints and requeues itself on it."""
+    signal_delay_s: int = 120
+    """USR2 comes this many seconds before the time limit (SLURM sends it up to 30 s earlier: it checks limits
+    every 30 s); the job checkpoints and requeues itself on it. Must be >= 1: ``--signal=USR2@0`` sends nothing."""
     max_requeues: int = 50
     """How many time-limit requeues are allowed (preemptions do not count; submitit's ``max_num_timeout``). A long
     training runs as a chain of time-limited runs, one requeue each."""
@@ -71,8 +72,11 @@ class LaunchOptions:
                               f"{self.gpus_per_node} (leave --tasks-per-node out)")
         if self.mem_gb is not None and self.mem_gb < 1:
             raise ConfigError(f"--mem-gb must be >= 1, got {self.mem_gb}")
-        if self.signal_delay_s < 0:
-            raise ConfigError(f"--signal-delay-s must be >= 0, got {self.signal_delay_s}")
+        if self.signal_delay_s < 1:
+            # slurmctld only sends the warning signal when its time is non-zero: @0 would mean no checkpoint at
+            # the time limit, only the kill.
+            raise ConfigError(f"--signal-delay-s must be >= 1 (SLURM sends no time-limit signal with 0), "
+                              f"got {self.signal_delay_s}")
 
     @property
     def ntasks_per_node(self) -> int:
@@ -101,6 +105,19 @@ def slurm_parameters(options: LaunchOptions) -> dict[str, Any]:
     if options.extra:
         params["additional_parameters"] = dict(options.extra)
     return params
+
+
+def early_signal_warning(options: LaunchOptions) -> str | None:
+    """Why the time-limit signal would cut every run short (``None`` when it would not).
+
+    SLURM sends USR2 at the first time-limit check at most ``signal_delay_s + 30`` s before the limit; when
+    that span covers the whole time limit, every run is signalled at its first check, within 30 s of its start.
+    """
+    if options.signal_delay_s + slurm.TIME_LIMIT_CHECK_S < options.time_min * 60:
+        return None
+    return (f"--signal-delay-s {options.signal_delay_s} with --time {options.time_min}: SLURM sends USR2 at its "
+            f"first time-limit check, within {slurm.TIME_LIMIT_CHECK_S} s of the start, so every run is stopped and "
+            "requeued early; use a longer --time or a shorter --signal-delay-s")
 
 
 def check_cluster(options: LaunchOptions) -> slurm.PartitionInfo:
@@ -153,6 +170,9 @@ def submit_jobs(tasks: Sequence[Any], executor: ExecutorKind, folder: str | Path
         info = check_cluster(options)
         log.info("partition %s: %d nodes, %d CPUs and %d GPUs per node, time limit %s", info.name, info.nodes,
                  info.cpus_per_node, info.gpus_per_node, info.time_limit)
+    early = early_signal_warning(options) if executor == "slurm" else None
+    if early:
+        log.warning("%s", early)
     if dry_run:
         if executor == "slurm":
             return render_sbatch(folder, options, array_size=len(tasks))

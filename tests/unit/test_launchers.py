@@ -10,7 +10,7 @@ from g3dr.errors import ConfigError
 from g3dr.launchers.jobs import CommandJob, prep_merge_job, prep_shard_jobs, train_job
 from g3dr.launchers.rendezvous import port_from_job_id, rendezvous_from_env
 from g3dr.launchers.slurm import check_request, parse_gpu_count, parse_sinfo
-from g3dr.launchers.submit import LaunchOptions, render_sbatch, slurm_parameters
+from g3dr.launchers.submit import LaunchOptions, early_signal_warning, render_sbatch, slurm_parameters
 
 SINFO = """debug*|1|2|(null)|infinite|up
 gpu|4|64|gpu:h100:8(S:0-1)|2-00:00:00|up
@@ -108,6 +108,16 @@ def test_launch_options_checks_and_parameters():
         LaunchOptions(nodes=0)
     with pytest.raises(ConfigError, match="--mem-gb"):
         LaunchOptions(mem_gb=0)
+
+
+def test_signal_delay_must_reach_slurm_and_early_signals_are_named():
+    # slurmctld sends the --signal only when its time is non-zero: 0 would leave a job no checkpoint at its limit.
+    with pytest.raises(ConfigError, match="--signal-delay-s must be >= 1"):
+        LaunchOptions(signal_delay_s=0)
+    assert early_signal_warning(LaunchOptions(time_min=60, signal_delay_s=120)) is None
+    assert early_signal_warning(LaunchOptions(time_min=1, signal_delay_s=5)) is None  # USR2 25-55 s after start
+    assert early_signal_warning(LaunchOptions(time_min=1, signal_delay_s=30)) is not None  # at the first check
+    assert "--time 2" in early_signal_warning(LaunchOptions(time_min=2, signal_delay_s=120))
 
 
 def test_render_sbatch_multi_node_gpu(tmp_path):
