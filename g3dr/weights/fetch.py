@@ -83,7 +83,12 @@ def _download(url: str, partial: Path, progress: bool, timeout: float) -> None:
     if have:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
-    resume_note = f"; the partial download stays at {partial}: run the same command again to resume"
+
+    def resume_note() -> str:
+        if partial.exists() and partial.stat().st_size:
+            return f"; the partial download stays at {partial}: run the same command again to resume"
+        return ""
+
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status = getattr(response, "status", 200)
@@ -105,15 +110,15 @@ def _download(url: str, partial: Path, progress: bool, timeout: float) -> None:
                 os.fsync(out.fileno())
             if expected is not None and got < expected:
                 raise WeightsError(f"download of {url} ended after {have + got} of {have + expected} bytes"
-                                   + resume_note)
+                                   + resume_note())
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # nothing left to send: the partial file is complete (checked next)
             return
-        raise WeightsError(f"cannot download {url}: HTTP {err.code} {err.reason}" + resume_note) from None
+        raise WeightsError(f"cannot download {url}: HTTP {err.code} {err.reason}" + resume_note()) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, socket.timeout) as err:
         reason = getattr(err, "reason", None) or err
         raise WeightsError(f"cannot download {url}: {reason} (no internet on this machine? fetch on one that has it "
-                           f"and copy the file)" + resume_note) from None
+                           f"and copy the file)" + resume_note()) from None
 
 
 def fetch_target(target: FetchTarget, lock: Lock | None = None, force: bool = False, progress: bool = True,
@@ -135,14 +140,15 @@ def fetch_target(target: FetchTarget, lock: Lock | None = None, force: bool = Fa
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     errors = []
-    for url in urls:
+    for i, url in enumerate(urls):
         try:
             log.info("downloading %s -> %s", url, dest)
             _download(url, partial, progress, timeout)
             break
         except WeightsError as err:
             errors.append(str(err))
-            log.warning("%s", err)
+            if i + 1 < len(urls):
+                log.warning("%s; trying the next URL", err)
     else:
         raise WeightsError("; ".join(errors) if errors else f"{target.entry.name}: no URL to download from")
     digest = file_sha256(partial, progress, use_cache=False)

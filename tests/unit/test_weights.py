@@ -362,6 +362,11 @@ def test_fetch_by_name_verifies_and_renames(server, tmp_path, capsys):
                  "--registry", str(registry), "--no-progress"]) == 0
     assert (tmp_path / "many" / "depth" / "model.safetensors").read_bytes() == FILES["/depth/model.safetensors"]
     assert (tmp_path / "many" / "vgg-abc.pth").read_bytes() == FILES["/vgg-abc.pth"]
+    # A URL the server does not have: the HTTP status, and nothing written.
+    assert main(["weights", "fetch", "tiny-clip-other", "--dest", str(tmp_path / "o.bin"), "--registry",
+                 str(registry), "--no-progress"]) == 2
+    assert re.search(r"cannot download http://\S+/other\.bin: HTTP 404", capsys.readouterr().err)
+    assert not (tmp_path / "o.bin").exists() and not (tmp_path / "o.bin.partial").exists()
 
 
 def test_fetch_hash_mismatch_leaves_no_file(server, tmp_path):
