@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+from g3dr_test_support import load_test_helper as load_helper  # tests/conftest.py: tests/helpers/<name>.py by name
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_helper(name: str):
-    key = f"g3dr_test_helper_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def tiny_config(workdir: Path, *extra: str):

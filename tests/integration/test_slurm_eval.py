@@ -13,33 +13,21 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 G3DR = Path(sys.executable).with_name("g3dr")
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
-def _load(path: Path, name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(slurm_cluster):
     if importlib.util.find_spec("g3dr.eval.cli") is None:
         pytest.skip("g3dr eval is not in this checkout")
-    reason = _load(REPO / "tests" / "slurm" / "cluster.py", "g3dr_tests_slurm_cluster").ensure_cluster()
-    if reason:
-        pytest.skip(reason)
+    slurm_cluster("debug")
 
 
-def test_eval_array_over_checkpoints_and_metrics(cluster, tmp_path):
+def test_eval_array_over_checkpoints_and_metrics(cluster, helper_module, tmp_path):
     from g3dr.data.loader import ensure_synthetic
 
-    fx = _load(REPO / "tests" / "helpers" / "eval_fixtures.py", "g3dr_test_helper_eval_fixtures")
+    fx = helper_module("eval_fixtures")
     cfg = fx.tiny_config(tmp_path)
     fx.make_inception(cfg)
     ensure_synthetic(cfg)  # written once here, not raced by the jobs

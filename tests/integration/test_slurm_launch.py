@@ -7,7 +7,6 @@ requeued run finishes the work exactly once.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,18 +20,7 @@ from g3dr.launchers.jobs import LaunchedJob
 from g3dr.launchers.rendezvous import port_from_job_id
 from g3dr.launchers.submit import LaunchOptions, job_restarts, submit_jobs, wait_jobs
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
-
-
-def _cluster_helper():
-    name = "g3dr_tests_slurm_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "slurm" / "cluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture
@@ -45,10 +33,8 @@ def cancel_on_exit():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    reason = _cluster_helper().ensure_cluster()
-    if reason:
-        pytest.skip(reason)
+def cluster(slurm_cluster):
+    slurm_cluster("debug")
     import cloudpickle
 
     # The stand-in jobs live in this test module, which the job process cannot import: ship them by value.
@@ -156,11 +142,9 @@ def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on
     assert "master {}:{}, requeue count 0".format(host, port_from_job_id(job.job_id)) in job.paths.stderr.read_text()
 
 
-def test_two_node_job_meets_at_the_first_node(cluster, tmp_path, cancel_on_exit):
+def test_two_node_job_meets_at_the_first_node(cluster, slurm_cluster, tmp_path, cancel_on_exit):
     """Partition `multi`: two (virtual) nodes, one task each; a real gloo all-reduce across them."""
-    reason = _cluster_helper().ensure_cluster(("multi",))
-    if reason:
-        pytest.skip(reason)
+    slurm_cluster("multi")
     start = time.monotonic()
     [job] = submit_jobs([AllReduce()], "slurm", tmp_path / "%j",
                         LaunchOptions(job_name="g3dr-2nodes", partition="multi", nodes=2, time_min=5))

@@ -3,7 +3,6 @@ job (``afterok`` on the array), over the 24 real release samples."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -13,26 +12,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 G3DR = Path(sys.executable).with_name("g3dr")
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
-def _cluster_helper():
-    name = "g3dr_tests_slurm_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "slurm" / "cluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def cluster():
-    reason = _cluster_helper().ensure_cluster()
-    if reason:
-        pytest.skip(reason)
+def cluster(slurm_cluster):
+    slurm_cluster("debug")
 
 
 def _prep_args(src: Path, out: Path) -> list[str]:

@@ -22,23 +22,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 STEPS = 6
 
 
-def _cluster_helper():
-    name = "g3dr_tests_slurm_cluster"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "slurm" / "cluster.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(slurm_cluster):
     if importlib.util.find_spec("g3dr.train.cli") is None:
         pytest.skip("g3dr train is not in this checkout")
-    reason = _cluster_helper().ensure_cluster(("debug", "multi"))
-    if reason:
-        pytest.skip(reason)
+    slurm_cluster("debug", "multi")
 
 
 def _overrides(root: Path) -> list[str]:

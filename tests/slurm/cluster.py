@@ -3,8 +3,9 @@
 ``ensure_cluster()`` returns None when a cluster is up (starting one if needed and allowed) or the reason it
 cannot, for ``pytest.skip``. A cluster this helper started is stopped when the test process exits, so a
 developer's machine is left as it was; one that was already running (CI starts it before ``make test``) is
-left running. Tests import it by path (``--import-mode=importlib``) under one ``sys.modules`` name, so that
-every test file shares one state.
+left running. Tests use it through the ``slurm_cluster`` fixture of ``tests/conftest.py`` (``slurm_cluster("debug",
+"multi")`` skips unless those partitions are up), which imports this file once per session, so that every test
+file shares one state.
 """
 
 from __future__ import annotations
