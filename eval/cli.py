@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="eval output folder (default: eval/ beside the checkpoint or in the sweep dir)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--retries", type=int, default=3, metavar="N", help="attempts per MLflow call before failing")
+    parser.add_argument("--save-images", metavar="DIR",
+                        help="also write the uint8 images scored by FID/IS as PNGs to DIR/<checkpoint>-<eval hash>/"
+                             "<view>_s<scale>/NNNNNN.png (scoring them again gives the same FID/IS)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the checkpoint's stored config, e.g. eval.batch_size=32")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         options = EvalOptions(
             overrides=overrides_from_args(args), out_dir=out, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
             tracking_base=sweep_dir or Path(args.checkpoint).parent, device=args.device, attempts=max(1, args.retries),
-            progress=not args.no_progress)
+            progress=not args.no_progress, save_images=Path(args.save_images) if args.save_images else None)
         evaluator = Evaluator(options, dist, stop)
         if sweep_dir is None:
             outcome = evaluator.evaluate(checkpoint_ref(args.checkpoint))

@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,16 +31,19 @@ from g3dr.config import CameraConfig, Config, EvalConfig
 from g3dr.errors import DataError
 from g3dr.eval.report import format_scale, metric_key
 from g3dr.log import get_logger
+from g3dr.metrics.dataset_stats import STATS_RECIPE_VERSION
 from g3dr.metrics.depth import depth_accuracy_per_map, non_flatness_per_map
 from g3dr.metrics.fid import FeatureMoments, frechet_distance
 from g3dr.metrics.gather import _world, all_reduce_moments, as_numpy, gather_rows, shard_range
+from g3dr.metrics.image_folder import write_png_batch
 from g3dr.metrics.inception import FEATURE_DIM, InceptionDetector, quantize_images
 from g3dr.metrics.inception_score import inception_score
 
 log = get_logger("g3dr.eval")
 
-PROTOCOL_VERSION = "g3dr-eval/1"
-"""Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run."""
+PROTOCOL_VERSION = "g3dr-eval/2"
+"""Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run.
+2: IS splits after a shuffle seeded by ``eval.seed``; the reference-statistics recipe joins the hash."""
 
 
 class EvalInterrupted(RuntimeError):
@@ -94,8 +98,10 @@ class EvalSpec:
 
 
 def eval_hash(spec: EvalSpec, **identity: str) -> str:
-    """Short hash of the spec, the protocol version and identity strings (dataset hash, detector sha256)."""
-    payload = {"protocol": PROTOCOL_VERSION, **spec.params(), **{k: str(v) for k, v in identity.items()}}
+    """Short hash of the spec, the protocol version, the reference-statistics recipe version and identity
+    strings (dataset hash, detector sha256)."""
+    payload = {"protocol": PROTOCOL_VERSION, "stats_recipe": STATS_RECIPE_VERSION, **spec.params(),
+               **{k: str(v) for k, v in identity.items()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -206,7 +212,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                    detector: InceptionDetector | None, real_stats: tuple[np.ndarray, np.ndarray] | None,
                    device: torch.device | str = "cpu", batch_size: int | None = None,
                    grid_samples: int = 0, should_stop: Callable[[], bool] = lambda: False,
-                   progress: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                   progress: bool = True, image_dir: str | Path | None = None,
+                   ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Scores of ``model`` on the first ``spec.total_samples`` samples of ``batches``; returns
     ``(results, grids)``: results by MLflow metric name (``fid/s5``...), identical on every rank, and on
     rank 0 the first ``grid_samples`` renders per view and scale (``rgb_novel_s5``, ``depth_canonical_s5``).
@@ -214,6 +221,10 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
     ``detector`` and ``real_stats`` (``mu, sigma`` of the dataset's Inception features) are needed for FID
     (``real_stats``) and IS (``detector``). ``should_stop`` is polled between batches; when it returns
     True an :class:`EvalInterrupted` is raised.
+
+    ``image_dir``: also write the uint8 images scored by FID/IS, exactly as the detector gets them, to
+    ``image_dir/<view>_s<scale>/NNNNNN.png`` (NNNNNN the sample index; each rank writes its own samples).
+    Scoring that folder (:mod:`g3dr.metrics.image_folder`) gives the same FID and IS.
     """
     if spec.needs_inception and detector is None:
         raise ValueError("FID/IS need the Inception detector")
@@ -249,6 +260,9 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                         acc = scores[(view, scale)]
                         if view in image_views and for_images:
                             images = quantize_images(out["rgb"][for_images])
+                            if image_dir is not None:
+                                write_png_batch(images, [indices[j] for j in for_images],
+                                                Path(image_dir) / f"{view}_s{format_scale(scale)}")
                             if "fid" in spec.metrics:
                                 acc.moments.update(detector.features(images))
                             if "is" in spec.metrics:
@@ -302,7 +316,7 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
             local = torch.cat(acc.probs) if acc.probs else torch.zeros(0, 1008)
             probs = gather_rows(local)
             _check_count(probs.shape[0], n_images, "IS probabilities")
-            mean, std = inception_score(as_numpy(probs), spec.is_splits)
+            mean, std = inception_score(as_numpy(probs), spec.is_splits, seed=spec.seed)
             results[metric_key("is", scale, view, spec.views)] = mean
             results[metric_key("is_std", scale, view, spec.views)] = std
         if view == "canonical":

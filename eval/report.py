@@ -99,8 +99,10 @@ _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_
             "da": "DA ↓", "paper_fid": "paper FID", "paper_is": "paper IS", "paper_nfs": "paper NFS"}
 
 
-def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "") -> str:
-    """The table in the layout of the paper's Table S1 (one row per scale), the paper's rows beside ours."""
+def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_splits: int | None = None,
+                   seed: int | None = None) -> str:
+    """The table in the layout of the paper's Table S1 (one row per scale), the paper's rows beside ours.
+    With ``is_splits``, a note says how IS and its std were computed (splits, shuffle seed)."""
     cols = _columns(rows)
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |")
@@ -112,6 +114,9 @@ def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "") -> str
               f"images as inputs the paper reports, at scale 1, FID {paper['fid']}, IS {paper['is']}, "
               f"NFS {paper['nfs']}, DA {paper['da']}. FID/IS depend on N and on the reference set; compare "
               "runs with equal eval configs only.", ""]
+    if is_splits is not None:
+        lines += [f"IS: mean and population std over {is_splits} splits of the samples, after a shuffle "
+                  f"seeded by eval.seed = {seed}.", ""]
     return "\n".join(lines)
 
 

@@ -205,6 +205,9 @@ class EvalOptions:
     attempts: int = 3
     retry_wait_s: float = 1.0
     progress: bool = True
+    save_images: Path | None = None
+    """Also write the uint8 images scored by FID/IS as PNGs under ``save_images/<label>-<eval_hash>/``
+    (:func:`g3dr.eval.evaluate.evaluate_model`'s ``image_dir``; not uploaded to MLflow)."""
 
 
 @dataclass
@@ -381,7 +384,7 @@ class Evaluator:
             _write_results(out_dir, {"complete": False, "status": "running", "run_id": run_id,
                                      **_header(ref, ehash, params)})
         try:
-            results, grids = self._compute(ref, cfg, spec, ident)
+            results, grids = self._compute(ref, cfg, spec, ident, self.images_dir(ref, ehash))
         except EvalInterrupted:
             if tracker is not None:
                 tracker.end_run_quietly(run_id, "KILLED")
@@ -408,7 +411,14 @@ class Evaluator:
             log.info("%s: %s", ref.label, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
         return Outcome("evaluated", ref, ehash, run_id=run_id, results=results, eval_dir=out_dir)
 
-    def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str]):
+    def images_dir(self, ref: CheckpointRef, ehash: str) -> Path | None:
+        """Where ``--save-images`` puts this checkpoint's FID/IS images (None when not saving)."""
+        if self.options.save_images is None:
+            return None
+        return Path(self.options.save_images) / f"{ref.label}-{ehash}"
+
+    def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str],
+                 image_dir: Path | None = None):
         from g3dr.data.loader import build_eval_loader
         from g3dr.models.checkpoint_io import load_f_trigen
 
@@ -420,7 +430,7 @@ class Evaluator:
         stream = build_eval_loader(cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size)
         return evaluate_model(model, cfg, stream, spec, detector, real, device=device,
                               grid_samples=cfg.eval.grid_samples if self.dist.is_main else 0,
-                              should_stop=self.stop, progress=self.options.progress)
+                              should_stop=self.stop, progress=self.options.progress, image_dir=image_dir)
 
     def _params(self, ref, cfg: Config, spec: EvalSpec, ident: dict[str, str], ehash: str) -> dict[str, str]:
         return {"checkpoint": str(ref.path.resolve()), "checkpoint_step": str(ref.step), "eval_hash": ehash,
@@ -452,7 +462,9 @@ class Evaluator:
                       grids: dict[str, torch.Tensor], cfg: Config) -> None:
         rows = table_rows(results, spec.sigma_scales)
         (out_dir / "table.csv").write_text(table_csv(rows))
-        (out_dir / "table.md").write_text(table_markdown(rows, title=f"{ref.label} ({ref.path})"))
+        (out_dir / "table.md").write_text(table_markdown(rows, title=f"{ref.label} ({ref.path})",
+                                                         is_splits=spec.is_splits if "is" in spec.metrics else None,
+                                                         seed=spec.seed))
         plot_metrics(results, spec.sigma_scales, out_dir / "metrics_vs_sigma_scale.png")
         for name, images in sorted(grids.items()):
             value_range = (spec.nfs_near, spec.nfs_far) if name.startswith("depth_") else (-1.0, 1.0)

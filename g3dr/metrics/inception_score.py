@@ -2,9 +2,15 @@
 
 The inputs are the class probabilities of the Inception-v3 (2015-12-05) network, computed *without*
 the bias of its output layer (``no_output_bias=True``, matching the original TensorFlow implementation).
-The N samples are cut into ``splits`` consecutive parts (part i is rows ``[i N // s, (i + 1) N // s)``);
-each part scores ``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y)`` the part's mean; the score is the mean
-over parts and the spread their (population) standard deviation.
+The N samples are cut into ``splits`` consecutive parts (part i is rows ``[i N // s, (i + 1) N // s)``),
+after a seeded shuffle of the rows when a ``seed`` is given; each part scores
+``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y)`` the part's mean; the score is the mean over parts and the
+spread their (population) standard deviation.
+
+Why the shuffle: EG3D / StyleGAN score generated images of random latents, so their order is already
+random. Our samples come from the eval data in shard order, which may be sorted by class; consecutive
+parts would then each hold a few classes and score a meaningless low IS. ``g3dr eval`` always shuffles,
+with ``eval.seed``; the same seed gives the same parts, hence the same score.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def inception_score(probs, splits: int = 10) -> tuple[float, float]:
+def inception_score(probs, splits: int = 10, seed: int | None = None) -> tuple[float, float]:
     """``(mean, std)`` of the Inception Score over ``splits`` parts of ``probs`` ``(N, K)`` (rows sum to 1).
 
+    With ``seed``, the rows are permuted by ``numpy.random.default_rng(seed).permutation(N)`` before the
+    split (the result then depends on the seed, not on the row order); without, parts are consecutive rows.
     Computed in float64. Zero probabilities contribute 0 to the KL sum (the limit of p log p).
     """
     p = np.asarray(probs, dtype=np.float64)
@@ -25,6 +33,8 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
         raise ValueError(f"need at least one sample per split: {n} samples, {splits} splits")
     if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
         raise ValueError("rows must be probability vectors (non-negative, summing to 1); pass softmax outputs")
+    if seed is not None:
+        p = p[np.random.default_rng(seed).permutation(n)]
     scores = []
     for i in range(splits):
         part = p[i * n // splits:(i + 1) * n // splits]
