@@ -369,6 +369,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Stop with a :class:`DataError` when more than this fraction of the samples read were skipped ..."""
     skip_check_min_samples: int = 10000
     """... once at least this many samples were read (by this stream; the loaders check their totals too)."""
+    max_bad_in_row: int = 10000
+    """Train mode: a reader that skips this many samples in a row stops with a :class:`DataError`, whatever
+    ``max_skip_fraction`` says (with 1.0 and nothing usable it would otherwise spin forever)."""
     few_shards: Literal["error", "read_all"] = "error"
     """Eval mode with fewer shards than ranks x workers: raise, or let every reader read all shards and keep
     every k-th sample (see :func:`plan_exact_workers`)."""
@@ -412,9 +415,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         ``count_shard_errors``)."""
         from webdataset.gopen import gopen
 
+        failed = False
+
         def shard_error(reason: str, err: BaseException) -> None:
-            if count_shard_errors:
+            # One event per read of a shard: a failed pipe: command is reported both by the read and by
+            # close() (its exit status), depending on timing.
+            nonlocal failed
+            if count_shard_errors and not failed:
                 self._shard_error(reason, err, url)
+            failed = True
 
         try:
             stream = gopen(url, "rb")
@@ -422,7 +431,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             shard_error("unreadable_shard", err)
             return
         seen: set[str] = set()
-        errors_before = sum(self.counts.shard_errors.values())
         try:
             for raw in iter_samples(stream, url):
                 key = raw["__key__"]
@@ -441,7 +449,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 stream.close()  # for pipe: this checks the command's exit status
             except Exception as err:  # noqa: BLE001
                 shard_error("unreadable_shard", err)
-        if not seen and sum(self.counts.shard_errors.values()) == errors_before:
+        if not seen and not failed:
             shard_error("empty_shard", RuntimeError("the shard holds no samples"))
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
@@ -504,7 +512,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 url = rng.choice(self.urls)
                 got = False
                 for raw in self._samples_of(url):
-                    got = True
+                    got = got or _SKIP not in raw  # a shard of only cut or duplicate samples counts as empty
                     yield raw
                 if got:
                     empty_in_a_row = 0
@@ -519,6 +527,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         capacity = max(self.shuffle_buffer, 1)
         initial = min(capacity, 64)  # start emitting early; the buffer then grows to its capacity
         produced = 0
+        bad_in_row = 0
         pending: list[dict[str, Any]] = []
         source = raw_stream()
         while produced < my_batches:
@@ -539,7 +548,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.counts.read += 1
             sample = self._decode(raw)
             if sample is None:
+                bad_in_row += 1
+                if bad_in_row >= self.max_bad_in_row:
+                    raise DataError(f"{bad_in_row} samples in a row were skipped in reader {physical_worker} of rank "
+                                    f"{self.rank}: no usable data ({self.counts.summary()}); run 'g3dr prep validate' "
+                                    "on the shard folder")
                 continue
+            bad_in_row = 0
             if flip:
                 flip_sample(sample)
             pending.append(sample)

@@ -303,3 +303,20 @@ def test_the_reader_names_the_sample_lost_at_a_break(shards):
     keys, err = read(bytes(corrupt))
     assert (keys, err.partial_key, err.kind) == ([_key(0)], _key(1), "corrupt")
     assert list(iter_samples(io.BytesIO(b""))) == []  # an empty stream is no tar at all: nothing, no error
+
+
+def test_training_on_nothing_usable_stops_even_without_a_skip_limit(shards):
+    """max_skip_fraction=1.0 never stops on the fraction, but a reader with no usable sample must not spin."""
+    members = [(name, data[:50] if name.endswith(".jpg") else data) for name, data in _members(shards["src"][3])]
+    all_bad = shards["root"] / "all-bad-train.tar"
+    _write(all_bad, members)
+    loader = build_train_loader(_cfg("data.num_workers=0", f"data.shards={all_bad}", "data.epoch_length=8"), DistEnv())
+    loader.stream.max_bad_in_row = 20
+    with pytest.raises(DataError, match="20 samples in a row were skipped in reader 0 of rank 0: no usable data"):
+        next(iter(loader))
+    # a shard whose only sample is cut counts as empty: after 2 x shards + 10 of them in a row, a DataError
+    cut = shards["root"] / "cut-first.tar"
+    cut.write_bytes(Path(shards["src"][3]).read_bytes()[:700])  # inside the first sample
+    loader = build_train_loader(_cfg("data.num_workers=0", f"data.shards={cut}", "data.epoch_length=8"), DistEnv())
+    with pytest.raises(DataError, match="12 shards in a row gave no samples"):
+        next(iter(loader))
