@@ -98,11 +98,14 @@ class Jobs:
         (sync / "go.tmp").write_text(uri)
         (sync / "go.tmp").rename(sync / "go")  # atomically: no job reads a half-written URI
         outputs = [p.communicate(timeout=240) for p in procs]
-        print(f"{JOBS} jobs logged in {time.monotonic() - started:.1f} s after the start")
+        elapsed = time.monotonic() - started
         failures = [(i, p.returncode, err[-3000:]) for i, (p, (_, err)) in enumerate(zip(procs, outputs))
                     if p.returncode != 0]
         assert not failures, f"{len(failures)} of {JOBS} eval jobs failed; first: {failures[0]}"
-        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+        results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+        print(f"{JOBS} jobs logged in {elapsed:.1f} s after the start "
+              f"({sum(r['lock_retries'] for r in results)} 'database is locked' retries)")
+        return results
 
 
 def _check_store(uri: str, results: list[dict]) -> None:
@@ -219,3 +222,27 @@ def test_database_is_locked_is_retried_without_using_up_attempts(tmp_path):
     # other errors still use the ordinary attempts (here: one)
     with pytest.raises(TrackingError, match="1 attempts"):
         tracker._call(lambda: (_ for _ in ()).throw(ConnectionError("refused")), "log metrics")
+
+
+@pytest.mark.slow
+def test_a_store_locked_past_mlflows_busy_timeout_is_waited_for(tmp_path):
+    """A real sqlite write lock held longer than MLflow's 20 s busy timeout: MLflow raises its wrapped
+    "database is locked", which the tracker recognises and retries until the lock is gone."""
+    import threading
+
+    uri, artifacts = resolve_tracking("", tmp_path)
+    tracker = EvalTracker(uri, "locked", artifacts, attempts=1, retry_wait_s=0.0, lock_wait_s=120.0)
+    holder = sqlite3.connect(sqlite_db_path(uri), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # as another job in the middle of a long write
+    release = threading.Timer(23.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        started = time.monotonic()
+        run_id = tracker.start_run("while-locked", {"g3dr.kind": "eval"})
+        waited = time.monotonic() - started
+    finally:
+        release.join()
+        holder.close()
+    assert tracker.lock_retries >= 1 and waited >= 20.0
+    tracker.end_run(run_id)
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
