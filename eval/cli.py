@@ -4,6 +4,7 @@
               [--sigma-scales 1,5,10,50] [--num-samples N] [--views canonical,novel]
               [--mlflow-uri URI] [--experiment NAME] [KEY=VALUE ...]
     g3dr eval --sweep RUN_DIR [--watch [--poll-seconds 60]] ...
+    g3dr eval --score-images DIR [--stats FILE.npz] [--inception PATH] [--is-splits 10] [--seed 0]
 
 The config of each checkpoint is the one stored in it, with the flags and ``KEY=VALUE`` overrides applied
 on top (``eval.*``, ``data.*``, render settings). Multi-rank: run it under torchrun/srun; samples are split
@@ -25,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--sweep", metavar="DIR",
                         help="evaluate every checkpoint under DIR without a finished run for this eval config, "
                              "newest first")
+    target.add_argument("--score-images", metavar="DIR",
+                        help="score a folder of uint8 PNGs (as --save-images writes): FID against --stats, IS; "
+                             "prints one JSON line, logs nothing")
+    parser.add_argument("--stats", metavar="FILE",
+                        help="with --score-images: reference statistics (an eval.stats_cache .npz) for FID")
+    parser.add_argument("--is-splits", type=int, metavar="N",
+                        help="IS splits (eval.is_splits; with --score-images 0 means no IS; default 10)")
+    parser.add_argument("--seed", type=int, metavar="S",
+                        help="eval.seed: novel-view cameras and the IS shuffle (default 0)")
     parser.add_argument("--watch", action="store_true",
                         help="with --sweep: keep polling for new checkpoints until SIGTERM")
     parser.add_argument("--poll-seconds", type=float, default=60.0, metavar="S",
@@ -85,6 +95,10 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[str, ...]:
         out.append(f"eval.novel_camera={args.novel_camera}")
     if args.inception:
         out.append(f"eval.inception_weights={args.inception}")
+    if args.is_splits is not None:
+        out.append(f"eval.is_splits={args.is_splits}")
+    if args.seed is not None:
+        out.append(f"eval.seed={args.seed}")
     return (*out, *args.overrides)
 
 
@@ -96,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.eval")
+    if args.score_images:
+        return _score_images(args)
     if args.watch and not args.sweep:
         raise ConfigError("--watch needs --sweep DIR")
     dist, owns_group = _init_distributed()
@@ -129,6 +145,27 @@ def run(args: argparse.Namespace) -> int:
             import torch.distributed as tdist
 
             tdist.destroy_process_group()
+
+
+def _score_images(args: argparse.Namespace) -> int:
+    """``--score-images``: FID/IS of a PNG folder, one JSON line on stdout (no MLflow, one process)."""
+    import json
+
+    import torch
+
+    from g3dr.config import EvalConfig
+    from g3dr.metrics.image_folder import score_folder
+    from g3dr.metrics.inception import load_inception
+
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    detector = load_inception(args.inception or EvalConfig().inception_weights, device)
+    defaults = EvalConfig()
+    splits = defaults.is_splits if args.is_splits is None else args.is_splits
+    seed = defaults.seed if args.seed is None else args.seed
+    scores = score_folder(args.score_images, detector, args.stats, is_splits=splits, seed=seed)
+    print(json.dumps({"folder": str(args.score_images), **scores, "is_splits": splits, "seed": seed,
+                      "detector_sha256": detector.sha256}, sort_keys=True), flush=True)
+    return 0
 
 
 def _print_outcome(outcome) -> None:

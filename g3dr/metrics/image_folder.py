@@ -104,3 +104,43 @@ def folder_probabilities(folder: str | Path, detector: InceptionDetector, batch_
     (IS: ``inception_score(p, splits, seed)``)."""
     parts = [detector.probabilities(images).double().numpy() for images in iter_png_batches(folder, batch_size)]
     return np.concatenate(parts)
+
+
+def score_folder(folder: str | Path, detector: InceptionDetector, stats_file: str | Path | None = None,
+                 is_splits: int | None = 10, seed: int | None = 0, batch_size: int = 64) -> dict[str, float]:
+    """FID (against the reference statistics file written by the eval cache, when given) and IS (when
+    ``is_splits``) of the PNGs in ``folder``; ``{"count", "fid", "is", "is_std"}`` as available.
+
+    The statistics file must have been made with the same Inception file (its stored ``detector`` sha256)
+    and at the folder's image size (its ``resolution``): otherwise a :class:`~g3dr.errors.DataError`,
+    since the distance would not follow the protocol.
+    """
+    from g3dr.metrics.fid import frechet_distance, load_moments
+    from g3dr.metrics.inception_score import inception_score
+
+    out: dict[str, float] = {}
+    reference = None
+    if stats_file is not None:
+        try:
+            mu_ref, sigma_ref, count_ref, meta = load_moments(stats_file)
+        except Exception as err:
+            raise DataError(f"cannot read reference statistics {stats_file} ({type(err).__name__}: {err})") from None
+        if mu_ref.shape != (FEATURE_DIM,) or sigma_ref.shape != (FEATURE_DIM, FEATURE_DIM):
+            raise DataError(f"{stats_file}: statistics of shape {mu_ref.shape}, expected ({FEATURE_DIM},)")
+        if meta.get("detector") and meta["detector"] != detector.sha256:
+            raise DataError(f"{stats_file} was made with the Inception file of sha256 {meta['detector'][:12]}..., "
+                            f"not {detector.path} ({detector.sha256[:12]}...); use the same file for both")
+        reference = (mu_ref, sigma_ref, meta)
+    first = read_png(list_pngs(folder)[0])
+    if reference is not None and reference[2].get("resolution") not in (None, str(first.shape[-1])):
+        raise DataError(f"{folder} holds {first.shape[-1]} px images but {stats_file} is of "
+                        f"{reference[2]['resolution']} px reference images")
+    if reference is not None:
+        moments = folder_moments(folder, detector, batch_size)
+        out["count"] = float(moments.count)
+        out["fid"] = frechet_distance(*moments.mean_cov(), reference[0], reference[1])
+    if is_splits:
+        probs = folder_probabilities(folder, detector, batch_size)
+        out["count"] = float(probs.shape[0])
+        out["is"], out["is_std"] = inception_score(probs, is_splits, seed=seed)
+    return out

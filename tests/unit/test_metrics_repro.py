@@ -344,9 +344,10 @@ def test_fid_and_is_from_saved_pngs_equal_the_in_memory_scores(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path):
-    """`g3dr eval --save-images`: the PNGs re-score to the logged IS; the number of splits and the std
-    are in MLflow (param eval.is_splits, metric is_std/s1) and in the report (table.md, table.csv)."""
+def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path, capsys):
+    """`g3dr eval --save-images`: the PNGs re-score to the logged IS (in Python and with
+    `g3dr eval --score-images`); the number of splits and the std are in MLflow (param eval.is_splits,
+    metric is_std/s1) and in the report (table.md, table.csv)."""
     from mlflow.tracking import MlflowClient
 
     from g3dr.cli import main
@@ -360,7 +361,7 @@ def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["eval", "--checkpoint", str(ckpt), "--metrics", "is", "--views", "novel", "--sigma-scales", "1",
             "--num-samples", "6", "--mlflow-uri", uri, "--experiment", "repro", "--out", str(tmp_path / "out"),
-            "--save-images", str(tmp_path / "images"), "--no-progress", "eval.is_splits=3", "eval.seed=11"]
+            "--save-images", str(tmp_path / "images"), "--no-progress", "--is-splits", "3", "--seed", "11"]
     assert main(args) == 0
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("repro").experiment_id])[0]
@@ -376,3 +377,31 @@ def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path):
     assert "over 3 splits" in report.read_text() and "eval.seed = 11" in report.read_text()
     assert "is_std" in next((tmp_path / "out").glob("*/table.csv")).read_text().splitlines()[0]
     assert not list((tmp_path / "out").rglob("000000.png"))  # the saved images are not eval artifacts
+    capsys.readouterr()
+    assert main(["eval", "--score-images", str(folder), "--inception", cfg.eval.inception_weights,
+                 "--is-splits", "3", "--seed", "11", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["count"] == 6 and printed["is_splits"] == 3 and "fid" not in printed
+    assert printed["is"] == pytest.approx(run.data.metrics["is/s1"], rel=1e-6)
+
+
+def test_score_folder_refuses_statistics_of_another_detector_or_size(tmp_path):
+    from g3dr.metrics.image_folder import score_folder, write_png_batch
+    from g3dr.metrics.inception import load_inception
+
+    tiny = _helper("tiny_inception")
+    detector = load_inception(tiny.save_tiny_inception(tmp_path / "inception.pt"))
+    other = load_inception(tiny.save_tiny_inception(tmp_path / "other.pt", seed=1))
+    write_png_batch(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), range(4), tmp_path / "png")
+    ref = FeatureMoments(2048)
+    ref.update(np.random.default_rng(0).random((4, 2048)))
+    ref.save(tmp_path / "stats.npz", **stats_key("d", 32, detector.sha256, None))
+    with pytest.raises(DataError, match="same file"):
+        score_folder(tmp_path / "png", other, tmp_path / "stats.npz")
+    with pytest.raises(DataError, match="16 px images"):
+        score_folder(tmp_path / "png", detector, tmp_path / "stats.npz")
+    (tmp_path / "bad.npz").write_bytes(b"x")
+    with pytest.raises(DataError, match="cannot read"):
+        score_folder(tmp_path / "png", detector, tmp_path / "bad.npz")
+    scores = score_folder(tmp_path / "png", detector, None, is_splits=2, seed=0)  # IS only: no sqrtm
+    assert scores["count"] == 4 and scores["is"] >= 1.0 and "fid" not in scores
