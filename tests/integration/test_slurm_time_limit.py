@@ -168,6 +168,8 @@ def test_time_limited_training_requeues_and_matches_uninterrupted(cluster, tmp_p
 
     # SLURM signalled (no one else does here), the trainer checkpointed and the job requeued itself, >= once. A
     # signal during a run's start-up (before the training loop) requeues at once, without a checkpoint of its own.
+    sbatch = (timed / "run" / "slurm" / run["job_id"] / f"{run['job_id']}_submission.sh").read_text().splitlines()
+    assert f"#SBATCH --time={TIME_MIN}" in sbatch and f"#SBATCH --signal=USR2@{SIGNAL_DELAY_S}" in sbatch
     assert run["state"] == "COMPLETED" and restarts >= 1, (run["state"], restarts, logs[-4000:])
     assert [int(n) for _, n in starts] == list(range(restarts + 1)), "every run logs its requeue count"
     assert 1 <= len(stops) == len(signals) <= restarts, logs[-6000:]
