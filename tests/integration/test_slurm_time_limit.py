@@ -69,7 +69,7 @@ def _metrics(root: Path) -> tuple[set[str], dict[str, dict[int, tuple[float, flo
 
 
 def _calibrate(root: Path, synth: Path) -> tuple[float, float]:
-    """Seconds per training step (wall clock, steps 3..), and seconds from process start to the first step, of
+    """Seconds per training step (wall clock from step 2 on) and seconds from process start to the first step, of
     `g3dr train` of the tiny config here and now."""
     start = time.time()
     out = subprocess.run([str(G3DR), "train", "--config", str(TINY), *_overrides(root, synth, CALIBRATION_STEPS)],
