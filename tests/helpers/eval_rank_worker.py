@@ -1,5 +1,6 @@
 """torchrun worker: ``torchrun --nproc-per-node 2 eval_rank_worker.py OUT INCEPTION`` evaluates the tiny
-model of :func:`setup` on its block of samples and saves the gathered scores to ``OUT/rank{R}.json``."""
+model of :func:`setup` on its block of samples and saves the gathered scores to ``OUT/rank{R}.json`` (and the
+scored images of its samples to ``OUT/images/<view>_s<scale>/``)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def main() -> None:
     env = resolve_dist_env()
     tdist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=3))
     cfg, model, stream, spec, detector = setup(inception)
-    results, _ = evaluate_model(model, cfg, stream, spec, detector, None, batch_size=2, progress=False)
+    results, _ = evaluate_model(model, cfg, stream, spec, detector, None, batch_size=2, progress=False,
+                                image_dir=Path(out) / "images")  # each rank writes the PNGs of its samples
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(results))
     tdist.barrier()
     tdist.destroy_process_group()

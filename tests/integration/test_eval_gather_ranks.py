@@ -91,10 +91,24 @@ def test_two_rank_evaluation_equals_single_process(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg, model, stream, eval_spec, detector = mod.setup(str(inception))
-    single, _ = evaluate_model(model, cfg, stream, eval_spec, detector, None, batch_size=5, progress=False)
+    single, _ = evaluate_model(model, cfg, stream, eval_spec, detector, None, batch_size=5, progress=False,
+                               image_dir=tmp_path / "single-images")
     import json
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert set(got) == set(single)
         for key, value in single.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # --save-images on 2 ranks: one complete folder per view and scale with the single-process pixels, up to
+    # float noise of the renders across batch sizes (2 vs 5) that can move a pixel across a uint8 step
+    from g3dr.metrics.image_folder import iter_png_batches
+
+    folders = sorted(p.name for p in (tmp_path / "single-images").iterdir())
+    assert folders == sorted(p.name for p in (tmp_path / "images").iterdir()) and "novel_s1" in folders
+    for name in folders:
+        files = sorted(p.name for p in (tmp_path / "images" / name).iterdir())
+        assert files == [f"{i:06d}.png" for i in range(mod.NUM_SAMPLES)]
+        two_ranks = torch.cat(list(iter_png_batches(tmp_path / "images" / name, 4))).int()
+        one = torch.cat(list(iter_png_batches(tmp_path / "single-images" / name, 4))).int()
+        diff = (two_ranks - one).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (name, int(diff.max()), int((diff > 0).sum()))
