@@ -93,6 +93,9 @@ def slurm_parameters(options: LaunchOptions) -> dict[str, Any]:
         "job_name": options.job_name, "nodes": options.nodes, "ntasks_per_node": options.ntasks_per_node,
         "cpus_per_task": options.cpus_per_task, "time": options.time_min, "signal_delay_s": options.signal_delay_s,
         "array_parallelism": options.array_parallelism,
+        # One task failing (bad data, OOM, a crash) ends the step's other tasks at once; without it they
+        # would wait in their next collective until distributed.timeout_minutes, holding the allocation.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node

@@ -101,6 +101,7 @@ def test_launch_options_checks_and_parameters():
     params = slurm_parameters(opts)
     assert params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["mem"] == "64GB"
     assert (params["account"], params["qos"], params["constraint"], params["partition"]) == ("a", "q", "h100", "gpu")
+    assert params["srun_args"] == ["--kill-on-bad-exit=1"]  # a failed rank ends the others, no collective timeout
     assert LaunchOptions(tasks_per_node=3).world_size == 3 and LaunchOptions().world_size == 1
     with pytest.raises(ConfigError, match="one task per GPU"):
         LaunchOptions(gpus_per_node=4, tasks_per_node=2)
