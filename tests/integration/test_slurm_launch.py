@@ -73,6 +73,24 @@ class AllReduce(LaunchedJob):
                 "addr": rdv.master_addr, "port": rdv.master_port, "world": rdv.world_size, "sum": total.item()}
 
 
+class OneRankFails(LaunchedJob):
+    """Rank 1 raises (as on bad data); rank 0 waits for it in a collective with a 10-minute timeout."""
+
+    name = "one-rank-fails"
+
+    def run(self, rdv):
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(minutes=10))
+        if rdv.rank == 1:
+            raise RuntimeError("rank 1 stops on bad data")
+        dist.all_reduce(torch.ones(1))  # never completes: rank 1 is gone
+        return "rank 0 finished"
+
+
 class StepCounter(LaunchedJob):
     """Does ``total`` one-second steps, appending each finished step to ``log``; resumes from the log."""
 
@@ -193,3 +211,20 @@ def test_wait_reports_a_job_slurm_ended_without_a_result(cluster, tmp_path, canc
     subprocess.run(["scancel", job.job_id], check=True)
     with pytest.raises(RuntimeError, match=f"job {job.job_id} ended in state CANCELLED without a result"):
         wait_jobs([job], timeout_s=120, poll_s=0.5)
+
+
+def test_a_failed_task_ends_the_others_instead_of_a_collective_timeout(cluster, tmp_path, cancel_on_exit):
+    # srun --kill-on-bad-exit=1: rank 0, blocked in an all-reduce that rank 1 will never join, is ended as soon
+    # as rank 1 fails, not after the 10-minute collective timeout.
+    [job] = submit_jobs([OneRankFails()], "slurm", tmp_path / "%j",
+                        LaunchOptions(job_name="g3dr-one-fails", tasks_per_node=2, time_min=15))
+    cancel_on_exit.append(job.job_id)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError):
+        wait_jobs([job], timeout_s=300, poll_s=0.5)
+    took = time.monotonic() - began
+    state = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
+    assert "JobState=FAILED" in state, state
+    assert took < 240, f"the job took {took:.0f} s: the waiting task was not ended when the other failed"
+    errors = "".join(p.read_text() for p in (tmp_path / job.job_id).glob("*_log.err"))
+    assert "rank 1 stops on bad data" in errors
