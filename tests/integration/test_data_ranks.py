@@ -16,15 +16,14 @@ Also: a tiny real training logs its loader's skip counts to MLflow (issue 10 ite
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+from g3dr_test_support import load_test_helper
 
 SIZES = (2, 4, 8)
 WORKER = r'''
@@ -94,17 +93,8 @@ tdist.destroy_process_group()
 '''
 
 
-def _members(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-
-
-def _write(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+_tar = load_test_helper("tar_members")
+_members, _write = _tar.read_members, _tar.write_members
 
 
 @pytest.fixture(scope="module")

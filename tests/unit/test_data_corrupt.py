@@ -20,6 +20,7 @@ from g3dr.data.synth import write_synthetic_shards
 from g3dr.data.tar_reader import iter_samples
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
+from g3dr_test_support import load_test_helper
 
 SHARD = 6
 N = 22  # shards of 6, 6, 6, 4 samples
@@ -29,17 +30,8 @@ def _key(i: int) -> str:
     return f"synth_{i:07d}"
 
 
-def _members(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-
-
-def _write(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+_tar = load_test_helper("tar_members")
+_members, _write = _tar.read_members, _tar.write_members
 
 
 @pytest.fixture(scope="module")
