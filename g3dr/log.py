@@ -26,6 +26,23 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (as ``logging.lastResort`` does), not to
+    the stream that was current at setup: a caller that swaps stderr (pytest's capture, a notebook, a
+    redirect) never leaves the handler writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def setup_logging(level: str = "INFO", dist: DistEnv | None = None, stream=None) -> logging.Logger:
     """Configure the ``g3dr`` logger tree once per process (idempotent) and return it."""
     dist = dist or resolve_dist_env()
@@ -33,7 +50,7 @@ def setup_logging(level: str = "INFO", dist: DistEnv | None = None, stream=None)
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
     handler.addFilter(_RankFilter(dist.rank))

@@ -340,7 +340,9 @@ def test_fid_and_is_from_saved_pngs_equal_the_in_memory_scores(tmp_path):
     assert fid_png == pytest.approx(results["fid/s1"], rel=1e-6, abs=1e-6)
     is_png, is_std_png = inception_score(folder_probabilities(folder, detector), spec.is_splits, seed=spec.seed)
     assert is_png == pytest.approx(results["is/s1"], rel=1e-6)
-    assert is_std_png == pytest.approx(results["is_std/s1"], rel=1e-6, abs=1e-9)
+    # The std is a difference of per-split scores ~1 that carry float32 noise of ~1e-7 from the detector's batch
+    # shapes (3 vs 4 here), so it is compared on the scale of the scores, not relative to its own small value.
+    assert is_std_png == pytest.approx(results["is_std/s1"], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -372,7 +374,7 @@ def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path, cap
     probs = folder_probabilities(folder, load_inception(cfg.eval.inception_weights))
     mean, std = inception_score(probs, 3, seed=11)
     assert mean == pytest.approx(run.data.metrics["is/s1"], rel=1e-6)
-    assert std == pytest.approx(run.data.metrics["is_std/s1"], rel=1e-6)
+    assert std == pytest.approx(run.data.metrics["is_std/s1"], rel=1e-6, abs=1e-6)  # see the in-memory test
     (report,) = (tmp_path / "out").glob("*/table.md")
     assert "over 3 splits" in report.read_text() and "eval.seed = 11" in report.read_text()
     assert "is_std" in next((tmp_path / "out").glob("*/table.csv")).read_text().splitlines()[0]
