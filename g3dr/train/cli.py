@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from g3dr.config import load_config
     from g3dr.log import get_logger
-    from g3dr.train.trainer import EXIT_PREEMPTED, train
+    from g3dr.train.trainer import EXIT_PREEMPTED, shutdown_distributed, train
 
     cfg = load_config(args.config, args.overrides)
     from g3dr.distributed import resolve_dist_env
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     # Before any process group: every rank checks the same files and fails alike (hashes are cached).
     verify_for(cfg, "train", progress=resolve_dist_env().is_main)
     result = train(cfg, resume=args.resume, export=not args.no_export)
+    shutdown_distributed()  # every rank leaves together (also after a preemption: all ranks stopped at one step)
     log = get_logger("g3dr.train")
     if result.preempted:
         return EXIT_PREEMPTED

@@ -122,6 +122,16 @@ def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None
                                init_method=init_method, rank=dist.rank, world_size=dist.world_size)
 
 
+def shutdown_distributed() -> None:
+    """End this process's part of a multi-rank job: wait for every rank (rank 0 may still be exporting), then
+    destroy the process group. Call it once, after :func:`train` returned normally, right before the process
+    exits. Leaving the group to interpreter exit while another rank still works aborted the exiting rank in
+    about 1 of 12 two-rank gloo runs ("terminate called without an active exception", SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _all_ranks_true(flag: bool, device: torch.device) -> bool:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return flag

@@ -16,7 +16,7 @@ import json, sys
 from g3dr.config import load_config
 from g3dr.distributed import resolve_dist_env
 from g3dr.log import setup_logging
-from g3dr.train.trainer import train
+from g3dr.train.trainer import shutdown_distributed, train
 
 setup_logging("INFO")
 out, overrides = sys.argv[1], sys.argv[2:]
@@ -26,6 +26,7 @@ with open(f"{out}/rank-{rank}.json", "w") as f:
     json.dump({"digest": result.param_digest, "draws": result.view_draws, "losses": result.losses,
                "run_id": result.run_id, "step": result.step,
                "export": str(result.export) if result.export else None}, f)
+shutdown_distributed()
 '''
 
 

@@ -38,7 +38,7 @@ from g3dr.distributed import resolve_dist_env
 from g3dr.log import setup_logging
 from g3dr.render.cameras import camera_to_world_from_angles
 from g3dr.train import checkpoint as ckpt
-from g3dr.train.trainer import train
+from g3dr.train.trainer import shutdown_distributed, train
 
 setup_logging("INFO")
 out, resume, stop_at, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
@@ -103,6 +103,7 @@ if rank == 0:
 with open(f"{out}/rank-{rank}.json", "w") as f:
     json.dump({"losses": result.losses, "start": result.start_step, "step": result.step, "run_id": result.run_id,
                "digest": result.param_digest, "export": str(result.export) if result.export else None}, f)
+shutdown_distributed()
 '''
 
 # micro 2 x global 12: accumulation 3 on 2 ranks, 6 on 1, 2 on 3.
