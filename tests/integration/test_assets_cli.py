@@ -8,12 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from g3dr.cli import main
-from g3dr.config import load_config
-from g3dr.models import FTrigen, save_f_trigen
 
 trimesh = pytest.importorskip("trimesh", reason="mesh export needs the optional 'mesh' extra")
 pytest.importorskip("skimage", reason="mesh export needs the optional 'mesh' extra")
@@ -23,14 +20,9 @@ THRESHOLD = "0.3"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_path):
-    cfg = load_config(tiny_config_path)
-    torch.manual_seed(0)
-    model = FTrigen(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return save_f_trigen(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=3)
+def checkpoint(tmp_path_factory, tiny_config_path, helper_module):
+    return helper_module("tiny_models").save_perturbed_f_trigen(
+        tiny_config_path, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=3)
 
 
 def _pair(folder, name, seed, depth=True):
@@ -129,28 +121,10 @@ def test_mesh_cli_and_errors(checkpoint, folder, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_depth_model(tmp_path_factory):
-    """A random-weight Depth Anything saved to a folder (as in tests/integration/test_prep_depth_model.py)."""
-    transformers = pytest.importorskip("transformers", reason="depth from a model needs the 'depth' extra")
-    backbone = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, image_size=28,
-                                         patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = transformers.DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16,
-                                              neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
-                                              head_hidden_size=4, patch_size=14)
-    torch.manual_seed(0)
-    model = transformers.DepthAnythingForDepthEstimation(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, param[0].numel() ** -0.5)
-        model.head.conv3.bias.fill_(1.0)
-    processor = transformers.DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False,
-                                               ensure_multiple_of=14, image_mean=[0.485, 0.456, 0.406],
-                                               image_std=[0.229, 0.224, 0.225])
-    folder = tmp_path_factory.mktemp("models") / "tiny-depth-anything"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def tiny_depth_model(tmp_path_factory, helper_module):
+    pytest.importorskip("transformers", reason="depth from a model needs the 'depth' extra")
+    return helper_module("tiny_models").save_tiny_depth_anything(
+        tmp_path_factory.mktemp("models") / "tiny-depth-anything")
 
 
 def test_depth_from_the_depth_model_when_only_an_image_is_given(checkpoint, folder, tiny_depth_model, tmp_path):

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 
 from g3dr.cli import main
-from g3dr.config import load_config
 from g3dr.data.depth_codec import decode_u16_png
-from g3dr.models import FTrigen, save_f_trigen
 
 diffusers = pytest.importorskip("diffusers", reason="g3dr generate needs the optional 'generate' extra (diffusers)")
 transformers = pytest.importorskip("transformers", reason="g3dr generate needs the optional 'generate' extra")
@@ -49,14 +47,9 @@ def tiny_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_path):
-    cfg = load_config(tiny_config_path)
-    torch.manual_seed(0)
-    model = FTrigen(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return save_f_trigen(model, cfg, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=1)
+def checkpoint(tmp_path_factory, tiny_config_path, helper_module):
+    return helper_module("tiny_models").save_perturbed_f_trigen(
+        tiny_config_path, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=1)
 
 
 def test_generate_writes_rgbd_in_the_release_layout_and_lifts_it(tiny_pipeline, checkpoint, tmp_path):

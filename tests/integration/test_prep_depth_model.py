@@ -30,31 +30,10 @@ def test_prediction_mapping_is_affine_and_oriented():
 
 
 @pytest.fixture(scope="module")
-def tiny_depth_model(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers", reason="the depth backend needs the 'depth' extra (transformers)")
-    import torch
-
-    backbone = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, image_size=28,
-                                         patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = transformers.DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16,
-                                              neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
-                                              head_hidden_size=4, patch_size=14)
-    torch.manual_seed(0)
-    model = transformers.DepthAnythingForDepthEstimation(config)
-    with torch.no_grad():
-        # The default init (std 0.02) gives a near-constant map behind the final ReLU: use fan-in
-        # scaled weights and a positive output bias so the random model predicts a varied map.
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, param[0].numel() ** -0.5)
-        model.head.conv3.bias.fill_(1.0)
-    processor = transformers.DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False,
-                                               ensure_multiple_of=14, image_mean=[0.485, 0.456, 0.406],
-                                               image_std=[0.229, 0.224, 0.225])
-    folder = tmp_path_factory.mktemp("models") / "tiny-depth-anything"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def tiny_depth_model(tmp_path_factory, helper_module) -> Path:
+    pytest.importorskip("transformers", reason="the depth backend needs the 'depth' extra (transformers)")
+    return helper_module("tiny_models").save_tiny_depth_anything(
+        tmp_path_factory.mktemp("models") / "tiny-depth-anything")
 
 
 def test_prep_with_depth_model(tiny_depth_model, tmp_path):

@@ -9,21 +9,14 @@ import torch
 from PIL import Image
 
 from g3dr.cli import main
-from g3dr.config import load_config
-from g3dr.models import FTrigen, load_f_trigen, save_f_trigen
+from g3dr.models import load_f_trigen
 from g3dr.models.render_cli import load_rgbd
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_path):
-    cfg = load_config(tiny_config_path)
-    torch.manual_seed(0)
-    model = FTrigen(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_f_trigen(model, cfg, path, step=11)
+def checkpoint(tmp_path_factory, tiny_config_path, helper_module):
+    return helper_module("tiny_models").save_perturbed_f_trigen(
+        tiny_config_path, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=11)
 
 
 @pytest.fixture(scope="module")
