@@ -141,10 +141,15 @@ def _parse_file(data: dict, where: str, relpath: str) -> RegistryFile:
     prefix = _parse_hash(data.get("sha256_prefix"), where, prefix=True)
     if sha and prefix:
         raise WeightsError(f"{where}: give sha256 or sha256_prefix, not both")
-    size = data.get("size")
+    return RegistryFile(path=relpath, urls=tuple(str(u) for u in urls), sha256=sha, sha256_prefix=prefix,
+                        size=_parse_size(data.get("size"), where))
+
+
+def _parse_size(size: Any, where: str) -> int | None:
+    """A file size from a registry or lock entry: a byte count, or None (unknown)."""
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise WeightsError(f"{where}: size must be a byte count or null, got {size!r}")
-    return RegistryFile(path=relpath, urls=tuple(str(u) for u in urls), sha256=sha, sha256_prefix=prefix, size=size)
+    return size
 
 
 def parse_registry(data: Any, source: str) -> Registry:
@@ -267,10 +272,7 @@ def load_lock(path: str | Path | None) -> Lock:
         sha = _parse_hash(raw.get("sha256"), where, prefix=False)
         if sha is None:
             raise WeightsError(f"{where}: sha256 is missing")
-        size = raw.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise WeightsError(f"{where}: size must be a byte count, got {size!r}")
-        entries[str(key)] = LockEntry(key=str(key), sha256=sha, size=size, path=str(raw.get("path") or ""),
+        entries[str(key)] = LockEntry(key=str(key), sha256=sha, size=_parse_size(raw.get("size"), where), path=str(raw.get("path") or ""),
                                       name=str(raw.get("name") or ""), url=str(raw.get("url") or ""))
     return Lock(entries, str(p))
 
