@@ -10,7 +10,6 @@ Checked against (a) a real `mlflow server` (sqlite behind it) and (b) the defaul
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
 import subprocess
@@ -22,18 +21,14 @@ import pytest
 
 from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.train.tracking import get_or_create_experiment, is_lock_error, sqlite_db_path
+from g3dr_test_support import load_test_helper
 
-_HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 JOBS = 8
 EXPERIMENT = "concurrent-evals"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"g3dr_test_helper_{name}", _HELPERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper(name)
 
 
 # One eval job's tracking, as Evaluator.ensure_tracker / evaluate / _log_run do it. argv: tracking base dir,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 
 from g3dr.metrics.fid import FeatureMoments
 from g3dr.metrics.gather import gather_rows, shard_range
+from g3dr_test_support import load_test_helper
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "gather_worker.py"
 SIZES = [7, 1, 8, 33]  # odd, fewer samples than ranks (rank 1 holds none), even, larger
@@ -21,10 +21,7 @@ DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 
 
 def _worker_module():
-    spec = importlib.util.spec_from_file_location("g3dr_test_helper_gather_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper("gather_worker")
 
 
 def test_shard_ranges_partition_the_samples():
@@ -73,10 +70,7 @@ def test_two_rank_gather_is_exact(tmp_path):
 def test_two_rank_evaluation_equals_single_process(tmp_path):
     """evaluate_model on 2 ranks (3 + 4 samples) gives the single-process scores on every rank."""
     helpers = Path(__file__).resolve().parents[1] / "helpers"
-    spec = importlib.util.spec_from_file_location("g3dr_test_helper_tiny_inception", helpers / "tiny_inception.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    inception = tiny.save_tiny_inception(tmp_path / "inception.pt")
+    inception = load_test_helper("tiny_inception").save_tiny_inception(tmp_path / "inception.pt")
     worker = helpers / "eval_rank_worker.py"
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
@@ -87,9 +81,7 @@ def test_two_rank_evaluation_equals_single_process(tmp_path):
 
     from g3dr.eval.evaluate import evaluate_model
 
-    spec = importlib.util.spec_from_file_location("g3dr_test_helper_eval_rank_worker", worker)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_test_helper("eval_rank_worker")
     cfg, model, stream, eval_spec, detector = mod.setup(str(inception))
     single, _ = evaluate_model(model, cfg, stream, eval_spec, detector, None, batch_size=5, progress=False,
                                image_dir=tmp_path / "single-images")

@@ -4,26 +4,20 @@ DA of tiny checkpoints with a tiny random-weight Inception, read back through th
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from g3dr.cli import main
+from g3dr_test_support import load_test_helper
 
-_HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"g3dr_test_helper_{name}", _HELPERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper(name)
 
 
 fx = _load("eval_fixtures")

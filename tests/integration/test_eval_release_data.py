@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +11,9 @@ from PIL import Image
 
 from g3dr.cli import main
 from g3dr.metrics.depth import non_flatness_score
+from g3dr_test_support import load_test_helper
 
-_spec = importlib.util.spec_from_file_location(
-    "g3dr_test_helper_eval_fixtures", Path(__file__).resolve().parents[1] / "helpers" / "eval_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fx
-_spec.loader.exec_module(fx)
+fx = load_test_helper("eval_fixtures")
 
 
 def test_release_pseudo_depth_nfs(release_samples):

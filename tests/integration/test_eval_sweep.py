@@ -3,7 +3,6 @@ upload results whose upload failed without recomputing, exit cleanly on SIGTERM 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,12 +17,9 @@ from g3dr.distributed import DistEnv
 from g3dr.eval.evaluate import EvalSpec
 from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, discover_checkpoints, run_sweep
 from g3dr.eval.tracking import TrackingError
+from g3dr_test_support import load_test_helper
 
-_spec = importlib.util.spec_from_file_location(
-    "g3dr_test_helper_eval_fixtures", Path(__file__).resolve().parents[1] / "helpers" / "eval_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = fx
-_spec.loader.exec_module(fx)
+fx = load_test_helper("eval_fixtures")
 
 
 @pytest.fixture()

@@ -4,8 +4,6 @@ a direct one-batch computation and do not depend on batching, sigma scale applie
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +18,11 @@ from g3dr.metrics.depth import depth_accuracy, non_flatness_score
 from g3dr.metrics.gather import shard_range
 from g3dr.metrics.inception import load_inception, quantize_images
 from g3dr.metrics.inception_score import inception_score
+from g3dr_test_support import load_test_helper
 
 
 def _helper(name: str):
-    key = f"g3dr_test_helper_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "helpers" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load_test_helper(name)
 
 
 def _batches(n: int, size: int, res: int = 32, seed: int = 1) -> list[dict]:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from g3dr.errors import WeightsError
 from g3dr.metrics.inception import INCEPTION_URL_PT, load_inception, quantize_images
+from g3dr_test_support import load_test_helper
 
 
 def _helper(name: str):
-    key = f"g3dr_test_helper_{name}"
-    if key not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "helpers" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load_test_helper(name)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pkl"])

@@ -4,10 +4,8 @@ used stale, the same FID/IS from memory and from saved uint8 PNGs, a seeded IS s
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +18,12 @@ from g3dr.metrics.dataset_stats import (REFERENCE_RECIPE, STATS_RECIPE_VERSION, 
 from g3dr.metrics.fid import FeatureMoments, frechet_distance, load_moments
 from g3dr.metrics.gather import all_reduce_moments
 from g3dr.metrics.inception_score import inception_score, softmax
+from g3dr_test_support import load_test_helper
 
-_HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 def _helper(name: str):
-    key = f"g3dr_test_helper_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _HELPERS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load_test_helper(name)
 
 
 def _relu_features(rng, n: int, d: int, offset: float = 0.0) -> np.ndarray:

@@ -4,10 +4,8 @@ layout) converts to our checkpoint with the same network function; bad checkpoin
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +15,11 @@ from g3dr.config import load_config
 from g3dr.errors import ConfigError, WeightsError
 from g3dr.models import load_f_trigen
 from g3dr.models.reference_import import import_official, read_reference_checkpoint
+from g3dr_test_support import load_test_helper
 
 
 def load_helper(name: str):
-    path = Path(__file__).resolve().parents[1] / "helpers" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"g3dr_test_helpers_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper(name)
 
 
 ref = load_helper("reference_unet")

@@ -3,9 +3,7 @@ independent functional evaluation of the reference network (tests/helpers/refere
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +12,11 @@ from g3dr.config import load_config
 from g3dr.models.decoder import TriplaneDecoder
 from g3dr.models.reference_import import convert_reference_state_dict, reference_key_to_ours
 from g3dr.models.unet import TriplaneGenerator
+from g3dr_test_support import load_test_helper
 
 
 def load_helper(name: str):
-    path = Path(__file__).resolve().parents[1] / "helpers" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"g3dr_test_helpers_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper(name)
 
 
 ref = load_helper("reference_unet")

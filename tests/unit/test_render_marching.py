@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -14,14 +12,11 @@ from g3dr.render.marching import (
     depth_kernel_from_depths,
     median_depth_from_weights,
 )
+from g3dr_test_support import load_test_helper
 
 
 def _reference():
-    path = Path(__file__).resolve().parents[1] / "helpers" / "render_reference.py"
-    spec = importlib.util.spec_from_file_location("render_reference_marching", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper("render_reference")
 
 
 ref = _reference()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +11,11 @@ import torch
 from g3dr.config import CameraConfig, RendererConfig
 from g3dr.render import TriplaneRenderer, camera_to_world_from_angles, rays_from_cameras, render_rays
 from g3dr.render.triplane import PLANE_AXES
+from g3dr_test_support import load_test_helper
 
 
 def _reference():
-    path = Path(__file__).resolve().parents[1] / "helpers" / "render_reference.py"
-    spec = importlib.util.spec_from_file_location("render_reference_renderer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper("render_reference")
 
 
 ref = _reference()

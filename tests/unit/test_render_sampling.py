@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +16,11 @@ from g3dr.render.sampling import (
     ray_limits_from_box,
     smooth_weights_for_importance,
 )
+from g3dr_test_support import load_test_helper
 
 
 def _reference():
-    path = Path(__file__).resolve().parents[1] / "helpers" / "render_reference.py"
-    spec = importlib.util.spec_from_file_location("render_reference_sampling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper("render_reference")
 
 
 ref = _reference()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +12,11 @@ from g3dr.render.triplane import (
     plane_coordinates_from_points,
     planes_pyramid_from_planes,
 )
+from g3dr_test_support import load_test_helper
 
 
 def _reference():
-    path = Path(__file__).resolve().parents[1] / "helpers" / "render_reference.py"
-    spec = importlib.util.spec_from_file_location("render_reference_triplane", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_test_helper("render_reference")
 
 
 ref = _reference()
