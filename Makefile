@@ -23,7 +23,7 @@ DEMO_DIR ?= outputs/demo
 # The demo: a procedural RGB-D set sharded once, two CPU ranks training the tiny config (torchrun,
 # gloo, ZeRO), an evaluation into MLflow, and novel-view videos of a few samples.
 DEMO_TRAIN := --config configs/tiny.yaml run_dir=$(DEMO_DIR) data.synthetic_dir=$(DEMO_DIR)/data train.global_batch_size=4 \
-	train.total_steps=200 train.warmup_steps=20 train.checkpoint_every=50 train.log_every=10 loss.clip_ramp_steps=100
+	train.total_steps=200 train.warmup_steps=20 train.checkpoint_every=50 train.log_every=10 'loss.novel.clip.knots=[[0, 0.02], [100, 0.35]]'
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)

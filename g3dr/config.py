@@ -154,10 +154,9 @@ class DepthKernelConfig:
     """The depth kernel k(t) = clamp(s1 * exp(-(t - d)^2 / s2), c_min, c_max) (paper S.1, S.8).
 
     It scales the backward gradients of alpha and colour per sample in canonical views; forward
-    values are unchanged.
+    values are unchanged. Whether it is used is ``loss.depth_supervision`` (``kernel``).
     """
 
-    enabled: bool = True
     s1: float = 1.25
     s2: float = 0.03
     c_min: float = 0.05
@@ -242,31 +241,121 @@ class CameraConfig:
 
 
 @dataclass
+class WeightSchedule:
+    """A loss weight over training: piecewise linear through ``knots`` ``(at, weight)``.
+
+    ``at`` counts optimizer steps (``unit: steps``) or the fraction of ``train.total_steps`` (``unit:
+    fraction``). Before the first knot the weight is the first knot's, after the last the last knot's. Two
+    knots at the same ``at`` make a jump, taking effect at that point: ``[[0, 0], [0.5, 0], [0.5, 1]]`` with
+    ``unit: fraction`` is 0 for ``step < T / 2`` and 1 from ``T / 2`` on. In YAML a bare number is a
+    constant weight (``tv: 0.1`` is ``tv: {knots: [[0, 0.1]]}``).
+    """
+
+    knots: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
+    unit: Literal["steps", "fraction"] = "steps"
+
+    @classmethod
+    def from_scalar(cls, weight: float) -> "WeightSchedule":
+        return cls(knots=((0.0, float(weight)),))
+
+    def __post_init__(self) -> None:
+        _check(len(self.knots) >= 1, "knots", "must hold at least one [at, weight] pair")
+        ats = [a for a, _ in self.knots]
+        _check(all(a >= 0 for a in ats), "knots", f"positions must be >= 0, got {ats}")
+        _check(all(b >= a for a, b in zip(ats, ats[1:])), "knots", f"positions must not decrease, got {ats}")
+        _check(self.unit != "fraction" or ats[-1] <= 1.0, "knots",
+               f"positions are fractions of train.total_steps (unit: fraction) and must be <= 1, got {ats}")
+        _check(all(w >= 0 for _, w in self.knots), "knots", f"weights must be >= 0, got {[w for _, w in self.knots]}")
+
+    def at(self, step: int, total_steps: int) -> float:
+        """The weight at optimizer step ``step`` of a run of ``total_steps``."""
+        x = step / total_steps if self.unit == "fraction" else float(step)
+        last = 0
+        for i, (a, _) in enumerate(self.knots):
+            if a <= x:
+                last = i
+        if last == len(self.knots) - 1 or x < self.knots[0][0]:
+            return self.knots[last][1]
+        (a0, w0), (a1, w1) = self.knots[last], self.knots[last + 1]
+        return w0 + (w1 - w0) * (x - a0) / (a1 - a0)  # a1 > x >= a0, so a1 > a0
+
+    @property
+    def always_zero(self) -> bool:
+        """True when the weight is 0 at every step (the term is never computed)."""
+        return all(w == 0 for _, w in self.knots)
+
+
+ALL_VGG_BLOCKS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+DEEPEST_VGG_BLOCKS: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 1.0)
+
+
+@dataclass
+class PerceptualSchedule(WeightSchedule):
+    """The perceptual (LPIPS-VGG) term: a :class:`WeightSchedule` plus the weight of each VGG block."""
+
+    layers: tuple[float, ...] = ALL_VGG_BLOCKS
+    """Weight of each of the five VGG16 blocks (relu1_2 ... relu5_3) in the LPIPS sum."""
+
+    @classmethod
+    def from_scalar(cls, weight: float) -> "PerceptualSchedule":
+        return cls(knots=((0.0, float(weight)),))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.layers) >= 1 and all(w >= 0 for w in self.layers), "layers",
+               f"must be non-negative block weights, got {list(self.layers)}")
+
+
+def _constant(weight: float) -> Any:
+    return field(default_factory=lambda: WeightSchedule.from_scalar(weight))
+
+
+@dataclass
+class CanonicalLossConfig:
+    """Terms of a canonical-view step (the input camera: the input image and its pseudo-depth are targets)."""
+
+    l1: WeightSchedule = _constant(1.0)
+    """Reconstruction L1, canonical RGB vs input."""
+    depth: WeightSchedule = _constant(2.0)
+    """The geometry term: L1 of the rendered depth vs the pseudo-depth, or the KL term (``loss.depth_supervision``)."""
+    perceptual: PerceptualSchedule = field(default_factory=lambda: PerceptualSchedule(((0.0, 0.5),)))
+    """LPIPS-VGG, render vs input."""
+    clip: WeightSchedule = _constant(0.0)
+    """CLIP embedding L1, render vs input (the reference code: 0.175 from T / 2 on)."""
+    weight_sum: WeightSchedule = _constant(0.0)
+    """Opacity term ``mean(1 - sum w)`` (the reference code: ramped 0 -> 1 over T / 2)."""
+
+
+@dataclass
+class NovelLossConfig:
+    """Terms of a novel-view step (a camera from the novel-view schedule: no pixel targets)."""
+
+    clip: WeightSchedule = field(default_factory=lambda: WeightSchedule(((0.0, 0.02), (100_000.0, 0.35))))
+    """CLIP embedding L1, novel render vs input (paper: 0.02 -> 0.35 over 100k steps)."""
+    tv: WeightSchedule = _constant(0.1)
+    """Total variation of the novel-view depth map."""
+    perceptual: PerceptualSchedule = field(
+        default_factory=lambda: PerceptualSchedule(((0.0, 0.5),), layers=DEEPEST_VGG_BLOCKS))
+    """LPIPS-VGG, novel render vs input, on the deepest blocks (docs/training.md says why)."""
+    weight_sum: WeightSchedule = _constant(0.0)
+    """Opacity term ``mean(1 - sum w)``."""
+
+
+@dataclass
 class LossConfig:
-    """Weights and schedules of the G3DR objective (paper S.1, S.2) and the frozen critics."""
+    """The G3DR objective (paper S.1, S.2): view choice, per-view weighted terms, geometry supervision, critics."""
 
     tau: float = 0.4
     """View choice (Eq. 1): canonical if r > min(tau, 2 * step / total_steps), r ~ U(0, 1)."""
-    l1: float = 1.0
-    """Reconstruction L1, canonical RGB vs input."""
-    depth: float = 2.0
-    """Depth L1, canonical rendered depth vs pseudo-depth."""
-    perceptual: float = 0.5
-    """VGG perceptual, render vs input."""
-    perceptual_second: float = 0.5
-    """Second VGG perceptual term (super-resolution output)."""
-    clip: float = 0.35
-    """CLIP embedding loss at the end of its ramp."""
-    clip_start: float = 0.02
-    """CLIP weight at step 0, ramped linearly to ``clip`` ..."""
-    clip_ramp_steps: int = 100_000
-    """... over this many optimizer steps."""
-    tv: float = 0.1
-    """Total variation of the novel-view depth map."""
-    weight_sum: float = 0.0
-    """Weight of the (1 - sum w) term of the reference code; 0 turns it off."""
-    weight_sum_ramp_fraction: float = 0.5
-    """The weight-sum term ramps 0 -> ``weight_sum`` over this fraction of training."""
+    depth_supervision: Literal["kernel", "accumulated", "kl"] = "kernel"
+    """Geometry supervision of canonical views (paper Table S1): ``kernel``: L1 of the accumulated depth with
+    the depth kernel scaling the renderer's gradients (G3DR); ``accumulated``: the same L1 without the kernel;
+    ``kl``: DS-NeRF's KL term between the ray's weights and a Gaussian at the pseudo-depth (no kernel, no L1)."""
+    kl_sigma: float = 0.12247448713915891
+    """Standard deviation of the ``kl`` target around the pseudo-depth; default sqrt(0.03 / 2), the width of
+    the depth kernel's Gaussian exp(-(t - d)^2 / s2) with s2 = 0.03."""
+    canonical: CanonicalLossConfig = field(default_factory=CanonicalLossConfig)
+    novel: NovelLossConfig = field(default_factory=NovelLossConfig)
     clip_model: str = "ViT-B-16-quickgelu"
     """open_clip architecture of the CLIP critic (OpenAI weights need the QuickGELU form)."""
     clip_weights: str = "weights/clip/ViT-B-16.pt"
@@ -284,12 +373,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.tau <= 1.0, "tau", f"must be in [0, 1], got {self.tau}")
-        for name in ("l1", "depth", "perceptual", "perceptual_second", "clip", "clip_start", "tv", "weight_sum"):
-            value = getattr(self, name)
-            _check(value >= 0, name, f"must be >= 0, got {value}")
-        _check(self.clip_ramp_steps >= 0, "clip_ramp_steps", f"must be >= 0, got {self.clip_ramp_steps}")
-        _check(0 < self.weight_sum_ramp_fraction <= 1, "weight_sum_ramp_fraction",
-               f"must be in (0, 1], got {self.weight_sum_ramp_fraction}")
+        _check(self.kl_sigma > 0, "kl_sigma", f"must be > 0, got {self.kl_sigma}")
         _check(self.clip_resolution > 0, "clip_resolution", f"must be > 0, got {self.clip_resolution}")
 
 
@@ -301,8 +385,9 @@ class TrainConfig:
     """Optimizer steps of the whole run (reference ``train_num_steps``)."""
     micro_batch_size: int = 8
     """Samples per rank per forward pass."""
-    global_batch_size: int = 8
-    """Samples per optimizer step over all ranks; must equal micro x ranks x accumulation."""
+    global_batch_size: int = 48
+    """Samples per optimizer step over all ranks; must equal micro x ranks x accumulation. The paper gives
+    none; the reference code runs 8 per process on 6 processes (``NUM_GPU = 6``): 48."""
     lr: float = 1e-4
     """Peak learning rate after warmup (paper; the reference script uses 5e-5)."""
     lr_start: float = 2e-6
@@ -310,11 +395,20 @@ class TrainConfig:
     lr_min: float = 0.0
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 20_000
+    """``warmup_cosine``: steps of the linear warmup; ``one_cycle``: steps of the rising (cosine) phase."""
+    lr_schedule: Literal["warmup_cosine", "one_cycle"] = "warmup_cosine"
+    """``warmup_cosine`` (paper): linear ``lr_start -> lr`` over ``warmup_steps``, cosine to ``lr_min`` at
+    ``total_steps``. ``one_cycle`` (the reference code's ``OneCycleLR``, cosine annealing): cosine
+    ``lr_start -> lr`` over ``warmup_steps``, cosine ``lr -> lr_min`` at ``total_steps``."""
+    beta1_cycle: tuple[float, ...] = ()
+    """``[max, base]``: with ``one_cycle``, Adam's beta1 follows the LR inversely, ``max -> base`` while the LR
+    rises and ``base -> max`` while it falls (``OneCycleLR``'s ``cycle_momentum``; reference [0.95, 0.85]).
+    Empty: beta1 stays ``betas[0]``."""
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Gradient-norm clipping (0 disables it)."""
+    grad_clip: float = 0.0
+    """Gradient-norm clipping (0 disables it). Neither the paper nor the reference code clips."""
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: Literal[0, 1, 2] = 2
     """DeepSpeed ZeRO stage."""
@@ -342,6 +436,12 @@ class TrainConfig:
         _check(0 <= self.lr_start <= self.lr, "lr_start", f"must be in [0, train.lr={self.lr}], got {self.lr_start}")
         _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, train.lr={self.lr}], got {self.lr_min}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.lr_schedule != "one_cycle" or 1 <= self.warmup_steps < self.total_steps, "warmup_steps",
+               f"must be in [1, train.total_steps) with lr_schedule one_cycle, got {self.warmup_steps}")
+        _check(len(self.beta1_cycle) in (0, 2) and all(0 <= b < 1 for b in self.beta1_cycle), "beta1_cycle",
+               f"must be empty or [max, base] in [0, 1), got {list(self.beta1_cycle)}")
+        _check(not self.beta1_cycle or self.lr_schedule == "one_cycle", "beta1_cycle",
+               "cycles beta1 with the one-cycle LR only: set train.lr_schedule=one_cycle or beta1_cycle=[]")
         _check(all(0 <= b < 1 for b in self.betas), "betas", f"must be two values in [0, 1), got {list(self.betas)}")
         _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -564,13 +664,16 @@ def _build(cls: type, data: Any, prefix: str, origins: dict[str, str], default_o
     unknown = sorted(set(data) - names)
     if unknown:
         key = prefix + str(unknown[0])
+        moved = f"; {MOVED_KEYS[key]}" if key in MOVED_KEYS else ""
         raise ConfigError(f"{_origin(origins, key, default_origin)}: unknown key '{key}'"
-                          f" (valid keys in {where}: {', '.join(sorted(names))})")
+                          f" (valid keys in {where}: {', '.join(sorted(names))}){moved}")
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            if hasattr(tp, "from_scalar") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = {"knots": [[0.0, value]]}  # a bare number: a constant schedule
             kwargs[name] = _build(tp, value, key + ".", origins, default_origin)
             continue
         try:
@@ -582,6 +685,24 @@ def _build(cls: type, data: Any, prefix: str, origins: dict[str, str], default_o
     except _FieldError as err:
         key = prefix + err.key
         raise ConfigError(f"{_origin(origins, key, default_origin)}: {key}: {err}") from None
+
+
+_PER_VIEW = "loss weights are schedules per view now: loss.canonical.* and loss.novel.* (docs/training.md)"
+MOVED_KEYS: dict[str, str] = {
+    "loss.l1": f"now loss.canonical.l1; {_PER_VIEW}",
+    "loss.depth": f"now loss.canonical.depth; {_PER_VIEW}",
+    "loss.perceptual": f"now loss.canonical.perceptual; {_PER_VIEW}",
+    "loss.perceptual_second": f"now loss.novel.perceptual; {_PER_VIEW}",
+    "loss.clip": f"now loss.novel.clip (a ramp: knots [[0, start], [steps, end]]); {_PER_VIEW}",
+    "loss.clip_start": f"now the first knot of loss.novel.clip; {_PER_VIEW}",
+    "loss.clip_ramp_steps": f"now the second knot of loss.novel.clip; {_PER_VIEW}",
+    "loss.tv": f"now loss.novel.tv; {_PER_VIEW}",
+    "loss.weight_sum": f"now loss.canonical.weight_sum and loss.novel.weight_sum; {_PER_VIEW}",
+    "loss.weight_sum_ramp_fraction": f"now the knots of loss.*.weight_sum (unit: fraction); {_PER_VIEW}",
+    "renderer.depth_kernel.enabled": "the depth kernel is chosen by loss.depth_supervision "
+                                     "(kernel | accumulated | kl) now",
+}
+"""Keys of earlier versions: an unknown-key error names where the setting went."""
 
 
 def _flatten_keys(data: dict, prefix: str = "") -> list[str]:
@@ -649,6 +770,8 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
     for text in overrides:
         key, value = parse_override(text)
         created = _set_dotted(data, key, value, text)
+        for stale in [k for k in origins if k.startswith(key + ".")]:  # the override replaced what was below
+            del origins[stale]
         nested = _flatten_keys(value, key + ".") if isinstance(value, dict) else []
         for k in [*created, key, *nested]:
             origins[k] = f"override '{text}'"

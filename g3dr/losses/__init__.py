@@ -1,11 +1,11 @@
 """The G3DR objective: pixel terms (``terms``) and the frozen critics (``critics``: CLIP, VGG perceptual).
 
 Nothing here owns an optimizer or knows about DeepSpeed; the task module (``g3dr.train.task``) weights the
-terms with the schedules of ``g3dr.train.schedules``.
+terms with the per-view weight schedules of the config (``loss.canonical.*``, ``loss.novel.*``).
 """
 
 from g3dr.losses.critics import ClipCritic, Critics, VggCritic, build_critics
-from g3dr.losses.terms import depth_l1_loss, l1_loss, tv_loss, weight_sum_loss
+from g3dr.losses.terms import depth_l1_loss, kl_depth_loss, l1_loss, tv_loss, weight_sum_loss
 
 __all__ = [
     "ClipCritic",
@@ -13,6 +13,7 @@ __all__ = [
     "VggCritic",
     "build_critics",
     "depth_l1_loss",
+    "kl_depth_loss",
     "l1_loss",
     "tv_loss",
     "weight_sum_loss",

@@ -20,7 +20,10 @@ class FTrigen(nn.Module):
     ``forward(rgb (B, 3, H, W) in [-1, 1], depth (B, 1, H, W), cam2world (B, 4, 4), canonical, resolution=None)``
     returns ``{"planes": (B, 3, C, H, W), "rgb": (B, 3, R, R), "depth", "weight_sum", "median_depth": (B, 1, R, R)}``
     with R = ``resolution`` (default ``cfg.data.resolution``). In canonical views the pseudo-depth is handed
-    to the renderer (depth-prior fine samples and the depth kernel); novel views render without it.
+    to the renderer (depth-prior fine samples and, with ``loss.depth_supervision: kernel``, the depth
+    kernel); novel views render without it. The U-Net input takes the model's dtype; the pseudo-depth and
+    the cameras reach the renderer as given (keep them float32: in bf16 a depth of 4.99 reads 5.0).
+    ``sample_weights=True`` adds the per-sample weights and depths (see ``TriplaneRenderer.forward``).
     Differentiable with respect to all parameters (the renderer's sampling positions are not).
     """
 
@@ -42,7 +45,7 @@ class FTrigen(nn.Module):
 
     def render(self, planes: torch.Tensor, cam2world: torch.Tensor, *, canonical: bool,
                depth: torch.Tensor | None = None, resolution: int | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, sample_weights: bool = False) -> dict[str, torch.Tensor]:
         """Render triplanes from cameras ``cam2world`` (B, 4, 4); ``depth`` is used only when ``canonical``.
 
         ``generator`` drives the renderer's random choices (global RNG when None; unused when
@@ -50,11 +53,14 @@ class FTrigen(nn.Module):
         """
         resolution = resolution or self.cfg.data.resolution
         return self.renderer(planes, self.decoder, cam2world, resolution,
-                             depth=depth if canonical else None, canonical=canonical, generator=generator)
+                             depth=depth if canonical else None, canonical=canonical, generator=generator,
+                             use_depth_kernel=self.cfg.loss.depth_supervision == "kernel",
+                             sample_weights=sample_weights)
 
     def forward(self, rgb: torch.Tensor, depth: torch.Tensor, cam2world: torch.Tensor, canonical: bool,
-                resolution: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                resolution: int | None = None, generator: torch.Generator | None = None,
+                sample_weights: bool = False) -> dict[str, torch.Tensor]:
         planes = self.make_planes(rgb, depth)
         images = self.render(planes, cam2world, canonical=canonical, depth=depth, resolution=resolution,
-                             generator=generator)
+                             generator=generator, sample_weights=sample_weights)
         return {"planes": planes, **images}

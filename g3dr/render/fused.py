@@ -579,7 +579,7 @@ def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior
                     )
                 depths, (outputs,) = merge_samples(depths, [outputs], depths_fine, [decode(depths_fine)])
         grad_scale = None
-        if use_depth_kernel and cfg.depth_kernel.enabled:
+        if use_depth_kernel:
             depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
             grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
             grad_scale = grad_scale.reshape(batch * rays_per_image, -1)

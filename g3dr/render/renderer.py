@@ -104,6 +104,16 @@ def _log_fused_unsupported(decoder: Decoder) -> None:
         log.info("renderer.impl=fused needs a decoder with mlp_weights(); %s has none: using the reference path", name)
 
 
+_weights_logged: list[bool] = []
+
+
+def _log_reference_for_weights() -> None:
+    if not _weights_logged:
+        _weights_logged.append(True)
+        log.info("renders whose per-sample weights need gradients (loss.depth_supervision=kl) take the reference "
+                 "path: the fused path's weights carry none")
+
+
 def render_rays(
     planes: torch.Tensor,
     decoder: Decoder,
@@ -116,6 +126,7 @@ def render_rays(
     sample_depths: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     plane_axes: torch.Tensor | None = None,
+    differentiable_weights: bool = False,
 ) -> RenderResult:
     """Volume-render a triplane along rays (see the module docstring for the steps).
 
@@ -127,11 +138,13 @@ def render_rays(
         cfg: the renderer section of the config.
         depth_prior: (B, R, 1) pseudo-depth per ray (canonical views only): enables the depth-prior
             fine samples (probability ``cfg.depth_prior_p``) and is the centre of the depth kernel.
-        use_depth_kernel: apply the depth kernel (needs ``depth_prior``; also needs
-            ``cfg.depth_kernel.enabled``).
+        use_depth_kernel: apply the depth kernel (needs ``depth_prior``).
         sample_depths: (B, R, S, 1) explicit sorted depths: skips all sampling (one decoder pass).
         generator: RNG for jitter, depth-prior choice and inverse-CDF draws (None: the global RNG).
         plane_axes: (3, 2) projection (default: from ``cfg.plane_convention``).
+        differentiable_weights: ``RenderResult.weights`` must carry gradients (a loss on the per-sample
+            weights, e.g. ``loss.depth_supervision: kl``). The fused path's weights carry none, so such
+            renders take the reference path (logged once).
 
     Returns:
         :class:`RenderResult`; ``rgb``, ``depth`` and ``weight_sum`` are differentiable in ``planes``
@@ -149,7 +162,9 @@ def render_rays(
         raise ValueError("use_depth_kernel=True needs depth_prior (the pixel pseudo-depth)")
     if plane_axes is None:
         plane_axes = plane_axes_for_convention(cfg.plane_convention, planes.device)
-    if cfg.impl == "fused":
+    if cfg.impl == "fused" and differentiable_weights:
+        _log_reference_for_weights()
+    elif cfg.impl == "fused":
         from g3dr.render.fused import decoder_supports_fused, render_rays_fused
 
         if decoder_supports_fused(decoder):
@@ -199,7 +214,7 @@ def render_rays(
                 depths_coarse, [colors, densities], depths_fine, [colors_fine, densities_fine]
             )
     grad_scale = None
-    if use_depth_kernel and cfg.depth_kernel.enabled:
+    if use_depth_kernel:
         depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
         grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
     out = composite_from_samples(colors, densities, depths, grad_scale=grad_scale, **march)
@@ -241,6 +256,8 @@ class TriplaneRenderer(nn.Module):
         depth: torch.Tensor | None = None,
         canonical: bool = False,
         generator: torch.Generator | None = None,
+        use_depth_kernel: bool = True,
+        sample_weights: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Render (B, ...) images.
 
@@ -254,9 +271,15 @@ class TriplaneRenderer(nn.Module):
                 (the reference renders without it).
             canonical: whether the cameras are the canonical (input) view.
             generator: see :func:`render_rays`.
+            use_depth_kernel: with a depth prior (canonical view and ``depth``), scale the gradients by the
+                depth kernel (``loss.depth_supervision: kernel``); forward values do not depend on it.
+            sample_weights: also return the per-sample compositing weights with gradients, ray-major
+                (``sample_weights`` (B, H * W, S - 1, 1)), and the sample depths (``sample_depths``
+                (B, H * W, S, 1)); such renders take the reference path.
 
         Returns:
-            dict with ``rgb`` (B, 3, H, W) in [-1, 1], ``depth``, ``weight_sum``, ``median_depth`` (B, 1, H, W).
+            dict with ``rgb`` (B, 3, H, W) in [-1, 1], ``depth``, ``weight_sum``, ``median_depth`` (B, 1, H, W)
+            (and the two sample tensors with ``sample_weights``).
         """
         batch = planes.shape[0]
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
@@ -277,17 +300,21 @@ class TriplaneRenderer(nn.Module):
             directions,
             self.cfg,
             depth_prior=depth_prior,
-            use_depth_kernel=depth_prior is not None and self.cfg.depth_kernel.enabled,
+            use_depth_kernel=depth_prior is not None and use_depth_kernel,
             generator=generator,
             plane_axes=self.plane_axes,
+            differentiable_weights=sample_weights,
         )
 
         def image(x: torch.Tensor) -> torch.Tensor:
             return x.permute(0, 2, 1).reshape(batch, x.shape[-1], height, width)
 
-        return {
+        out = {
             "rgb": image(result.rgb),
             "depth": image(result.depth),
             "weight_sum": image(result.weight_sum),
             "median_depth": image(result.median_depth),
         }
+        if sample_weights:
+            out["sample_weights"], out["sample_depths"] = result.weights, result.depths
+        return out

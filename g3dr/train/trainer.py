@@ -202,8 +202,8 @@ def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype
         for yaw_offset in (0.0, -spread, spread):
             yaw = torch.full((b,), cam.canonical_yaw + yaw_offset, device=dev)
             pitch = torch.full((b,), cam.canonical_pitch, device=dev)
-            c2w = camera_to_world_from_angles(yaw, pitch, cam.radius).to(dtype)
-            out = model.render(planes, c2w, canonical=yaw_offset == 0.0, depth=depth.to(dtype))
+            c2w = camera_to_world_from_angles(yaw, pitch, cam.radius)  # geometry stays float32
+            out = model.render(planes, c2w, canonical=yaw_offset == 0.0, depth=depth.float())
             tiles.append(out["rgb"].float())
             depths.append(out["depth"].float())
         lo, hi = float(depth.min()), float(depth.max()) + 1e-6
@@ -279,7 +279,7 @@ def train(cfg: Config, resume: str | None = None,
     from g3dr.models.f_trigen import FTrigen
     from g3dr.train import checkpoint as ckpt
     from g3dr.train.ds_config import deepspeed_config
-    from g3dr.train.schedules import learning_rate
+    from g3dr.train.schedules import StepSchedule
     from g3dr.train.task import G3DRTask
     from g3dr.train.tracking import build_tracker
 
@@ -324,11 +324,9 @@ def train(cfg: Config, resume: str | None = None,
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
 
-    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, train_cfg) / train_cfg.lr)
-
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                   config=ds_config, lr_scheduler=schedule,
+                                                   config=ds_config,
+                                                   lr_scheduler=lambda optimizer: StepSchedule(optimizer, train_cfg),
                                                    dist_init_required=False)
     dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
     critics_dtype = dtype if device.type == "cuda" else torch.float32
@@ -419,6 +417,8 @@ def train(cfg: Config, resume: str | None = None,
             if step % train_cfg.log_every == 0 or step == train_cfg.total_steps:
                 elapsed = time.time() - window_start
                 metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                if train_cfg.beta1_cycle:
+                    metrics["beta1"] = float(engine.optimizer.param_groups[0]["betas"][0])
                 metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
                                 "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
                                 "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})

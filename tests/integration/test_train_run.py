@@ -173,8 +173,8 @@ def test_loss_decreases_on_the_synthetic_set(tmp_path):
     # random. Depth kernel off: it rescales gradients per sample (not a true gradient), and on one batch the
     # canonical loss first rises for a few steps with it (0.31 -> 0.65 L1) before it falls.
     cfg = _cfg(tmp_path, "fit", "train.total_steps=16", "train.warmup_steps=0", "train.lr=3e-4", "train.lr_min=3e-4",
-               "train.micro_batch_size=4", "train.global_batch_size=4", "loss.tau=0.0", "loss.perceptual=0.0",
-               "renderer.depth_kernel.enabled=false", "train.checkpoint_every=100")
+               "train.micro_batch_size=4", "train.global_batch_size=4", "loss.tau=0.0", "loss.canonical.perceptual=0.0",
+               "loss.depth_supervision=accumulated", "train.checkpoint_every=100")
     result = train(cfg, build_loader=RepeatFirst, export=False)
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
     print(f"loss: first 3 steps {first:.4f}, last 3 steps {last:.4f}")

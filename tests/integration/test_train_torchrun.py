@@ -87,7 +87,6 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
 
     # The same run on one rank accumulates 2 micro-batches per step: the LR and the CLIP ramp (and Eq. 1's
     # progress) are the same functions of the optimizer step, never of micro-batches or ranks.
-    from g3dr.train.schedules import clip_weight
     from g3dr.train.trainer import train
 
     single_cfg = load_config("configs/tiny.yaml", [*overrides, f"run_dir={tmp_path / 'single'}"])
@@ -102,7 +101,7 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
                                                                         rel=1e-12)
     clip_logged = 0
     for c, run_id in ((client, run.info.run_id), (single_client, single.run_id)):
-        for step, value in history(c, run_id, "weight/clip").items():  # logged at steps with a novel view
-            assert value == pytest.approx(clip_weight(step - 1, cfg.loss), rel=1e-9), (run_id, step)
+        for step, value in history(c, run_id, "weight/novel/clip").items():  # logged at steps with a novel view
+            assert value == pytest.approx(cfg.loss.novel.clip.at(step - 1, cfg.train.total_steps), rel=1e-9), (run_id, step)
             clip_logged += 1
     assert clip_logged >= 2  # seeded: novel views occur in both runs, so the ramp was checked

@@ -52,9 +52,10 @@ def test_presets_exist():
     assert {p.name for p in PRESETS} >= {"tiny.yaml", "imagenet128.yaml"}
 
 
-def test_imagenet128_spells_out_every_field():
-    """The paper preset names every field of every section, so it documents the full method."""
-    raw = yaml.safe_load((CONFIGS / "imagenet128.yaml").read_text())
+@pytest.mark.parametrize("preset", ["imagenet128.yaml", "imagenet128-reference.yaml"])
+def test_imagenet128_spells_out_every_field(preset):
+    """The ImageNet presets name every field of every section, so each documents its full recipe."""
+    raw = yaml.safe_load((CONFIGS / preset).read_text())
 
     def keys(node, prefix=""):
         out = set()
@@ -80,14 +81,34 @@ def test_imagenet128_holds_the_design_values():
     assert (c.fov_degrees, c.radius, c.video_yaw, c.video_pitch) == (18.0, 5.0, 0.35, 0.15)
     assert math.isclose(c.canonical_yaw, math.pi / 2) and math.isclose(c.novel_pitch_range, math.pi / 18)
     assert (c.novel_yaw_den_start, c.novel_yaw_den_end) == (24.0, 6.0)
-    loss = cfg.loss
-    assert (loss.tau, loss.l1, loss.depth, loss.perceptual, loss.tv) == (0.4, 1.0, 2.0, 0.5, 0.1)
-    assert (loss.clip_start, loss.clip, loss.clip_ramp_steps, loss.clip_resolution) == (0.02, 0.35, 100_000, 224)
+    loss, canon, novel = cfg.loss, cfg.loss.canonical, cfg.loss.novel
+    assert (loss.tau, loss.depth_supervision, loss.clip_resolution) == (0.4, "kernel", 224)
+    assert [(v.knots, v.unit) for v in (canon.l1, canon.depth, canon.perceptual, novel.tv, novel.perceptual)] == [
+        (((0.0, w),), "steps") for w in (1.0, 2.0, 0.5, 0.1, 0.5)]
+    assert canon.perceptual.layers == (1, 1, 1, 1, 1) and novel.perceptual.layers == (0, 0, 0, 1, 1)
+    assert (novel.clip.knots, novel.clip.unit) == (((0.0, 0.02), (100_000.0, 0.35)), "steps")
+    assert canon.clip.always_zero and canon.weight_sum.always_zero and novel.weight_sum.always_zero
     assert loss.clip_model == "ViT-B-16-quickgelu"
     t = cfg.train
-    assert (t.lr, t.lr_start, t.warmup_steps, t.betas) == (1e-4, 2e-6, 20_000, (0.9, 0.99))
+    assert (t.lr, t.lr_start, t.warmup_steps, t.betas, t.lr_schedule) == (1e-4, 2e-6, 20_000, (0.9, 0.99), "warmup_cosine")
+    assert (t.micro_batch_size, t.global_batch_size, t.grad_clip, t.beta1_cycle) == (8, 48, 0.0, ())
     assert cfg.eval.sigma_scales == (1.0, 5.0, 10.0, 50.0) and cfg.eval.num_samples == 256
     assert cfg.eval.nfs_bins == 64 and cfg.eval.is_splits == 10
+
+
+def test_reference_preset_differs_from_the_paper_only_in_its_recipe():
+    """configs/imagenet128-reference.yaml: the released train.py's recipe, nothing else changed."""
+    paper = flatten_config(load_config(CONFIGS / "imagenet128.yaml"))
+    reference = flatten_config(load_config(CONFIGS / "imagenet128-reference.yaml"))
+    differ = {k for k in paper if paper[k] != reference[k]}
+    assert differ == {
+        "run_dir", "logging.experiment",
+        "loss.canonical.perceptual.knots", "loss.canonical.perceptual.unit", "loss.canonical.clip.knots",
+        "loss.canonical.clip.unit", "loss.canonical.weight_sum.knots", "loss.canonical.weight_sum.unit",
+        "loss.novel.clip.knots", "loss.novel.perceptual.knots", "loss.novel.weight_sum.knots",
+        "loss.novel.weight_sum.unit",
+        "train.lr", "train.lr_min", "train.warmup_steps", "train.lr_schedule", "train.beta1_cycle",
+    }
 
 
 def test_defaults_equal_the_paper_preset_except_paths_and_data_source():
@@ -129,8 +150,8 @@ def test_int_is_accepted_for_float_and_stored_as_float(tiny_config_path):
 
 
 def test_override_a_whole_section(tiny_config_path):
-    cfg = load_config(tiny_config_path, ["renderer.depth_kernel={enabled: false, s1: 2.0}"])
-    assert cfg.renderer.depth_kernel.enabled is False and cfg.renderer.depth_kernel.s1 == 2.0
+    cfg = load_config(tiny_config_path, ["renderer.depth_kernel={s2: 0.05, s1: 2.0}"])
+    assert cfg.renderer.depth_kernel.s2 == 0.05 and cfg.renderer.depth_kernel.s1 == 2.0
 
 
 def test_bad_value_inside_a_section_override_blames_the_override(tmp_path):
@@ -244,7 +265,9 @@ def test_literal_choices(tiny_config_path, key, value):
     ("renderer.depth_kernel.c_min=2", "renderer.depth_kernel.c_min: must satisfy"),
     ("camera.fov_degrees=180", "camera.fov_degrees: must be in (0, 180)"),
     ("loss.tau=2", "loss.tau: must be in [0, 1]"),
-    ("loss.clip=-0.1", "loss.clip: must be >= 0"),
+    ("loss.novel.clip=-0.1", "loss.novel.clip.knots: weights must be >= 0"),
+    ("loss.kl_sigma=0", "loss.kl_sigma: must be > 0"),
+    ("train.beta1_cycle=[0.95, 0.85]", "train.beta1_cycle: cycles beta1 with the one-cycle LR only"),
     ("train.lr_start=1", "train.lr_start: must be in [0, train.lr="),
     ("train.global_batch_size=3", "train.global_batch_size: must be a multiple of train.micro_batch_size (2)"),
     ("train.betas=[0.9, 1.0]", "train.betas: must be two values in [0, 1)"),

@@ -84,12 +84,12 @@ def test_rng_state_round_trip():
 
 
 def test_deepspeed_config_is_derived():
-    cfg = load_config("configs/imagenet128.yaml", ["train.global_batch_size=64", "train.micro_batch_size=8"])
+    cfg = load_config("configs/imagenet128.yaml", ["train.global_batch_size=64", "train.micro_batch_size=8", "train.grad_clip=0.5"])
     ds = deepspeed_config(cfg, world_size=4, device_type="cuda")
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["bf16"] == {"enabled": True} and ds["data_types"]["grad_accum_dtype"] == "fp32"
-    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.99] and ds["optimizer"]["params"]["torch_adam"] is False
     assert deepspeed_config(cfg, 4, "cpu")["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ConfigError, match="not divisible"):
