@@ -96,7 +96,7 @@ def test_gradient_accumulation_is_exact_and_dead_tracking_keeps_going(tmp_path):
     # (and the reference renderer) plain PyTorch itself gives gradients for 1 x 8 and 4 x 2 that differ by
     # 1.7e-4 relative (1e-6 without it), most likely max-pool ties in flat regions of the render routing
     # subgradients differently per batch shape; that moves a few tiny-gradient tensors by up to 2e-1.
-    common = ["train.total_steps=1", "loss.perceptual=0.0", "train.global_batch_size=8", "train.warmup_steps=0", "train.grad_clip=0.0",
+    common = ["train.total_steps=1", "loss.canonical.perceptual=0.0", "train.global_batch_size=8", "train.warmup_steps=0", "train.grad_clip=0.0",
               "train.eps=1.0", "loss.tau=0.0", "logging.mlflow_uri=http://127.0.0.1:9"]
     deltas = {}
     cfg = None
