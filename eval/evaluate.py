@@ -2,7 +2,8 @@
 
 For each input sample (the first ``max(eval.num_samples, eval.fid_samples)`` of the eval stream: NFS and DA
 use the first ``num_samples``, FID and IS the first ``fid_samples``), the triplane is built once and
-rendered, per sigma scale, in the canonical view (NFS on the median depth, DA against the input's
+rendered, per sigma scale, in the canonical view (NFS on 3DGP's depth maps - a second render of those
+samples with its density cut - or on the median depth, by ``eval.nfs_depth``; DA against the input's
 pseudo-depth, and FID/IS when ``canonical`` is among the views) and in a novel view (FID/IS). Novel
 cameras are a function of the sample index (seeded per sample, or the video trajectory), and eval renders
 are deterministic by default, so the scores do not depend on batch size or on how samples are split
@@ -41,9 +42,11 @@ from g3dr.metrics.inception_score import inception_score
 
 log = get_logger("g3dr.eval")
 
-PROTOCOL_VERSION = "g3dr-eval/2"
+PROTOCOL_VERSION = "g3dr-eval/3"
 """Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run.
-2: IS splits after a shuffle seeded by ``eval.seed``; the reference-statistics recipe joins the hash."""
+2: IS splits after a shuffle seeded by ``eval.seed``; the reference-statistics recipe joins the hash.
+3: NFS on 3DGP's depth maps by default (``eval.nfs_depth``, ``eval.nfs_cut_quantile``; before: the median
+depth), and the depth grids show the depth NFS scores."""
 
 
 class EvalInterrupted(RuntimeError):
@@ -63,6 +66,8 @@ class EvalSpec:
     nfs_bins: int
     nfs_near: float
     nfs_far: float
+    nfs_depth: str
+    nfs_cut_quantile: float
     is_splits: int
     num_real: int
     deterministic_render: bool
@@ -75,7 +80,8 @@ class EvalSpec:
         return cls(metrics=tuple(e.metrics), sigma_scales=tuple(float(s) for s in e.sigma_scales),
                    num_samples=e.num_samples, fid_samples=e.fid_samples or e.num_samples,
                    views=tuple(e.views), novel_camera=e.novel_camera,
-                   nfs_bins=e.nfs_bins, nfs_near=e.nfs_near, nfs_far=e.nfs_far, is_splits=e.is_splits,
+                   nfs_bins=e.nfs_bins, nfs_near=e.nfs_near, nfs_far=e.nfs_far, nfs_depth=e.nfs_depth,
+                   nfs_cut_quantile=e.nfs_cut_quantile, is_splits=e.is_splits,
                    num_real=e.num_real, deterministic_render=e.deterministic_render, seed=e.seed,
                    resolution=e.render_resolution or cfg.data.resolution)
 
@@ -258,6 +264,11 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                         out = model.renderer(planes, model.decoder, cams[view], spec.resolution,
                                              depth=None, canonical=view == "canonical")
                         acc = scores[(view, scale)]
+                        grid_rows = [j for j, i in enumerate(indices) if i < grid_samples]
+                        nfs_rows = for_depth if view == "canonical" and "nfs" in spec.metrics else []
+                        depth_rows = sorted(set(nfs_rows) | set(grid_rows))
+                        nfs_maps = _nfs_depth_maps(model, planes, cams[view], out, depth_rows, spec,
+                                                   canonical=view == "canonical")
                         if view in image_views and for_images:
                             images = quantize_images(out["rgb"][for_images])
                             if image_dir is not None:
@@ -269,12 +280,13 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                                 acc.probs.append(detector.probabilities(images))
                         if view == "canonical" and for_depth:
                             if "nfs" in spec.metrics:
-                                acc.nfs.append(non_flatness_per_map(out["median_depth"][for_depth], spec.nfs_near,
-                                                                    spec.nfs_far, spec.nfs_bins))
+                                maps = nfs_maps[[depth_rows.index(j) for j in for_depth]]
+                                acc.nfs.append(non_flatness_per_map(maps, spec.nfs_near, spec.nfs_far, spec.nfs_bins))
                             if "da" in spec.metrics:
                                 target = _resized(depth[for_depth], spec.resolution)
                                 acc.da.append(depth_accuracy_per_map(out["depth"][for_depth], target))
-                        _keep_grid(grids, indices, grid_samples, view, scale, out)
+                        _keep_grid(grids, view, scale, out["rgb"][grid_rows],
+                                   nfs_maps[[depth_rows.index(j) for j in grid_rows]])
             if bar is not None:
                 bar.update(len(indices))
     if bar is not None:
@@ -291,13 +303,31 @@ def _resized(depth: torch.Tensor, resolution: int) -> torch.Tensor:
                                            align_corners=False)
 
 
-def _keep_grid(grids, indices, grid_samples, view, scale, out) -> None:
-    keep = [j for j, i in enumerate(indices) if i < grid_samples]
-    if not keep:
+def _nfs_depth_maps(model: torch.nn.Module, planes: torch.Tensor, cam2world: torch.Tensor, out: dict[str, torch.Tensor],
+                    rows: list[int], spec: EvalSpec, canonical: bool) -> torch.Tensor:
+    """The depth maps NFS scores (and the depth grids show), (len(rows), 1, H, W), of batch rows ``rows``.
+
+    ``planes``, ``cam2world`` and ``out`` (the ordinary render) are the whole batch's. ``median``: the
+    ordinary render's median depth. ``3dgp``: 3DGP's depth ``sum(w t)`` of a render of the rows with the
+    density cut in every marcher call (the cut changes where the fine samples go, so it is a render of its
+    own; its quantile is per image, so rendering only these rows gives the whole batch's maps).
+    """
+    if spec.nfs_depth == "median":
+        return out["median_depth"][rows]
+    if not rows or spec.nfs_cut_quantile == 0.0:  # no cut: the ordinary render is 3DGP's render
+        return out["depth_3dgp"][rows]
+    cut = model.renderer(planes[rows], model.decoder, cam2world[rows], spec.resolution, depth=None,
+                         canonical=canonical, cut_quantile=spec.nfs_cut_quantile)
+    return cut["depth_3dgp"]
+
+
+def _keep_grid(grids, view, scale, rgb, depth) -> None:
+    """Append the grid rows' renders ``rgb`` (n, 3, H, W) and depth maps (n, 1, H, W) (nothing if n = 0)."""
+    if rgb.shape[0] == 0:
         return
     tag = f"{view}_s{format_scale(scale)}"
-    grids.setdefault(f"rgb_{tag}", []).append(out["rgb"][keep].float().cpu())
-    grids.setdefault(f"depth_{tag}", []).append(out["median_depth"][keep].float().cpu())
+    grids.setdefault(f"rgb_{tag}", []).append(rgb.float().cpu())
+    grids.setdefault(f"depth_{tag}", []).append(depth.float().cpu())
 
 
 def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,

@@ -512,6 +512,14 @@ class EvalConfig:
     central ray (camera.radius -/+ box_warp / 2), which is also the release pseudo-depth range."""
     nfs_far: float = 6.0
     """See ``nfs_near``."""
+    nfs_depth: Literal["3dgp", "median"] = "3dgp"
+    """Depth maps NFS scores (and the eval's depth grids show): ``3dgp`` as 3DGP renders them, a separate
+    canonical render with the density cut ``nfs_cut_quantile`` in every marcher call and depth
+    ``sum(w t)`` not divided by ``sum(w)``; ``median`` the depth where the accumulated weight of the
+    ordinary render reaches 0.5 (this project's NFS before eval protocol 3)."""
+    nfs_cut_quantile: float = 0.5
+    """``nfs_depth=3dgp`` only: densities below this quantile of each image's densities are set to 0 before
+    alpha (3DGP: 0.5, over a rendering chunk; here per image, so independent of the batch size). 0: no cut."""
     num_real: int = 0
     """Dataset images behind the FID reference statistics (0: the whole eval dataset)."""
     stats_cache: str = "outputs/eval-cache"
@@ -532,6 +540,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(len(self.metrics) >= 1, "metrics", "must name at least one metric")
         _check(self.nfs_far > self.nfs_near, "nfs_far", f"must be > eval.nfs_near ({self.nfs_near}), got {self.nfs_far}")
+        _check(0.0 <= self.nfs_cut_quantile < 1.0, "nfs_cut_quantile",
+               f"must be in [0, 1), got {self.nfs_cut_quantile}")
         _check(self.num_real >= 0, "num_real", f"must be >= 0, got {self.num_real}")
         _check(self.grid_samples >= 0, "grid_samples", f"must be >= 0, got {self.grid_samples}")
         _check(self.render_resolution >= 0, "render_resolution", f"must be >= 0, got {self.render_resolution}")

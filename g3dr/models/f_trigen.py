@@ -18,7 +18,8 @@ class FTrigen(nn.Module):
     """f_trigen plus its renderer: ``.generator`` (U-Net), ``.decoder`` (MLP), ``.renderer`` (TriplaneRenderer).
 
     ``forward(rgb (B, 3, H, W) in [-1, 1], depth (B, 1, H, W), cam2world (B, 4, 4), canonical, resolution=None)``
-    returns ``{"planes": (B, 3, C, H, W), "rgb": (B, 3, R, R), "depth", "weight_sum", "median_depth": (B, 1, R, R)}``
+    returns ``{"planes": (B, 3, C, H, W), "rgb": (B, 3, R, R), "depth", "weight_sum", "median_depth",
+    "depth_3dgp": (B, 1, R, R)}``
     with R = ``resolution`` (default ``cfg.data.resolution``). In canonical views the pseudo-depth is handed
     to the renderer (depth-prior fine samples and, with ``loss.depth_supervision: kernel``, the depth
     kernel); novel views render without it. The U-Net input takes the model's dtype; the pseudo-depth and

@@ -27,7 +27,10 @@ fallback; large CPU renders run the per-chunk math through ``torch.compile``) an
 (``g3dr.render.fused_triton``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1`` in tests). The
 marcher backward is shared torch code. Everything runs in at least float32 with autocast off.
 
-The coarse pass that only places importance samples runs without grad. The decoder must expose
+The coarse pass that only places importance samples runs without grad. ``cut_quantile`` (3DGP's density
+cut for NFS depth maps) acts in every marcher call of the forward pass (coarse and final, per image, as
+on the reference path); cut renders are evaluation renders run without grad (``render_rays``), and the
+hand-written backward refuses them. The decoder must expose
 ``mlp_weights(dtype)`` (:class:`g3dr.models.decoder.TriplaneDecoder`); :func:`decoder_supports_fused`
 says whether one does (``render_rays`` falls back to the reference path otherwise).
 
@@ -402,15 +405,17 @@ class FusedTriplaneComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, hidden_weight, hidden_bias, out_weight, out_bias, outputs, state):  # noqa: D102
         rays = state.rays
+        # (B, R, ...) so that the density cut takes its quantile per image, as on the reference path.
+        images = outputs.view(-1, rays.rays_per_image, *outputs.shape[1:])
         comp = composite_from_samples(
-            outputs[None, ..., 1:], outputs[None, ..., :1], rays.depths[None, ..., None],
-            density_offset=state.density_offset, sigma_scale=state.sigma_scale,
+            images[..., 1:], images[..., :1], rays.depths.view(*images.shape[:3], 1),
+            density_offset=state.density_offset, sigma_scale=state.sigma_scale, cut_quantile=state.cut_quantile,
         )
         ctx.save_for_backward(table, hidden_weight, hidden_bias, out_weight, out_bias)
         ctx.state = state
-        weights = comp.weights[0]
+        weights = comp.weights.flatten(0, 1)
         ctx.mark_non_differentiable(weights)
-        return comp.rgb[0], comp.depth[0], comp.weight_sum[0], weights
+        return comp.rgb.flatten(0, 1), comp.depth.flatten(0, 1), comp.weight_sum.flatten(0, 1), weights
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_depth, grad_weight_sum, _grad_weights):  # noqa: D102
@@ -422,6 +427,9 @@ class FusedTriplaneComposite(torch.autograd.Function):
     def _backward(ctx, grad_rgb, grad_depth, grad_weight_sum):
         table, hidden_weight, hidden_bias, out_weight, out_bias = ctx.saved_tensors
         state: _FusedState = ctx.state
+        if state.cut_quantile > 0.0:
+            raise RuntimeError("the fused backward does not implement the density cut (cut_quantile > 0): "
+                               "cut renders are evaluation renders (render_rays runs them without grad)")
         rays, levels = state.rays, state.levels
         levels = LevelTable(table, levels.offsets, levels.resolutions, levels.batch, levels.planes)
         mlp = _Mlp(hidden_weight, hidden_bias, out_weight, out_bias)
@@ -480,6 +488,8 @@ class _FusedState:
     """(B * R, S - 1) depth kernel, or None."""
     backend: Backend
     samples_per_chunk: int
+    cut_quantile: float = 0.0
+    """3DGP's density cut (forward only)."""
 
 
 def _default_backend(planes: torch.Tensor) -> Backend:
@@ -511,6 +521,7 @@ def render_rays_fused(
     plane_axes: torch.Tensor,
     backend: Backend | None = None,
     samples_per_chunk: int = SAMPLES_PER_CHUNK,
+    cut_quantile: float = 0.0,
 ):
     """:func:`g3dr.render.renderer.render_rays` with the fused core (same arguments, checked by the caller).
 
@@ -524,11 +535,12 @@ def render_rays_fused(
     with torch.autocast(planes.device.type, enabled=False):
         return _render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
                                   use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
-                                  plane_axes=plane_axes, backend=backend, samples_per_chunk=samples_per_chunk)
+                                  plane_axes=plane_axes, backend=backend, samples_per_chunk=samples_per_chunk,
+                                  cut_quantile=cut_quantile)
 
 
 def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior, use_depth_kernel, sample_depths,
-                       generator, plane_axes, backend, samples_per_chunk):
+                       generator, plane_axes, backend, samples_per_chunk, cut_quantile):
     from g3dr.render.renderer import RenderResult  # renderer.py imports this module lazily
 
     batch, rays_per_image = origins.shape[:2]
@@ -573,7 +585,8 @@ def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior
                 if use_prior:
                     depths_fine = depths_from_depth_prior(depth_prior, cfg.num_fine, cfg.depth_prior_window)
                 else:
-                    coarse = composite_from_samples(outputs[..., 1:], outputs[..., :1], depths, **march)
+                    coarse = composite_from_samples(outputs[..., 1:], outputs[..., :1], depths, **march,
+                                                    cut_quantile=cut_quantile)
                     depths_fine = depths_from_importance(
                         depths, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
                     )
@@ -587,7 +600,7 @@ def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior
     state = _FusedState(
         rays=_Rays(flat_origins, flat_directions, depths.reshape(-1, samples), rays_per_image),
         levels=levels, plane_axes=plane_axes, box_warp=cfg.box_warp, grad_scale=grad_scale, backend=backend,
-        samples_per_chunk=samples_per_chunk, **march,
+        samples_per_chunk=samples_per_chunk, cut_quantile=cut_quantile, **march,
     )
     rgb, depth, weight_sum, weights = FusedTriplaneComposite.apply(
         levels.table, mlp.hidden_weight, mlp.hidden_bias, mlp.out_weight, mlp.out_bias,
@@ -600,6 +613,7 @@ def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior
         depth=depth.view(batch, rays_per_image, 1),
         weight_sum=weight_sum.view(batch, rays_per_image, 1),
         median_depth=median_depth_from_weights(weights, depths_mid),
+        depth_3dgp=torch.sum(weights * depths_mid, -2),  # the marcher's formula (no gradient here)
         depths=depths,
         weights=weights,
     )

@@ -7,6 +7,12 @@ All functions take per-sample tensors ``(B, R, S, C)`` sorted by depth along ``S
 ``rgb = 2 * sum(w c) - 1`` (colour in [0, 1] in, [-1, 1] out; black background),
 ``depth = sum(w t) / (sum(w) + 1e-3)``.
 
+3DGP's density cut (``cut_quantile`` q > 0, an evaluation option: 3DGP renders its NFS depth maps with
+q = 0.5): after the sigma scale, every density below the q-quantile of the image's densities (all rays
+and intervals of one image; ``torch.quantile``'s linear interpolation) is set to 0 before alpha. 3DGP
+takes the quantile over a whole rendering chunk; per image makes it independent of the batch size.
+3DGP's depth is ``sum(w t)``, not divided by ``sum(w)`` (:attr:`Composite.depth_3dgp`).
+
 The depth kernel (paper S.1/S.8, the reference's "gradient scaler") is applied as a backward-only
 scale: forward values are bit-identical with and without it; the gradients reaching alpha and the
 midpoint colours are multiplied by ``k(t)`` per interval.
@@ -14,6 +20,7 @@ midpoint colours are multiplied by ``k(t)`` per interval.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +31,7 @@ from g3dr.config import DepthKernelConfig
 __all__ = [
     "ScaleGradient",
     "depth_kernel_from_depths",
+    "quantile_per_image",
     "Composite",
     "composite_from_samples",
     "median_depth_from_weights",
@@ -65,6 +73,32 @@ def depth_kernel_from_depths(depths_mid: torch.Tensor, depth_prior: torch.Tensor
         return k.clamp(cfg.c_min, cfg.c_max)
 
 
+def quantile_per_image(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile of each batch element's values, as ``torch.quantile`` computes it (linear).
+
+    Position ``q * (n - 1)`` in the sorted values, interpolated linearly between its two neighbours
+    (``torch.lerp``). Written with ``kthvalue`` because ``torch.quantile`` refuses inputs of more than
+    2^24 values (an image of 512^2 rays and 64 intervals has more).
+
+    Args:
+        values: (B, ...) with at least one value per batch element.
+        q: in [0, 1].
+
+    Returns:
+        (B,) in the dtype of ``values``, no gradient.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q must be in [0, 1], got {q}")
+    with torch.no_grad():
+        flat = values.reshape(values.shape[0], -1)
+        position = q * (flat.shape[1] - 1)
+        below = math.floor(position)
+        above = min(below + 1, flat.shape[1] - 1)
+        low = torch.kthvalue(flat, below + 1, dim=1).values
+        high = low if above == below else torch.kthvalue(flat, above + 1, dim=1).values
+        return torch.lerp(low, high, position - below)
+
+
 @dataclass
 class Composite:
     """What the ray marcher returns; shapes for B images of R rays and S samples per ray."""
@@ -73,6 +107,8 @@ class Composite:
     """(B, R, 3) in [-1, 1] (black background)."""
     depth: torch.Tensor
     """(B, R, 1) ``sum(w t) / (sum(w) + 1e-3)``."""
+    depth_3dgp: torch.Tensor
+    """(B, R, 1) ``sum(w t)``, not divided by ``sum(w)``: 3DGP's depth (rays through empty space tend to 0)."""
     weights: torch.Tensor
     """(B, R, S - 1, 1) per-interval compositing weights."""
     weight_sum: torch.Tensor
@@ -89,6 +125,7 @@ def composite_from_samples(
     density_offset: float = -1.0,
     sigma_scale: float = 1.0,
     grad_scale: torch.Tensor | None = None,
+    cut_quantile: float = 0.0,
 ) -> Composite:
     """The MipNeRF ray marcher (see the module docstring for the formulas).
 
@@ -100,6 +137,9 @@ def composite_from_samples(
         sigma_scale: multiplies the activated density (paper S.3 sweep).
         grad_scale: optional (B, R, S - 1, 1) backward-only scale of the gradients of alpha and the
             midpoint colours (:class:`ScaleGradient`).
+        cut_quantile: 3DGP's density cut, in [0, 1): densities (after ``sigma_scale``) below this
+            quantile of each batch element's (R x (S - 1)) densities are set to 0 before alpha; 0 is off
+            (bit-identical to no cut). The cut's mask carries no gradient.
 
     Returns:
         :class:`Composite` in at least float32, differentiable in ``colors``, ``densities_raw`` and ``depths``.
@@ -120,6 +160,12 @@ def composite_from_samples(
     densities_mid = F.softplus(densities_mid + density_offset)
     if sigma_scale != 1.0:
         densities_mid = densities_mid * sigma_scale
+    if cut_quantile != 0.0:
+        if not 0.0 < cut_quantile < 1.0:
+            raise ValueError(f"cut_quantile must be in [0, 1), got {cut_quantile}")
+        # After the sigma scale (a positive factor: the same densities are cut, up to rounding).
+        threshold = quantile_per_image(densities_mid, cut_quantile).view(-1, 1, 1, 1)
+        densities_mid = torch.where(densities_mid < threshold, torch.zeros_like(densities_mid), densities_mid)
     alpha = 1 - torch.exp(-(densities_mid * deltas))
     if grad_scale is not None:
         alpha, colors_mid = ScaleGradient.apply(alpha, colors_mid, grad_scale)
@@ -127,8 +173,10 @@ def composite_from_samples(
     weights = alpha * transmittance[:, :, :-1]
     rgb = torch.sum(weights * colors_mid, -2)
     weight_sum = weights.sum(2)
-    depth = torch.sum(weights * depths_mid, -2) / (weight_sum + 0.001)
-    return Composite(rgb=rgb * 2 - 1, depth=depth, weights=weights, weight_sum=weight_sum, depths_mid=depths_mid)
+    depth_3dgp = torch.sum(weights * depths_mid, -2)
+    depth = depth_3dgp / (weight_sum + 0.001)
+    return Composite(rgb=rgb * 2 - 1, depth=depth, depth_3dgp=depth_3dgp, weights=weights, weight_sum=weight_sum,
+                     depths_mid=depths_mid)
 
 
 def median_depth_from_weights(weights: torch.Tensor, depths_mid: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ preddy5/G3DR ``train.py``) step by step:
 4. the MipNeRF ray marcher with ``sigma_scale`` and, in canonical views, the depth kernel as a
    backward-only scale of the gradients of alpha and colour.
 
+``cut_quantile`` > 0 renders as 3DGP renders the depth maps of its NFS (an evaluation render, without
+gradient): every marcher call of the render - the coarse pass whose weights place the importance
+samples, and the final composite - sets the densities below that quantile of the image's densities to 0
+(:func:`g3dr.render.marching.composite_from_samples`); ``depth_3dgp`` is then the NFS depth.
+
 The decoder is a callable ``decoder(features (B, N, C), coordinates (B, N, 3), directions (B, N, 3))
 -> (rgb (B, N, 3), sigma_raw (B, N, 1))`` where ``features`` are the triplane features averaged over
 planes, ``coordinates`` the sample points scaled by ``2 / box_warp`` (in [-1, 1] inside the box) and
@@ -26,6 +31,7 @@ kernel), so renders are reproducible bit for bit on one machine.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +70,8 @@ class RenderResult:
     """(B, R, 1) accumulated opacity."""
     median_depth: torch.Tensor
     """(B, R, 1) depth where the accumulated weight reaches 0.5 (no gradient)."""
+    depth_3dgp: torch.Tensor
+    """(B, R, 1) 3DGP's depth ``sum(w t)``, not divided by ``sum(w)`` (no gradient on the fused path)."""
     depths: torch.Tensor | None = None
     """(B, R, S, 1) the sample depths that were composited."""
     weights: torch.Tensor | None = None
@@ -127,6 +135,7 @@ def render_rays(
     generator: torch.Generator | None = None,
     plane_axes: torch.Tensor | None = None,
     differentiable_weights: bool = False,
+    cut_quantile: float = 0.0,
 ) -> RenderResult:
     """Volume-render a triplane along rays (see the module docstring for the steps).
 
@@ -145,11 +154,25 @@ def render_rays(
         differentiable_weights: ``RenderResult.weights`` must carry gradients (a loss on the per-sample
             weights, e.g. ``loss.depth_supervision: kl``). The fused path's weights carry none, so such
             renders take the reference path (logged once).
+        cut_quantile: 3DGP's density cut in [0, 1) for every marcher call of this render (coarse pass
+            included); 0 (the default) is off. A cut render is an evaluation render: it runs under
+            ``torch.no_grad`` on both paths (the fused backward does not implement the cut).
 
     Returns:
         :class:`RenderResult`; ``rgb``, ``depth`` and ``weight_sum`` are differentiable in ``planes``
-        and the decoder's parameters.
+        and the decoder's parameters (unless ``cut_quantile`` > 0).
     """
+    if not 0.0 <= cut_quantile < 1.0:
+        raise ValueError(f"cut_quantile must be in [0, 1), got {cut_quantile}")
+    with torch.no_grad() if cut_quantile > 0.0 else contextlib.nullcontext():
+        return _render_rays(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
+                            use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
+                            plane_axes=plane_axes, cut_quantile=cut_quantile,
+                            differentiable_weights=differentiable_weights)
+
+
+def _render_rays(planes, decoder, origins, directions, cfg, *, depth_prior, use_depth_kernel, sample_depths,
+                 generator, plane_axes, cut_quantile, differentiable_weights) -> RenderResult:
     if planes.ndim != 5 or planes.shape[1] != 3:
         raise ValueError(f"planes must be (B, 3, C, H, W), got {tuple(planes.shape)}")
     batch = planes.shape[0]
@@ -170,14 +193,14 @@ def render_rays(
         if decoder_supports_fused(decoder):
             return render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
                                      use_depth_kernel=use_depth_kernel, sample_depths=sample_depths,
-                                     generator=generator, plane_axes=plane_axes)
+                                     generator=generator, plane_axes=plane_axes, cut_quantile=cut_quantile)
         _log_fused_unsupported(decoder)
     levels = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
 
     def decode(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _run_decoder(decoder, levels, plane_axes, origins, directions, depths, cfg.box_warp)
 
-    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale)
+    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale, cut_quantile=cut_quantile)
     if sample_depths is not None:
         if sample_depths.ndim != 4 or sample_depths.shape[:2] != (batch, rays) or sample_depths.shape[3] != 1:
             raise ValueError(f"sample_depths must be ({batch}, {rays}, S, 1), got {tuple(sample_depths.shape)}")
@@ -223,6 +246,7 @@ def render_rays(
         depth=out.depth,
         weight_sum=out.weight_sum,
         median_depth=median_depth_from_weights(out.weights, out.depths_mid),
+        depth_3dgp=out.depth_3dgp,
         depths=depths,
         weights=out.weights,
     )
@@ -258,6 +282,7 @@ class TriplaneRenderer(nn.Module):
         generator: torch.Generator | None = None,
         use_depth_kernel: bool = True,
         sample_weights: bool = False,
+        cut_quantile: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Render (B, ...) images.
 
@@ -276,10 +301,11 @@ class TriplaneRenderer(nn.Module):
             sample_weights: also return the per-sample compositing weights with gradients, ray-major
                 (``sample_weights`` (B, H * W, S - 1, 1)), and the sample depths (``sample_depths``
                 (B, H * W, S, 1)); such renders take the reference path.
+            cut_quantile: 3DGP's density cut for NFS depth maps (see :func:`render_rays`; 0: off).
 
         Returns:
-            dict with ``rgb`` (B, 3, H, W) in [-1, 1], ``depth``, ``weight_sum``, ``median_depth`` (B, 1, H, W)
-            (and the two sample tensors with ``sample_weights``).
+            dict with ``rgb`` (B, 3, H, W) in [-1, 1], ``depth``, ``weight_sum``, ``median_depth`` and
+            ``depth_3dgp`` (B, 1, H, W) (and the two sample tensors with ``sample_weights``).
         """
         batch = planes.shape[0]
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
@@ -304,6 +330,7 @@ class TriplaneRenderer(nn.Module):
             generator=generator,
             plane_axes=self.plane_axes,
             differentiable_weights=sample_weights,
+            cut_quantile=cut_quantile,
         )
 
         def image(x: torch.Tensor) -> torch.Tensor:
@@ -314,6 +341,7 @@ class TriplaneRenderer(nn.Module):
             "depth": image(result.depth),
             "weight_sum": image(result.weight_sum),
             "median_depth": image(result.median_depth),
+            "depth_3dgp": image(result.depth_3dgp),
         }
         if sample_weights:
             out["sample_weights"], out["sample_depths"] = result.weights, result.depths

@@ -7,19 +7,26 @@ from pathlib import Path
 import torch
 
 
-def save_perturbed_f_trigen(config_path: Path, path: Path, step: int) -> Path:
+def perturbed_f_trigen(cfg):
     """The config's f_trigen from seed 0 with every parameter nudged by 0.05 N(0, 1) (so no layer is exactly at its
-    init, e.g. zero-initialised outputs), saved as a real checkpoint file at ``path``."""
-    from g3dr.config import load_config
-    from g3dr.models import FTrigen, save_f_trigen
+    init, e.g. zero-initialised outputs)."""
+    from g3dr.models import FTrigen
 
-    cfg = load_config(config_path)
     torch.manual_seed(0)
     model = FTrigen(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return save_f_trigen(model, cfg, path, step=step)
+    return model
+
+
+def save_perturbed_f_trigen(config_path: Path, path: Path, step: int) -> Path:
+    """:func:`perturbed_f_trigen` of the config at ``config_path``, saved as a real checkpoint file at ``path``."""
+    from g3dr.config import load_config
+    from g3dr.models import save_f_trigen
+
+    cfg = load_config(config_path)
+    return save_f_trigen(perturbed_f_trigen(cfg), cfg, path, step=step)
 
 
 def save_tiny_depth_anything(folder: Path) -> Path:

@@ -94,6 +94,7 @@ def test_imagenet128_holds_the_design_values():
     assert (t.micro_batch_size, t.global_batch_size, t.grad_clip, t.beta1_cycle) == (8, 48, 0.0, ())
     assert cfg.eval.sigma_scales == (1.0, 5.0, 10.0, 50.0) and cfg.eval.num_samples == 256
     assert cfg.eval.nfs_bins == 64 and cfg.eval.is_splits == 10
+    assert (cfg.eval.nfs_depth, cfg.eval.nfs_cut_quantile, cfg.eval.nfs_near, cfg.eval.nfs_far) == ("3dgp", 0.5, 4.0, 6.0)
 
 
 def test_reference_preset_differs_from_the_paper_only_in_its_recipe():
@@ -249,6 +250,7 @@ def test_wrong_type_inside_a_list_names_the_index(tmp_path):
     ("train.precision", "fp16"),
     ("train.zero_stage", 3),
     ("eval.metrics", ["fid", "kid"]),
+    ("eval.nfs_depth", "mean"),
 ])
 def test_literal_choices(tiny_config_path, key, value):
     with pytest.raises(ConfigError, match=r"must be one of"):
@@ -273,6 +275,8 @@ def test_literal_choices(tiny_config_path, key, value):
     ("train.betas=[0.9, 1.0]", "train.betas: must be two values in [0, 1)"),
     ("model.norm_groups=5", "model.norm_groups: must divide model.base_width (16)"),
     ("eval.sigma_scales=[]", "eval.sigma_scales: must be a non-empty list"),
+    ("eval.nfs_cut_quantile=1.0", "eval.nfs_cut_quantile: must be in [0, 1), got 1.0"),
+    ("eval.nfs_cut_quantile=-0.5", "eval.nfs_cut_quantile: must be in [0, 1), got -0.5"),
     ("data.source=shards", "data.source: is 'shards' but data.shards is empty"),
     ("distributed.timeout_minutes=0", "distributed.timeout_minutes: must be >= 1"),
 ])

@@ -100,6 +100,40 @@ def test_fused_matches_reference_float64_tightly():
     _compare(20, dict(num_coarse=8, num_fine=8, sigma_scale=50.0), tol=1e-11, dtype=torch.float64, canonical=True)
 
 
+@pytest.mark.parametrize("case", [
+    dict(seed=40, cfg=dict()),
+    dict(seed=41, cfg=dict(sigma_scale=50.0, plane_convention="orthogonal")),
+    dict(seed=42, cfg=dict(deterministic=True, sigma_scale=5.0)),
+    dict(seed=43, cfg=dict(deterministic=True, num_coarse=5, num_fine=0), cut_quantile=0.3),
+])
+def test_fused_matches_reference_with_density_cut(case):
+    """3DGP's density cut (an evaluation render, no gradient): both paths place the same fine samples and
+    give the same outputs, ``depth_3dgp`` included, and the cut changes them."""
+    planes, decoder, origins, directions, _, _ = _scene(case["seed"])
+    cfg = dict(num_coarse=8, num_fine=8)
+    cfg.update(case["cfg"])
+    q = case.get("cut_quantile", 0.5)
+    out = {impl: _render(impl, planes, decoder, origins, directions, cfg, cut_quantile=q)
+           for impl in ("fused", "reference")}
+    for name in ("rgb", "depth", "weight_sum", "median_depth", "depth_3dgp", "depths", "weights"):
+        fused_value, ref_value = getattr(out["fused"], name), getattr(out["reference"], name)
+        assert not fused_value.requires_grad and not ref_value.requires_grad, name
+        assert _rel(fused_value, ref_value) <= 1e-5, (name, _rel(fused_value, ref_value))
+    plain = _render("fused", planes, decoder, origins, directions, cfg)
+    assert _rel(plain.depth_3dgp.detach(), out["fused"].depth_3dgp) > 1e-3
+
+
+def test_fused_backward_refuses_the_density_cut():
+    """``render_rays`` runs cut renders without grad; called directly with grad, the fused core's backward
+    (which does not implement the cut) raises instead of returning wrong gradients."""
+    planes, decoder, origins, directions, _, _ = _scene(44)
+    cfg = RendererConfig(num_coarse=6, num_fine=6, plane_resolutions=(16, 8, 4))
+    result = fused.render_rays_fused(planes, decoder, origins, directions, cfg, plane_axes=plane_axes_for_convention("eg3d"),
+                                     cut_quantile=0.5)
+    with pytest.raises(RuntimeError, match="density cut"):
+        result.rgb.sum().backward()
+
+
 def test_depth_kernel_changes_gradients_but_not_values():
     """The kernel must act in the fused backward (so the matching test above can fail)."""
     planes, decoder, origins, directions, prior, loss_weights = _scene(21)
