@@ -368,6 +368,11 @@ class LossConfig:
     vgg_weights: str = "weights/vgg/vgg16-397923af.pth"
     """Local file of the VGG16 ImageNet weights: torchvision's file, whose name carries its sha256 prefix
     (``g3dr weights fetch vgg16-torchvision``), or timm's safetensors copy of it."""
+    perceptual_weights: Literal["lpips", "uniform"] = "lpips"
+    """Per-channel weights of the perceptual distance (LPIPS on ``vgg_model``): ``lpips`` = LPIPS v0.1's learned
+    linear weights, the reference's ``lpips.LPIPS(net='vgg')`` (the file the ``lpips`` wheel ships, sha256-checked;
+    needs ``vgg_model=vgg16``); ``uniform`` = unit weights (channels summed unweighted). The tiny VGG of
+    ``critics=random`` has other channel counts and always takes unit weights."""
     critics: Literal["pretrained", "random"] = "pretrained"
     """``pretrained`` loads the weight files (real runs); ``random`` builds random-weight critics (tests, demo)."""
 
@@ -375,6 +380,9 @@ class LossConfig:
         _check(0.0 <= self.tau <= 1.0, "tau", f"must be in [0, 1], got {self.tau}")
         _check(self.kl_sigma > 0, "kl_sigma", f"must be > 0, got {self.kl_sigma}")
         _check(self.clip_resolution > 0, "clip_resolution", f"must be > 0, got {self.clip_resolution}")
+        _check(self.perceptual_weights != "lpips" or self.vgg_model == "vgg16", "perceptual_weights",
+               f"lpips needs vgg_model=vgg16 (LPIPS learned its weights on VGG16's features), got "
+               f"vgg_model={self.vgg_model!r}; set perceptual_weights=uniform for another VGG")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Frozen critics of the G3DR objective: CLIP image embeddings (open_clip) and VGG16 perceptual features (timm).
+"""Frozen critics of the G3DR objective: CLIP image embeddings (open_clip) and the LPIPS-VGG perceptual distance.
 
 Both live outside the DeepSpeed engine: eval mode, ``requires_grad=False`` on every parameter, so the
 optimizer never sees them, yet gradients flow through them into the rendered image.
@@ -7,14 +7,21 @@ optimizer never sees them, yet gradients flow through them into the rendered ima
   ``loss.vgg_weights`` through the libraries' own local-file paths (open_clip ``pretrained=<file>``, timm
   ``pretrained_cfg_overlay=dict(file=...)``). A missing or mismatching file is a
   :class:`~g3dr.errors.WeightsError` naming the config key, the file and how to obtain it; a real run never
-  falls back to random weights.
+  falls back to random weights. The perceptual critic is LPIPS-VGG (``lpips.LPIPS(net='vgg')``, as the
+  reference ``train.py``): the VGG16 backbone from ``loss.vgg_weights`` and LPIPS v0.1's learned per-channel
+  weights from the file the ``lpips`` wheel ships (``loss.perceptual_weights: lpips``, sha256-checked).
 - ``loss.critics: random`` (tests, the tiny demo) builds tiny random-weight critics of the same families:
   a ViT CLIP from the same open_clip architecture name with small tower settings, and a timm ``VGG`` with a
-  small layer list. Their numbers mean nothing; they exercise the same code.
+  small layer list (other channel counts than VGG16's, so unit channel weights). Their numbers mean nothing;
+  they exercise the same code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +38,16 @@ log = get_logger("g3dr.losses")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORM_EPS = 1e-6  # floor of the squared channel norm in the perceptual distance (features are O(1) and larger)
+# LPIPS v0.1 (lpips 0.1.4, lpips/lpips.py): ScalingLayer on images in [-1, 1], x -> (x - shift) / scale; the
+# unit normalisation f / (|f| + eps) of normalize_tensor; the channel counts of VGG16's relu1_2 ... relu5_3.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+LPIPS_EPS = 1e-10
+LPIPS_VGG_CHANNELS = (64, 128, 256, 512, 512)
+LPIPS_VGG_FILE = "weights/v0.1/vgg.pth"
+"""The learned linear weights of LPIPS-VGG v0.1, relative to the installed ``lpips`` package."""
+LPIPS_REGISTRY_NAME = "lpips-vgg-v0.1"
+"""The weights-registry entry that records the file's sha256 (``g3dr/weights/registry.yaml``)."""
 
 # Overrides of the open_clip architecture for the random-weight test critic (same model class and code path).
 TINY_CLIP_OVERRIDES: dict[str, Any] = {
@@ -51,6 +65,9 @@ CLIP_HOWTO = ("obtain the OpenAI CLIP ViT-B/16 weights on a machine with interne
 VGG_HOWTO = ("obtain the VGG16 ImageNet weights on a machine with internet with "
              "`g3dr weights fetch vgg16-torchvision --dest FILE` (or vgg16-timm-hf, model.safetensors of "
              "timm/vgg16.tv_in1k), copy the file there, or set loss.critics=random for a smoke test")
+LPIPS_HOWTO = ("(re)install the lpips package, a dependency of g3dr-scale whose wheel ships the file: "
+               "`pip install --force-reinstall 'lpips==0.1.4'`; or set loss.perceptual_weights=uniform to sum "
+               "the channels unweighted (not the reference's loss)")
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -94,63 +111,165 @@ class ClipCritic(nn.Module):
 
 
 class VggCritic(nn.Module):
-    """VGG perceptual distance (LPIPS-style, without learned layer weights) between images in [-1, 1].
+    """LPIPS perceptual distance between images in [-1, 1] on a VGG backbone (``lpips.LPIPS(net='vgg')``).
 
-    Features are taken after the last ReLU of every VGG block (relu1_2 ... relu5_3 for VGG16), unit-normalised
-    over channels (``f / sqrt(|f|^2 + 1e-6)``); the distance of a layer is the spatial mean of the squared difference summed over
-    channels, and ``forward(x, y, layer_weights)`` returns ``sum_l weight_l * distance_l`` averaged over the
-    batch. Differentiable in both images; VGG weights are frozen.
+    As LPIPS v0.1 computes it (lpips 0.1.4): the images are scaled by LPIPS's ScalingLayer,
+    ``(x - LPIPS_SHIFT) / LPIPS_SCALE``; features are taken after the last ReLU of every VGG block (relu1_2 ...
+    relu5_3 for VGG16); each pixel's feature vector is unit-normalised, ``f / (|f| + 1e-10)``; the distance of
+    layer l is the spatial mean of ``sum_c w_lc * (fx_c - fy_c)^2`` with the per-channel non-negative weights
+    ``w_l`` (LPIPS's learned 1x1 linear layers; unit weights sum the channels unweighted).
+
+    ``layer_distances(x, y) -> (B, L)`` is LPIPS's ``retPerLayer`` output per sample; ``forward(x, y,
+    layer_weights) -> ()`` is ``sum_l layer_weight_l * mean_b distance_bl`` (the reference's canonical loss with
+    all weights 1, its novel-view loss with ``(0, 0, 0, 1, 1)``). Differentiable in both images; VGG and
+    channel weights are frozen.
+
+    No deviation from LPIPS, including its eps: a pixel whose features are tiny but not zero gets a unit
+    direction with a gradient ~1 / |f|, as in the loss the reference trains with (an earlier version floored
+    ``|f|^2`` at 1e-6, which changes the distance wherever features are small). ``|f|`` comes from
+    ``torch.linalg.vector_norm``, equal in value to LPIPS's ``sqrt(sum f^2)``; where a pixel's features are all
+    exactly 0 its gradient is finite instead of sqrt's NaN, and the ReLU in front of the tap zeroes that pixel's
+    gradient in both.
+
+    ``channel_weights``: one non-negative tensor (C_l,) per tapped layer (:func:`load_lpips_vgg_weights` for
+    VGG16), or None for unit weights.
     """
 
-    def __init__(self, features: nn.Sequential):
+    def __init__(self, features: nn.Sequential, channel_weights: Sequence[torch.Tensor] | None = None):
         super().__init__()
         self.features = _freeze(features)
         self.taps = [i for i, m in enumerate(features) if isinstance(m, nn.ReLU)
                      and (i + 1 == len(features) or isinstance(features[i + 1], nn.MaxPool2d))]
         if not self.taps:
             raise ValueError("VggCritic: no ReLU before a max-pool found in the VGG features")
+        channels = []
+        for tap in self.taps:
+            convs = [m for m in list(features)[:tap] if isinstance(m, nn.Conv2d)]
+            if not convs:
+                raise ValueError(f"VggCritic: no convolution before the ReLU at features[{tap}]")
+            channels.append(convs[-1].out_channels)
+        if channel_weights is None:
+            channel_weights = [torch.ones(c) for c in channels]
+        if len(channel_weights) != len(channels):
+            raise ValueError(f"VggCritic: {len(channel_weights)} channel-weight tensors for {len(channels)} layers")
+        for k, (w, c) in enumerate(zip(channel_weights, channels)):
+            if w.numel() != c:
+                raise ValueError(f"VggCritic: channel weights of layer {k} have {w.numel()} entries, the layer has "
+                                 f"{c} channels (LPIPS's weights fit VGG16 only)")
+            if bool((w < 0).any()):
+                raise ValueError(f"VggCritic: channel weights of layer {k} are negative somewhere; LPIPS's are >= 0")
+            # A (1, C, 1, 1) 1x1-convolution kernel, LPIPS's NetLinLayer; fp32 whatever the backbone's dtype.
+            self.register_buffer(f"channel_weight{k}", w.detach().float().reshape(1, c, 1, 1).clone(),
+                                 persistent=False)
         for m in self.features:
             if isinstance(m, nn.ReLU):
                 m.inplace = False
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
     @property
     def num_layers(self) -> int:
         return len(self.taps)
 
+    def channel_weight(self, layer: int) -> torch.Tensor:
+        """The (1, C, 1, 1) fp32 channel weights of tapped layer ``layer``."""
+        return getattr(self, f"channel_weight{layer}").float()
+
     def layer_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """The tapped feature maps of ``image`` (B, 3, H, W) in [-1, 1], one per VGG block."""
+        """The tapped feature maps of ``image`` (B, 3, H, W) in [-1, 1], one per VGG block, in at least fp32."""
         dtype = next(self.features.parameters()).dtype
-        x = (((image + 1.0) * 0.5 - self.mean) / self.std).to(dtype)
+        x = ((image - self.shift.float()) / self.scale.float()).to(dtype)
         out = []
         last = self.taps[-1]
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.taps:
-                out.append(x.float())
+                out.append(x.to(torch.promote_types(x.dtype, torch.float32)))
             if i == last:
                 break
         return out
+
+    def _distance(self, fx: torch.Tensor, fy: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B,) LPIPS distance of one layer from its feature maps (B, C, h, w)."""
+        nx = fx / (torch.linalg.vector_norm(fx, dim=1, keepdim=True) + LPIPS_EPS)
+        ny = fy / (torch.linalg.vector_norm(fy, dim=1, keepdim=True) + LPIPS_EPS)
+        weight = self.channel_weight(layer).to(nx.dtype)
+        return F.conv2d((nx - ny).pow(2), weight).mean(dim=(1, 2, 3))
+
+    def layer_distances(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, L) LPIPS distance of every layer for every sample (LPIPS's ``retPerLayer``)."""
+        pairs = zip(self.layer_features(x), self.layer_features(y))
+        return torch.stack([self._distance(fx, fy, k) for k, (fx, fy) in enumerate(pairs)], dim=1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layer_weights: tuple[float, ...] | None = None) -> torch.Tensor:
         weights = layer_weights or (1.0,) * self.num_layers
         if len(weights) != self.num_layers:
             raise ValueError(f"VggCritic: {len(weights)} layer weights for {self.num_layers} layers")
         total = x.new_zeros((), dtype=torch.float32)
-        for w, fx, fy in zip(weights, self.layer_features(x), self.layer_features(y)):
-            if w == 0:
-                continue
-            # sqrt(|f|^2 + eps) rather than LPIPS's |f| + 1e-10: where a pixel's features are all (nearly) zero,
-            # the direction of f is undefined and its gradient ~1/|f| would amplify float noise without bound.
-            nx = fx * torch.rsqrt(fx.pow(2).sum(1, keepdim=True) + NORM_EPS)
-            ny = fy * torch.rsqrt(fy.pow(2).sum(1, keepdim=True) + NORM_EPS)
-            total = total + w * (nx - ny).pow(2).sum(1).mean()
+        for k, (w, fx, fy) in enumerate(zip(weights, self.layer_features(x), self.layer_features(y))):
+            if w != 0:
+                total = total + w * self._distance(fx, fy, k).mean()
         return total
 
     def train(self, mode: bool = True) -> "VggCritic":  # frozen: always eval
         return super().train(False)
+
+
+def lpips_vgg_weights_file() -> Path:
+    """Where the installed ``lpips`` package keeps LPIPS v0.1's VGG linear weights (found without importing it)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"loss.perceptual_weights=lpips: the lpips package is not installed, so LPIPS's weight "
+                           f"file lpips/{LPIPS_VGG_FILE} is missing; {LPIPS_HOWTO}")
+    return Path(next(iter(spec.submodule_search_locations))) / LPIPS_VGG_FILE
+
+
+def _lpips_sha256() -> str:
+    # The built-in registry, not a lab's $G3DR_WEIGHTS_REGISTRY: the hash is a fact about the lpips wheel.
+    from g3dr.weights.registry import default_registry_path, load_registry
+
+    registry = load_registry(default_registry_path())
+    sha = registry.get(LPIPS_REGISTRY_NAME).files[0].sha256
+    if sha is None:
+        raise WeightsError(f"weights registry {registry.source}: entry {LPIPS_REGISTRY_NAME} has no sha256; "
+                           "restore the file from the g3dr-scale sources")
+    return sha
+
+
+def load_lpips_vgg_weights(path: str | Path | None = None) -> list[torch.Tensor]:
+    """LPIPS v0.1's learned per-channel weights for VGG16's relu1_2 ... relu5_3: five fp32 tensors (C,), C = 64,
+    128, 256, 512, 512, all >= 0 (LPIPS clamps them while training).
+
+    Read from ``path``, by default the file the ``lpips`` wheel installs (``lpips/weights/v0.1/vgg.pth``, the
+    ``lin{k}.model.1.weight`` tensors of ``lpips.LPIPS(net='vgg')``). Its sha256 must be the one the weights
+    registry records (entry ``lpips-vgg-v0.1``); a missing, unreadable or different file is a
+    :class:`~g3dr.errors.WeightsError` naming the file and the fix.
+    """
+    file = Path(path) if path is not None else lpips_vgg_weights_file()
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise WeightsError(f"LPIPS VGG weights {file}: cannot read the file ({err.strerror or err}); "
+                           f"{LPIPS_HOWTO}") from None
+    digest, expected = hashlib.sha256(data).hexdigest(), _lpips_sha256()
+    if digest != expected:
+        raise WeightsError(f"LPIPS VGG weights {file}: sha256 {digest} is not that of LPIPS v0.1's VGG weights "
+                           f"({expected}, weights registry entry {LPIPS_REGISTRY_NAME}); {LPIPS_HOWTO}")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return [state[f"lin{k}.model.1.weight"].reshape(c).float() for k, c in enumerate(LPIPS_VGG_CHANNELS)]
+
+
+def build_vgg_critic(features: nn.Sequential, perceptual_weights: str) -> VggCritic:
+    """The perceptual critic on ``features`` with the channel weights ``loss.perceptual_weights`` names:
+    ``lpips`` (LPIPS v0.1's learned weights; ``features`` must be a VGG16's) or ``uniform`` (unit weights)."""
+    match perceptual_weights:
+        case "lpips":
+            return VggCritic(features, load_lpips_vgg_weights())
+        case "uniform":
+            return VggCritic(features)
+        case _:
+            raise ValueError(f"perceptual_weights must be 'lpips' or 'uniform', got {perceptual_weights!r}")
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
@@ -251,17 +370,20 @@ def build_critics(loss_cfg: LossConfig, device: torch.device | str = "cpu",
         clip_file = _require_file(loss_cfg.clip_weights, "loss.clip_weights", CLIP_HOWTO)
         vgg_file = _require_file(loss_cfg.vgg_weights, "loss.vgg_weights", VGG_HOWTO)
         clip_model = build_clip_model(loss_cfg.clip_model, str(clip_file))
-        vgg_features = build_vgg_features(loss_cfg.vgg_model, str(vgg_file))
-        log.info("critics: CLIP %s from %s, VGG %s from %s", loss_cfg.clip_model, clip_file,
-                 loss_cfg.vgg_model, vgg_file)
+        vgg = build_vgg_critic(build_vgg_features(loss_cfg.vgg_model, str(vgg_file)), loss_cfg.perceptual_weights)
+        log.info("critics: CLIP %s from %s, VGG %s from %s with %s channel weights", loss_cfg.clip_model, clip_file,
+                 loss_cfg.vgg_model, vgg_file, loss_cfg.perceptual_weights)
     else:
         clip_model = build_clip_model(loss_cfg.clip_model, None, TINY_CLIP_OVERRIDES)
-        vgg_features = build_vgg_features(loss_cfg.vgg_model, None, TINY_VGG_LAYERS)
-        log.info("critics: tiny random-weight CLIP and VGG (loss.critics=random; not for real training)")
-    critics = Critics(clip=ClipCritic(clip_model, loss_cfg.clip_resolution), vgg=VggCritic(vgg_features))
+        # The tiny VGG's channel counts are not VGG16's: LPIPS has no weights for them, so unit weights.
+        vgg = VggCritic(build_vgg_features(loss_cfg.vgg_model, None, TINY_VGG_LAYERS))
+        log.info("critics: tiny random-weight CLIP and VGG, unit perceptual channel weights whatever "
+                 "loss.perceptual_weights says (loss.critics=random; not for real training)")
+    critics = Critics(clip=ClipCritic(clip_model, loss_cfg.clip_resolution), vgg=vgg)
     critics.clip.to(device=device, dtype=dtype)
-    critics.vgg.to(device=device, dtype=dtype)
-    # Buffers used for normalisation stay fp32 for accuracy; inputs are cast to the weight dtype after it.
+    # Buffers used for normalisation stay fp32 for accuracy; inputs are cast to the weight dtype after it. The
+    # VGG critic's buffers (LPIPS scaling, channel weights) never see ``dtype``: only its backbone does.
     critics.clip.mean, critics.clip.std = critics.clip.mean.float(), critics.clip.std.float()
-    critics.vgg.mean, critics.vgg.std = critics.vgg.mean.float(), critics.vgg.std.float()
+    critics.vgg.to(device=device)
+    critics.vgg.features.to(dtype=dtype)
     return critics

@@ -145,11 +145,12 @@ def train_step(task: Any, model: Any, optimizer: Any, batch: dict[str, Any], ste
 
 
 def build_paper_critics(loss_cfg: Any, device: Any) -> Any:
-    """Random-weight critics of the paper architectures (``loss.clip_model``, ``loss.vgg_model``), frozen."""
-    from g3dr.losses.critics import ClipCritic, Critics, VggCritic, build_clip_model, build_vgg_features
+    """Random-weight critics of the paper architectures (``loss.clip_model``, ``loss.vgg_model``; the VGG with
+    the ``loss.perceptual_weights`` channel weights, LPIPS's real ones by default), frozen."""
+    from g3dr.losses.critics import ClipCritic, Critics, build_clip_model, build_vgg_critic, build_vgg_features
 
     critics = Critics(clip=ClipCritic(build_clip_model(loss_cfg.clip_model, None), loss_cfg.clip_resolution),
-                      vgg=VggCritic(build_vgg_features(loss_cfg.vgg_model, None)))
+                      vgg=build_vgg_critic(build_vgg_features(loss_cfg.vgg_model, None), loss_cfg.perceptual_weights))
     return critics.to(device)
 
 

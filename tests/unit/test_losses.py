@@ -30,16 +30,16 @@ def tiny_critics():
     return build_critics(cfg.loss)
 
 
-def _vgg_reference(features, x, y, weights):
-    """Independent slow float64 reference of the perceptual distance: per sample, per pixel loops."""
+def _vgg_reference(features, channel_weights, x, y, weights):
+    """Independent slow float64 reference of the LPIPS distance (lpips 0.1.4's formulas): per sample, per pixel."""
     feats = features.double()
     taps = [i for i, m in enumerate(feats) if isinstance(m, torch.nn.ReLU)
             and (i + 1 == len(feats) or isinstance(feats[i + 1], torch.nn.MaxPool2d))]
-    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float64).view(1, 3, 1, 1)
 
     def run(img):
-        h = ((img.double() + 1) / 2 - mean) / std
+        h = (img.double() - shift) / scale
         out = []
         for i, layer in enumerate(feats):
             h = F.relu(h) if isinstance(layer, torch.nn.ReLU) else layer(h)
@@ -48,30 +48,38 @@ def _vgg_reference(features, x, y, weights):
         return out
 
     total = 0.0
-    for w, fx, fy in zip(weights, run(x), run(y)):
+    for w, lin, fx, fy in zip(weights, channel_weights, run(x), run(y)):
         b, c, hh, ww = fx.shape
         acc = 0.0
         for n in range(b):
             for i in range(hh):
                 for j in range(ww):
                     u, v = fx[n, :, i, j], fy[n, :, i, j]
-                    u = u / (u.pow(2).sum() + 1e-6).sqrt()
-                    v = v / (v.pow(2).sum() + 1e-6).sqrt()
-                    acc += float(((u - v) ** 2).sum())
+                    u = u / (u.pow(2).sum().sqrt() + 1e-10)
+                    v = v / (v.pow(2).sum().sqrt() + 1e-10)
+                    acc += float((lin.double() * (u - v) ** 2).sum())
         total += w * acc / (b * hh * ww)
     return total
 
 
-def test_vgg_critic_matches_slow_reference(tiny_critics):
+@pytest.mark.parametrize("feature_scale", [1.0, 1e-4])
+def test_vgg_critic_matches_slow_reference(tiny_critics, feature_scale):
+    """Learned channel weights and LPIPS's normalisation, also where every feature is ~1e-4 of its usual size
+    (|f|^2 ~ 1e-8: a floor on |f|^2 such as the former sqrt(|f|^2 + 1e-6) changes the distance there)."""
+    import copy
+
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = torch.rand(2, 3, 32, 32) * 2 - 1
-    import copy
-
     features = copy.deepcopy(tiny_critics.vgg.features)
+    assert all(m.bias.abs().max() == 0 for m in features if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        features[0].weight.mul_(feature_scale)  # zero biases: every tapped feature map scales by feature_scale
+    lin = [torch.rand(tiny_critics.vgg.channel_weight(k).shape[1]) + 0.1 for k in range(tiny_critics.vgg.num_layers)]
+    critic = VggCritic(features, lin)
     weights = (1.0, 0.5, 0.0, 1.0, 2.0)
-    got = tiny_critics.vgg(x, y, weights).item()
-    want = _vgg_reference(features, x, y, weights)
+    got = critic(x, y, weights).item()
+    want = _vgg_reference(features, lin, x, y, weights)
     assert got == pytest.approx(want, rel=1e-4)
     assert tiny_critics.vgg(x, x).item() == pytest.approx(0.0, abs=1e-10)
 

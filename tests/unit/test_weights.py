@@ -166,7 +166,15 @@ def test_builtin_registry_hashes_are_the_libraries_own():
     assert (paper.loss.clip_weights, paper.loss.vgg_weights) == (cfg.loss.clip_weights, cfg.loss.vgg_weights)
     # Every config key the jobs check has an entry, and no hash is invented for files without one.
     keys = {e.config_key for e in reg.entries}
-    assert keys == {"loss.clip_weights", "loss.vgg_weights", "eval.inception_weights", "prep.depth_model"}
+    assert keys == {"loss.clip_weights", "loss.vgg_weights", "eval.inception_weights", "prep.depth_model",
+                    "loss.perceptual_weights"}
+    # LPIPS's channel weights: the hash is that of the file the installed lpips wheel ships (the critic checks it).
+    import importlib.util
+
+    lpips_dir = Path(importlib.util.find_spec("lpips").submodule_search_locations[0])
+    lpips_entry, shipped = reg.get("lpips-vgg-v0.1").files[0], (lpips_dir / "weights/v0.1/vgg.pth").read_bytes()
+    assert (lpips_entry.sha256, lpips_entry.size) == (_sha(shipped), len(shipped))
+    assert lpips_entry.urls[0].endswith("/lpips/weights/v0.1/vgg.pth")
     for name in ("inception-2015-12-05", "clip-vit-b-16-openai-hf", "vgg16-timm-hf", "depth-anything-v2-small"):
         assert reg.get(name).hash_kind() == "none"
 
