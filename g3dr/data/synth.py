@@ -40,8 +40,14 @@ class SynthCamera:
     radius: float = 5.0
 
 
-def camera_rays(resolution: int, camera: SynthCamera = SynthCamera(), supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Origin (3,) and unit directions (H*s, W*s, 3) of the canonical camera, through (sub)pixel centres."""
+def camera_rays(resolution: int, camera: SynthCamera = SynthCamera(), supersample: int = 1,
+                pose: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Origin (3,) and unit directions (H*s, W*s, 3) through (sub)pixel centres.
+
+    ``pose`` is a camera-to-world matrix (4, 4) in this module's world frame (columns right, up, back,
+    position; the camera looks along its -z); None is the canonical camera, ``(0, 0, radius)`` looking at
+    the origin (:func:`synth_pose_from_renderer` maps the renderer's cameras here).
+    """
     n = resolution * supersample
     half = math.tan(math.radians(camera.fov_degrees) / 2)
     centres = (np.arange(n, dtype=np.float64) + 0.5) / n * 2 - 1
@@ -49,7 +55,26 @@ def camera_rays(resolution: int, camera: SynthCamera = SynthCamera(), supersampl
     y = -centres[:, None] * half
     dirs = np.stack(np.broadcast_arrays(x, y, -np.ones((n, n))), axis=-1)
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
-    return np.array([0.0, 0.0, camera.radius]), dirs
+    if pose is None:
+        return np.array([0.0, 0.0, camera.radius]), dirs
+    pose = np.asarray(pose, dtype=np.float64)
+    dirs = dirs @ pose[:3, :3].T
+    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    return pose[:3, 3].copy(), dirs
+
+
+def synth_pose_from_renderer(cam2world: np.ndarray, canonical_cam2world: np.ndarray) -> np.ndarray:
+    """A renderer camera (4, 4) expressed in this module's world frame.
+
+    The renderer's canonical camera sits at (-r, 0, 0) looking along +x (3DGP's convention,
+    :mod:`g3dr.render.cameras`); this module's sits at (0, 0, r) looking along -z. Both look at the
+    origin, so one rotation about the origin, ``M = R0^T`` with ``R0`` the canonical camera's rotation,
+    maps the renderer's world to this one: ``pose = M @ cam2world`` (rotation and position alike). The
+    canonical camera maps to the identity rotation at (0, 0, r).
+    """
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(canonical_cam2world, dtype=np.float64)[:3, :3].T
+    return m @ np.asarray(cam2world, dtype=np.float64)
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -184,16 +209,25 @@ def _texture(u: np.ndarray, pattern: int, frequency: float) -> np.ndarray:
 
 
 def render_primitive(prim: Primitive, resolution: int, camera: SynthCamera = SynthCamera(),
-                     supersample: int = 2, wall_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     supersample: int = 2, wall_seed: int = 0,
+                     pose: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 (H, W, 3) and float64 depth (H, W) of one primitive in front of the back wall.
 
-    Depth is the ray distance at each pixel centre (independent of ``supersample``).
+    Depth is the ray distance at each pixel centre (independent of ``supersample``). ``pose``: the camera
+    (see :func:`camera_rays`; None = canonical). The back wall is the plane z = WALL_Z; rays of a
+    novel camera that pass beside it see nothing (depth inf, black), which the scene box of the
+    renderer's cameras never reaches at the training and video camera ranges.
     """
-    rgb = _shade(prim, resolution, camera, supersample, wall_seed)
-    origin, dirs = camera_rays(resolution, camera, 1)
+    rgb = _shade(prim, resolution, camera, supersample, wall_seed, pose)
+    origin, dirs = camera_rays(resolution, camera, 1, pose)
     t_obj, _ = _hit(prim, origin, dirs)
-    t_wall = (WALL_Z - origin[2]) / dirs[..., 2]
-    return rgb, np.minimum(t_obj, t_wall)
+    return rgb, np.minimum(t_obj, _wall_t(origin, dirs))
+
+
+def _wall_t(origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (WALL_Z - origin[2]) / dirs[..., 2]
+    return np.where(np.isfinite(t) & (t > 0), t, np.inf)
 
 
 def _hit(prim: Primitive, origin: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,10 +237,11 @@ def _hit(prim: Primitive, origin: np.ndarray, dirs: np.ndarray) -> tuple[np.ndar
     return intersect_local(prim.kind, o_local, d_local)
 
 
-def _shade(prim: Primitive, resolution: int, camera: SynthCamera, supersample: int, wall_seed: int) -> np.ndarray:
-    origin, dirs = camera_rays(resolution, camera, supersample)
+def _shade(prim: Primitive, resolution: int, camera: SynthCamera, supersample: int, wall_seed: int,
+           pose: np.ndarray | None = None) -> np.ndarray:
+    origin, dirs = camera_rays(resolution, camera, supersample, pose)
     t_obj, n_local = _hit(prim, origin, dirs)
-    t_wall = (WALL_Z - origin[2]) / dirs[..., 2]
+    t_wall = _wall_t(origin, dirs)
     hit_obj = t_obj < t_wall
 
     light = np.array([-0.4, 0.6, 0.7])
@@ -223,12 +258,12 @@ def _shade(prim: Primitive, resolution: int, camera: SynthCamera, supersample: i
     wall_rng = np.random.default_rng(wall_seed)
     wall_colours = wall_rng.uniform(0.2, 0.8, size=(2, 3))
     wall_freq = wall_rng.uniform(2.0, 6.0)
-    p_wall = origin + t_wall[..., None] * dirs
+    p_wall = origin + np.where(np.isfinite(t_wall), t_wall, 0)[..., None] * dirs
     wall_blend = (0.5 + 0.5 * np.sin(wall_freq * math.pi * p_wall[..., 0])
                   * np.cos(wall_freq * math.pi * p_wall[..., 1]))[..., None]
     colour_wall = (wall_colours[0] * (1 - wall_blend) + wall_colours[1] * wall_blend) * 0.8
 
-    colour = np.where(hit_obj[..., None], colour_obj, colour_wall)
+    colour = np.where(hit_obj[..., None], colour_obj, np.where(np.isfinite(t_wall)[..., None], colour_wall, 0.0))
     s = supersample
     colour = colour.reshape(resolution, s, resolution, s, 3).mean(axis=(1, 3))
     return np.clip(np.rint(colour * 255), 0, 255).astype(np.uint8)
