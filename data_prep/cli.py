@@ -3,7 +3,7 @@
     g3dr prep shards --src DIR --layout {release,imagenet} --out DIR [--depth-src DIR | --depth-model PATH]
                      [--resolution 128 256] [--shard-size N] [--workers W] [--shard-index I --num-shard-jobs J]
     g3dr prep validate DIR
-    g3dr prep synth --out DIR --n N [--resolution 128]
+    g3dr prep synth --out DIR --n N [--resolution 128] [--views K [--view-cameras sampled|video]]
 
 Registering is cheap (argparse only); the handlers import the heavy modules.
 """
@@ -57,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-size", type=int, default=256)
     synth.add_argument("--workers", type=int, default=1)
+    synth.add_argument("--views", type=int, default=0, metavar="K",
+                       help="also store K novel views per sample with exact depth (view{k}.{R}.png, "
+                            "view{k}.{R}.depth.png; cameras in the json), for `g3dr eval --metrics gt_views`")
+    synth.add_argument("--view-cameras", choices=["sampled", "video"], default="sampled",
+                       help="sampled: drawn per sample as in training at its end; video: K points of the video path")
+    synth.add_argument("--config", default="", metavar="YAML",
+                       help="take the view cameras (camera.*) and the scene box (renderer.box_warp) from this "
+                            "config (default: the built-in defaults)")
     _add_store_arguments(synth, default_resolutions=[128])
     synth.add_argument("--no-progress", action="store_true")
     synth.set_defaults(handler=run_synth)
@@ -125,10 +133,13 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from g3dr.data.synth import write_synthetic_shards
+    from g3dr.config import Config, load_config
+    from g3dr.data.synth import ViewSpec, write_synthetic_shards
 
+    cfg = load_config(args.config) if args.config else Config()
+    views = ViewSpec(count=args.views, cameras=args.view_cameras, camera=cfg.camera, box_half=cfg.renderer.box_warp / 2)
     result = write_synthetic_shards(args.out, args.n, tuple(args.resolution), seed=args.seed, shard_size=args.shard_size,
                                     workers=args.workers, image_format=args.image_format, quality=args.quality,
                                     depth_png_level=args.depth_png_level,
-                                    progress=not args.no_progress, command=_command())
+                                    progress=not args.no_progress, command=_command(), views=views)
     return _summary(result, {"out": args.out, "workers": args.workers})

@@ -1,7 +1,8 @@
 """``g3dr prep validate``: re-read a shard folder and check it against its manifest.
 
 Checks every shard's size and sha256, decodes every sample (each stored image at its resolution, each
-16-bit depth PNG, the class and the metadata), compares per-shard counts and the totals with the
+16-bit depth PNG, the class and the metadata, and the novel views a synthetic sample's metadata lists at
+every stored resolution), compares per-shard counts and the totals with the
 manifest and ``rejects.jsonl``. Returns the list of problems; the CLI exits non-zero when it is not empty.
 """
 
@@ -67,9 +68,18 @@ def check_sample(key: str, files: dict[str, bytes], resolutions: list[int]) -> l
     except (KeyError, ValueError, UnicodeDecodeError):
         problems.append(f"{key}: missing or invalid cls")
     try:
-        json.loads(files["json"])
+        meta = json.loads(files["json"])
     except (KeyError, ValueError):
         problems.append(f"{key}: missing or invalid json")
+        return problems
+    if isinstance(meta, dict) and meta.get("views"):
+        from g3dr.data.pipeline import decode_views
+
+        for res in resolutions:
+            try:
+                decode_views({"__key__": key, **files}, res)
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"{key}: stored views at {res} px do not decode: {err}")
     return problems
 
 

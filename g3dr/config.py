@@ -63,6 +63,12 @@ class DataConfig:
     """Where the synthetic dataset is written and read (used when ``source`` is ``synthetic``)."""
     synthetic_size: int = 64
     """Number of synthetic samples to generate."""
+    synthetic_views: int = 0
+    """Novel views with exact depth stored per synthetic sample (``g3dr prep synth --views``), for the eval's
+    ``gt_views`` metrics; taken with the cameras of ``camera`` inside the box of ``renderer.box_warp``."""
+    synthetic_view_cameras: Literal["sampled", "video"] = "sampled"
+    """Cameras of the synthetic views: ``sampled`` as in training at its end (seeded per sample), or ``video``
+    (points of the video path)."""
     resolution: int = 128
     """Training resolution: images and depth are resized (Lanczos) to this square size."""
     flip_p: float = 0.5
@@ -92,6 +98,9 @@ class DataConfig:
         _check(self.source != "shards" or bool(self.shards), "source",
                "is 'shards' but data.shards is empty: set data.shards to the shard URLs, e.g. data.shards=/data/train-{000000..000127}.tar")
         _check(self.synthetic_size > 0, "synthetic_size", f"must be > 0, got {self.synthetic_size}")
+        _check(self.synthetic_views >= 0, "synthetic_views", f"must be >= 0, got {self.synthetic_views}")
+        _check(self.synthetic_view_cameras in ("sampled", "video"), "synthetic_view_cameras",
+               f"must be sampled or video, got {self.synthetic_view_cameras!r}")
         _check(self.resolution in (32, 64, 128, 256), "resolution", f"must be one of 32, 64, 128, 256, got {self.resolution}")
         _check(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be in [0, 1], got {self.flip_p}")
         _check(self.depth_scale > 0, "depth_scale", f"must be > 0, got {self.depth_scale}")
@@ -502,7 +511,10 @@ class LoggingConfig:
 class EvalConfig:
     """Evaluation protocol (paper S.5)."""
 
-    metrics: tuple[Literal["fid", "is", "nfs", "da"], ...] = ("fid", "is", "nfs", "da")
+    metrics: tuple[Literal["fid", "is", "nfs", "da", "gt_views"], ...] = ("fid", "is", "nfs", "da", "gt_views")
+    """``gt_views``: PSNR and DA against the ground-truth views a synthetic set stores (``psnr_canonical``,
+    ``psnr_novel``, ``da_novel``). ``g3dr eval`` leaves it out, with a log line, when the data stores no views,
+    unless the selection was given on its command line (``--metrics`` or ``eval.metrics=``): then it is an error."""
     sigma_scales: tuple[float, ...] = (1.0, 5.0, 10.0, 50.0)
     num_samples: int = 256
     """Generated samples per metric and scale (NFS uses N = 256 in the paper)."""

@@ -28,23 +28,49 @@ from g3dr.log import get_logger
 log = get_logger("g3dr.data")
 
 
+def synthetic_view_spec(cfg: Config):
+    """The :class:`~g3dr.data.synth.ViewSpec` of ``data.synthetic_views`` / ``data.synthetic_view_cameras``,
+    with the config's cameras and scene box."""
+    from g3dr.data.synth import ViewSpec
+
+    return ViewSpec(count=cfg.data.synthetic_views, cameras=cfg.data.synthetic_view_cameras, camera=cfg.camera,
+                    box_half=cfg.renderer.box_warp / 2)
+
+
 def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
-    """The synthetic shard folder of ``cfg``, written first if it has no manifest; returns the folder."""
+    """The synthetic shard folder of ``cfg``, written first if it has no manifest; returns the folder.
+
+    An existing folder is reused only when its manifest agrees with the config on the sample count and on
+    the stored views (count, camera kind, cameras, scene box); otherwise a :class:`DataError` says so.
+    """
     folder = Path(cfg.data.synthetic_dir)
     manifest = read_manifest(folder)
+    views = synthetic_view_spec(cfg)
     if manifest is None:
         from g3dr.data.synth import write_synthetic_shards
 
         n = cfg.data.synthetic_size
-        log.info("writing %d synthetic samples at %dpx to %s", n, cfg.data.resolution, folder)
+        log.info("writing %d synthetic samples at %dpx to %s%s", n, cfg.data.resolution, folder,
+                 f" with {views.count} {views.cameras} views each" if views.count else "")
         # At least 8 shards so that 2 ranks x 4 workers can split them by shard.
         write_synthetic_shards(str(folder), n, (cfg.data.resolution,), seed=cfg.train.seed,
-                               shard_size=max(1, math.ceil(n / 8)), progress=progress)
+                               shard_size=max(1, math.ceil(n / 8)), progress=progress, views=views)
         manifest = read_manifest(folder)
         assert manifest is not None
+    fix = "delete the folder or set data.synthetic_dir to a new one"
     if manifest["num_inputs"] != cfg.data.synthetic_size:
         raise DataError(f"{folder} holds {manifest['num_inputs']} synthetic samples but data.synthetic_size is "
-                        f"{cfg.data.synthetic_size}; delete the folder or set data.synthetic_dir to a new one")
+                        f"{cfg.data.synthetic_size}; {fix}")
+    source = manifest.get("source", {})
+    stored = {k: source.get(k) for k in views.to_json()} if source.get("views", 0) else {}
+    wanted = views.to_json() if views.count else {}
+    if stored != wanted:
+        def summary(d):
+            return f"{d['views']} {d['view_cameras']} views" if d else "no views"
+        differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        raise DataError(f"{folder} holds synthetic samples with {summary(stored)} but the config asks for "
+                        f"{summary(wanted)} (differing: {', '.join(differ)}; set by data.synthetic_views, "
+                        f"data.synthetic_view_cameras, camera.*, renderer.box_warp); {fix}")
     return str(folder)
 
 
@@ -231,7 +257,8 @@ def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
 
 
 def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size: int | None = None,
-                      num_workers: int | None = None, resolution: int | None = None) -> EvalLoader:
+                      num_workers: int | None = None, resolution: int | None = None,
+                      view_resolution: int = 0) -> EvalLoader:
     """One exact pass over ``shards`` (default: the config's data) split over ranks and workers; no flip, no shuffle.
 
     Together the ranks see every sample exactly once; the last batch of a worker may be smaller, and ranks
@@ -239,7 +266,8 @@ def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size
     Shards are split over ranks x workers: with fewer shards this raises a :class:`DataError` naming the
     counts and the fixes, unless ``data.eval_few_shards`` opts in to fewer workers or to every reader
     reading all shards (:func:`g3dr.data.pipeline.plan_exact_workers`). ``resolution`` defaults to
-    ``data.resolution``.
+    ``data.resolution``. ``view_resolution`` > 0: batches also carry the novel views the samples store, at
+    exactly that resolution (``batch["views"]``, see :mod:`g3dr.data.pipeline`).
     """
     urls = _urls(cfg, shards)
     workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -249,6 +277,6 @@ def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=0, flip_p=0.0,
                          depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset, wire=True,
                          max_skip_fraction=cfg.data.max_skip_fraction,
-                         skip_check_min_samples=cfg.data.skip_check_min_samples,
+                         skip_check_min_samples=cfg.data.skip_check_min_samples, view_resolution=view_resolution,
                          few_shards="read_all" if cfg.data.eval_few_shards == "read_all" else "error")
     return EvalLoader(stream, workers)

@@ -22,7 +22,11 @@ Stages (per rank, per data-loader worker):
   :class:`DataError`.
 
 Batches are dicts ``rgb`` float32 (B, 3, H, W) in [-1, 1], ``depth`` float32 (B, 1, H, W) in the
-release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str].
+release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str]. An eval stream with
+``view_resolution`` > 0 also decodes the novel views a synthetic set stores (``g3dr prep synth --views K``)
+into ``views``: ``rgb`` float32 (B, K, 3, H, W) in [-1, 1], ``depth`` float32 (B, K, H, W) (inf where
+not ``valid``), ``valid`` bool (B, K, H, W), ``yaw`` / ``pitch`` float64 (B, K), ``radius`` /
+``fov_degrees`` float64 (B,). Training streams never decode them.
 
 In train mode the stream adds ``_worker`` / ``_consumed`` bookkeeping entries that :class:`TrainLoader`
 strips; they make the position exactly resumable (:meth:`TrainLoader.state_dict`). The loaders run the
@@ -58,6 +62,7 @@ log = get_logger("g3dr.data")
 
 _IMAGE_EXT = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|webp|png)$")
 _DEPTH_EXT = re.compile(r"^(?:(\d+)\.)?depth\.png$")
+_VIEW_EXT = re.compile(r"^view(\d+)\.(\d+)\.png$")
 _PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _LOG_FIRST = 5
 _LOG_EVERY = 100
@@ -200,9 +205,10 @@ def _decode_depth_codes(data: bytes, resolution: int) -> torch.Tensor:
     return values[None]
 
 
-def _decode_parts(sample: dict[str, Any], resolution: int) -> dict[str, Any]:
+def _decode_parts(sample: dict[str, Any], resolution: int, view_resolution: int = 0) -> dict[str, Any]:
     """``rgb`` uint8 (3, R, R), ``depth_codes`` float32 (1, R, R) (uint16 codes, resized as float),
-    ``label``, ``key`` of one raw sample; raises on anything missing or undecodable."""
+    ``label``, ``key`` of one raw sample, and ``views`` (:func:`decode_views`) when ``view_resolution`` > 0
+    and the sample stores views; raises on anything missing or undecodable."""
     key = sample.get("__key__", "?")
     image_ext = _pick(sample, _IMAGE_EXT, resolution)
     depth_ext = _pick(sample, _DEPTH_EXT, resolution)
@@ -211,7 +217,54 @@ def _decode_parts(sample: dict[str, Any], resolution: int) -> dict[str, Any]:
     rgb = _decode_rgb(sample[image_ext], image_ext, resolution)
     codes = _decode_depth_codes(sample[depth_ext], resolution)
     label = int(sample["cls"].decode()) if "cls" in sample else -1
-    return {"rgb": rgb, "depth_codes": codes, "label": label, "key": key}
+    parts = {"rgb": rgb, "depth_codes": codes, "label": label, "key": key}
+    if view_resolution > 0:
+        views = decode_views(sample, view_resolution)
+        if views is not None:
+            parts["views"] = views
+    return parts
+
+
+def decode_views(sample: dict[str, Any], resolution: int) -> dict[str, torch.Tensor] | None:
+    """The stored novel views of one raw sample at exactly ``resolution`` (never resized: their depth is
+    exact), or None when the sample stores none (its json has no ``views`` entry).
+
+    Returns ``rgb`` uint8 (K, 3, R, R), ``depth`` float32 (K, R, R) decoded with the json's view depth
+    mapping (+inf where invalid), ``valid`` bool (K, R, R) (codes != the mapping's ``invalid_code``),
+    ``yaw`` / ``pitch`` float64 (K,), ``radius`` / ``fov_degrees`` float64 scalars. Raises when a view is
+    missing at ``resolution`` or does not decode.
+    """
+    key = sample.get("__key__", "?")
+    meta = json.loads(sample["json"]).get("views") if "json" in sample else None
+    if not meta:
+        return None
+    count, mapping = int(meta["count"]), meta["depth_mapping"]
+    rgb = torch.empty(count, 3, resolution, resolution, dtype=torch.uint8)
+    depth = torch.empty(count, resolution, resolution, dtype=torch.float32)
+    valid = torch.empty(count, resolution, resolution, dtype=torch.bool)
+    for k in range(count):
+        image_ext, depth_ext = f"view{k}.{resolution}.png", f"view{k}.{resolution}.depth.png"
+        if image_ext not in sample or depth_ext not in sample:
+            stored = sorted({int(m.group(2)) for ext in sample if (m := _VIEW_EXT.match(ext))})
+            raise ValueError(f"sample {key} stores its views at {stored} px, not at {resolution} px (views are never "
+                             f"resized); write the set with 'g3dr prep synth --resolution {resolution}' or render at a "
+                             "stored size (eval.render_resolution)")
+        with Image.open(io.BytesIO(sample[image_ext]), formats=["PNG"]) as image:
+            image.load()
+            if image.mode != "RGB" or image.size != (resolution, resolution):
+                raise ValueError(f"sample {key}: {image_ext} is {image.mode} {image.size}, expected RGB {resolution}")
+            rgb[k] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        codes = decode_u16_png(sample[depth_ext])
+        if codes.shape != (resolution, resolution):
+            raise ValueError(f"sample {key}: {depth_ext} is {codes.shape}, expected ({resolution}, {resolution})")
+        ok = codes != int(mapping["invalid_code"])
+        values = codes.astype(np.float64) / 65536.0 * float(mapping["scale"]) + float(mapping["offset"])
+        depth[k] = torch.from_numpy(np.where(ok, values, np.inf).astype(np.float32))
+        valid[k] = torch.from_numpy(ok)
+    return {"rgb": rgb, "depth": depth, "valid": valid,
+            "yaw": torch.tensor(meta["yaw"], dtype=torch.float64), "pitch": torch.tensor(meta["pitch"], dtype=torch.float64),
+            "radius": torch.tensor(float(meta["radius"]), dtype=torch.float64),
+            "fov_degrees": torch.tensor(float(meta["fov_degrees"]), dtype=torch.float64)}
 
 
 def decode_sample(sample: dict[str, Any], resolution: int, depth_scale: float = 2.0,
@@ -256,8 +309,19 @@ def collate_wire(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     count, size = len(samples), samples[0]["rgb"].shape[1:]
     rgb = torch.stack([s["rgb"] for s in samples], out=_batch_tensor((count, 3, *size), torch.uint8))
     codes = torch.stack([s["depth_codes"] for s in samples], out=_batch_tensor((count, 1, *size), torch.float32))
-    return {"rgb": rgb, "depth_codes": codes, "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+    wire = {"rgb": rgb, "depth_codes": codes, "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
             "key": [s["key"] for s in samples]}
+    views = [s.get("views") for s in samples]
+    if any(v is not None for v in views):
+        shapes = {None if v is None else tuple(v["rgb"].shape) for v in views}
+        if len(shapes) > 1:
+            raise DataError(f"samples {wire['key']} mix stored views of different counts or sizes ({sorted(map(str, shapes))}) "
+                            "in one batch; every sample of an eval set must store the same views (rewrite it with "
+                            "'g3dr prep synth --views K')")
+        wire["views"] = {name: torch.stack([v[name] for v in views], out=_batch_tensor((count, *views[0][name].shape),
+                                                                                    views[0][name].dtype))
+                         for name in views[0]}
+    return wire
 
 
 def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: float = 4.0,
@@ -277,6 +341,10 @@ def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: f
         rgb, depth = rgb_u8.to(torch.float32), codes
     rgb.div_(127.5).sub_(1.0)
     depth.mul_(depth_scale / 65536.0).add_(depth_offset)
+    if "views" in wire:
+        views = dict(wire.pop("views"))
+        views["rgb"] = views["rgb"].to(torch.float32).div_(127.5).sub_(1.0)
+        wire["views"] = views
     return {"rgb": rgb, "depth": depth, **wire}
 
 
@@ -372,6 +440,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     max_bad_in_row: int = 10000
     """Train mode: a reader that skips this many samples in a row stops with a :class:`DataError`, whatever
     ``max_skip_fraction`` says (with 1.0 and nothing usable it would otherwise spin forever)."""
+    view_resolution: int = 0
+    """Eval mode: also decode the novel views samples store, at exactly this resolution (0: never; training
+    streams never do, so they do not pay for them)."""
     few_shards: Literal["error", "read_all"] = "error"
     """Eval mode with fewer shards than ranks x workers: raise, or let every reader read all shards and keep
     every k-th sample (see :func:`plan_exact_workers`)."""
@@ -459,7 +530,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._skip(reason, detail, where)
             return None
         try:
-            return _decode_parts(raw, self.resolution)
+            return _decode_parts(raw, self.resolution, self.view_resolution if self.mode == "eval" else 0)
         except Exception as err:  # noqa: BLE001 - any corrupt sample is skipped, counted and logged
             self._skip("undecodable_sample", err, where)
             return None

@@ -11,18 +11,33 @@ exact up to the 2 / 65536 quantisation step. Colour is supersampled 2x2 per pixe
 Everything is derived from ``(seed, index)``, so any worker can render any sample and the dataset is
 identical however it is split. ``g3dr prep synth`` and the loaders (``data.source: synthetic``) write it
 with :func:`write_synthetic_shards`.
+
+Novel views (``--views K``, :class:`ViewSpec`): each sample can also store K views of the same scene from
+the renderer's cameras (:mod:`g3dr.render.cameras`), drawn as in training at its end (``sampled``:
+``sample_novel_angles`` at progress 1, from a generator seeded by ``(seed, index)`` alone) or K points of
+the video path (``video``), each with exact depth and a validity mask: a pixel is valid when its ray hits
+a surface inside the renderer's scene box (the wall continues beyond the box, where no model can put
+anything). View depth can exceed the release range [4, 6) (up to radius + sqrt(3) for a box point seen
+from the side), so views use ``v / 65536 * 4 * h + radius - 2 * h`` (h the box half-size; [3, 7) by
+default) with the code 65535 reserved for invalid pixels (:data:`VIEW_INVALID_CODE`).
+
+Known convention mismatch (documented, not fixed): rays here pass through pixel centres, the renderer's
+span the pixel corners (``linspace(-1, 1, W)``), so a render of the same camera covers a field of view
+wider by a factor W / (W - 1) (3% at 32 px), up to half a pixel at the border.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 
+from g3dr.config import CameraConfig
 from g3dr.data.depth_codec import encode_u16_png, u16_from_depth
 from g3dr.data.shard_writer import Item, JobSpec, Prepared, Rejected, StoreOptions, encode_image, run_shard_job
 from g3dr.errors import DataError
@@ -269,12 +284,148 @@ def _shade(prim: Primitive, resolution: int, camera: SynthCamera, supersample: i
     return np.clip(np.rint(colour * 255), 0, 255).astype(np.uint8)
 
 
-def synth_sample(seed: int, index: int, resolution: int, camera: SynthCamera = SynthCamera()) -> tuple[np.ndarray, np.ndarray, int, Primitive]:
-    """Sample ``index`` of the dataset of ``seed``: (rgb uint8 (H, W, 3), depth float64 (H, W), class, primitive)."""
+def synth_scene(seed: int, index: int) -> tuple[Primitive, int]:
+    """The scene of sample ``index`` of the dataset of ``seed``: its primitive and the wall's texture seed."""
     rng = np.random.default_rng([seed, index])
     prim = random_primitive(rng)
-    rgb, depth = render_primitive(prim, resolution, camera, wall_seed=int(rng.integers(2**31)))
+    return prim, int(rng.integers(2**31))
+
+
+def synth_sample(seed: int, index: int, resolution: int, camera: SynthCamera = SynthCamera()) -> tuple[np.ndarray, np.ndarray, int, Primitive]:
+    """Sample ``index`` of the dataset of ``seed``: (rgb uint8 (H, W, 3), depth float64 (H, W), class, primitive)."""
+    prim, wall_seed = synth_scene(seed, index)
+    rgb, depth = render_primitive(prim, resolution, camera, wall_seed=wall_seed)
     return rgb, depth, prim.kind, prim
+
+
+# --------------------------------------------------------------------------------------------------
+# Novel views with exact depth
+# --------------------------------------------------------------------------------------------------
+
+VIEW_INVALID_CODE = 65535
+"""Depth code of a view pixel whose ray hits no surface inside the scene box."""
+_VIEW_STREAM = 0x76696577  # "view": keeps the view cameras' random stream apart from the scene's
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Which novel views each sample stores (``count`` 0: none)."""
+
+    count: int = 0
+    cameras: Literal["sampled", "video"] = "sampled"
+    """``sampled``: the training distribution at the end of training (yaw range pi / novel_yaw_den_end,
+    pitch range novel_pitch_range), seeded per sample; ``video``: the first ``count`` of ``count + 1``
+    evenly spaced points of the video path (its last point repeats its first), the same for every sample."""
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    """The renderer's cameras (angles, radius, field of view) the views are taken with."""
+    box_half: float = 1.0
+    """Half-size of the renderer's scene box (``renderer.box_warp / 2``): hits outside it are invalid."""
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise DataError(f"--views must be >= 0, got {self.count}")
+        if self.cameras not in ("sampled", "video"):
+            raise DataError(f"--view-cameras must be sampled or video, got {self.cameras!r}")
+        if not self.box_half > 0:
+            raise DataError(f"the scene box half-size must be > 0, got {self.box_half}")
+
+    @property
+    def depth_scale(self) -> float:
+        return 4.0 * self.box_half
+
+    @property
+    def depth_offset(self) -> float:
+        return self.camera.radius - 2.0 * self.box_half
+
+    def depth_mapping(self) -> dict[str, Any]:
+        return {"kind": "ray_distance", "encoding": f"v / 65536 * {self.depth_scale:g} + {self.depth_offset:g}",
+                "scale": self.depth_scale, "offset": self.depth_offset, "invalid_code": VIEW_INVALID_CODE,
+                "valid": f"the ray hits a surface inside the scene box [-{self.box_half:g}, {self.box_half:g}]^3",
+                "pixel_rays": "pixel centres (the renderer's span the corners: linspace(-1, 1, W))"}
+
+    def to_json(self) -> dict[str, Any]:
+        """What the manifest records (``describe()``), so that a changed view option is a different dataset."""
+        return {"views": self.count, "view_cameras": self.cameras, "view_camera": asdict(self.camera),
+                "view_box_half": self.box_half, "view_depth_mapping": self.depth_mapping()}
+
+
+def _view_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index, _VIEW_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def view_angles(seed: int, index: int, views: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(yaw (K,), pitch (K,)) float64 of the novel views of sample ``index``, a function of (seed, index) alone."""
+    import torch
+
+    from g3dr.render.cameras import sample_novel_angles, video_trajectory
+
+    if views.count == 0:
+        return np.zeros(0), np.zeros(0)
+    if views.cameras == "video":
+        yaw, pitch = video_trajectory(views.count + 1, views.camera, dtype=torch.float64)
+        return yaw[:views.count].numpy(), pitch[:views.count].numpy()
+    generator = torch.Generator().manual_seed(_view_seed(seed, index))
+    yaw, pitch = sample_novel_angles(views.count, 1.0, views.camera, generator=generator, dtype=torch.float64)
+    return yaw.numpy(), pitch.numpy()
+
+
+def view_poses(yaw: np.ndarray, pitch: np.ndarray, camera: CameraConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Renderer cameras of the angles in this module's world: poses (K, 4, 4) for :func:`render_primitive`,
+    and the rotation (3, 3) that takes this world back to the renderer's (``p_renderer = R @ p_synth``)."""
+    import torch
+
+    from g3dr.render.cameras import camera_to_world_from_angles
+
+    f64 = torch.float64
+    canonical = camera_to_world_from_angles(torch.tensor([camera.canonical_yaw], dtype=f64),
+                                            torch.tensor([camera.canonical_pitch], dtype=f64), camera.radius)[0].numpy()
+    cams = camera_to_world_from_angles(torch.as_tensor(np.asarray(yaw, dtype=np.float64)),
+                                       torch.as_tensor(np.asarray(pitch, dtype=np.float64)), camera.radius).numpy()
+    poses = np.stack([synth_pose_from_renderer(c, canonical) for c in cams]) if len(cams) else np.zeros((0, 4, 4))
+    return poses, canonical[:3, :3].copy()
+
+
+def render_view(prim: Primitive, wall_seed: int, resolution: int, pose: np.ndarray, to_renderer: np.ndarray,
+                views: ViewSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One view of a scene: RGB uint8 (H, W, 3), depth float64 (H, W) (inf where nothing is hit) and the
+    validity mask (H, W) (a surface hit inside the scene box, checked in the renderer's world)."""
+    camera = SynthCamera(views.camera.fov_degrees, views.camera.radius)
+    rgb, depth = render_primitive(prim, resolution, camera, wall_seed=wall_seed, pose=pose)
+    origin, dirs = camera_rays(resolution, camera, 1, pose)
+    finite = np.isfinite(depth)
+    points = origin + np.where(finite, depth, 0.0)[..., None] * dirs
+    inside = np.abs(points @ np.asarray(to_renderer).T).max(axis=-1) <= views.box_half + 1e-9
+    return rgb, depth, finite & inside
+
+
+def synth_views(seed: int, index: int, resolution: int, views: ViewSpec,
+                angles: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The novel views of sample ``index``: ``rgb`` uint8 (K, H, W, 3), ``depth`` float64 (K, H, W),
+    ``valid`` bool (K, H, W), ``yaw`` and ``pitch`` (K,). ``angles`` overrides the cameras (tests)."""
+    prim, wall_seed = synth_scene(seed, index)
+    yaw, pitch = view_angles(seed, index, views) if angles is None else (np.asarray(a, dtype=np.float64) for a in angles)
+    poses, to_renderer = view_poses(yaw, pitch, views.camera)
+    out = [render_view(prim, wall_seed, resolution, pose, to_renderer, views) for pose in poses]
+    empty = np.zeros((0, resolution, resolution))
+    return {"rgb": np.stack([o[0] for o in out]) if out else empty[..., None].repeat(3, -1).astype(np.uint8),
+            "depth": np.stack([o[1] for o in out]) if out else empty,
+            "valid": np.stack([o[2] for o in out]) if out else empty.astype(bool),
+            "yaw": yaw, "pitch": pitch}
+
+
+def view_depth_codes(depth: np.ndarray, valid: np.ndarray, views: ViewSpec) -> np.ndarray:
+    """uint16 codes of view depth: ``rint((d - offset) / scale * 65536)`` where valid, 65535 elsewhere."""
+    codes = np.rint((np.where(valid, depth, views.depth_offset) - views.depth_offset) / views.depth_scale * 65536.0)
+    if (codes[valid] < 0).any() or (codes[valid] >= VIEW_INVALID_CODE).any():
+        raise DataError(f"view depth outside the view encoding's range [{views.depth_offset}, "
+                        f"{views.depth_offset + views.depth_scale}); this is a bug of the scene bounds")
+    return np.where(valid, codes, VIEW_INVALID_CODE).astype(np.uint16)
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @dataclass
@@ -284,9 +435,13 @@ class SyntheticSource:
     n: int
     options: StoreOptions
     seed: int = 0
+    views: ViewSpec = field(default_factory=ViewSpec)
 
     def describe(self) -> dict[str, Any]:
-        return {"layout": "synthetic", "n": self.n, "seed": self.seed, "classes": list(CLASS_NAMES), **self.options.to_json()}
+        # View keys only when views are stored, so sets written before views existed keep their fingerprint.
+        extra = self.views.to_json() if self.views.count else {}
+        return {"layout": "synthetic", "n": self.n, "seed": self.seed, "classes": list(CLASS_NAMES),
+                **self.options.to_json(), **extra}
 
     def list_items(self) -> list[Item]:
         if self.n < 1:
@@ -306,22 +461,49 @@ class SyntheticSource:
             meta = {"key": item.key, "source": f"synthetic:{self.seed}:{item.index}", "synset": CLASS_NAMES[label],
                     "label": label, "depth_source": "synthetic-exact",
                     "depth_mapping": {"kind": "ray_distance", "encoding": "v / 65536 * 2 + 4"}}
+            if self.views.count:
+                meta["views"] = self._store_views(item.index, files)
             files["cls"] = str(label).encode()
             files["json"] = json.dumps(meta, sort_keys=True).encode()
             out.append(Prepared(item.key, files))
         return out
 
+    def _store_views(self, index: int, files: dict[str, bytes]) -> dict[str, Any]:
+        """Add ``view{k}.{R}.png`` (lossless RGB) and ``view{k}.{R}.depth.png`` to ``files``; returns the
+        json entry (cameras and the depth mapping)."""
+        views = self.views
+        yaw, pitch = view_angles(self.seed, index, views)
+        for res in self.options.resolutions:
+            rendered = synth_views(self.seed, index, res, views, angles=(yaw, pitch))
+            codes = view_depth_codes(rendered["depth"], rendered["valid"], views)
+            for k in range(views.count):
+                files[f"view{k}.{res}.png"] = _encode_png(rendered["rgb"][k])
+                files[f"view{k}.{res}.depth.png"] = encode_u16_png(codes[k], self.options.depth_png_level)
+        return {"count": views.count, "cameras": views.cameras, "yaw": [float(v) for v in yaw],
+                "pitch": [float(v) for v in pitch], "radius": views.camera.radius,
+                "fov_degrees": views.camera.fov_degrees, "depth_mapping": views.depth_mapping()}
+
 
 def write_synthetic_shards(out: str, n: int, resolutions: tuple[int, ...] = (128,), seed: int = 0,
                            shard_size: int = 256, workers: int = 1, image_format: str = "jpg",
-                           quality: int = 95, depth_png_level: int = 0, progress: bool = True, command: str = ""):
-    """Render ``n`` samples into WebDataset shards under ``out`` (what ``g3dr prep synth`` runs).
+                           quality: int = 95, depth_png_level: int = 0, progress: bool = True, command: str = "",
+                           views: ViewSpec = ViewSpec()):
+    """Render ``n`` samples into WebDataset shards under ``out`` (what ``g3dr prep synth`` runs), with
+    ``views.count`` novel views each (default none).
 
     Returns the :class:`~g3dr.data.shard_writer.JobResult`; its ``manifest`` is complete.
     """
 
     options = StoreOptions(resolutions=tuple(resolutions), image_format=image_format, quality=quality,  # type: ignore[arg-type]
                            depth_png_level=depth_png_level)
-    source = SyntheticSource(n=n, options=options, seed=seed)
+    source = SyntheticSource(n=n, options=options, seed=seed, views=views)
     spec = JobSpec(out=out, shard_size=shard_size, prefix="synth", workers=workers)
-    return run_shard_job(source, spec, command=command, config={"seed": seed, "n": n}, progress=progress)
+    config = {"seed": seed, "n": n, "views": views.count, "view_cameras": views.cameras}
+    return run_shard_job(source, spec, command=command, config=config, progress=progress)
+
+
+def stored_views(manifest: dict[str, Any] | None) -> tuple[int, str]:
+    """(views per sample, camera kind) a shard manifest records; (0, "") for sets without views."""
+    source = (manifest or {}).get("source", {})
+    count = int(source.get("views", 0))
+    return count, str(source.get("view_cameras", "")) if count else ""

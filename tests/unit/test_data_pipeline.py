@@ -248,3 +248,86 @@ def test_decode_sample_public_api(synth_dir):
     assert out["rgb"].dtype == torch.uint8 and out["rgb"].shape == (3, 32, 32)
     assert out["depth"].shape == (1, 32, 32) and 0 <= out["depth"].min() and out["depth"].max() < 1
     assert out["key"] == "synth_0000000" and isinstance(out["label"], int)
+
+
+# ------------------------------------------------------------------ stored novel views
+
+
+@pytest.fixture(scope="module")
+def views_dir(tmp_path_factory) -> Path:
+    from g3dr.data.synth import ViewSpec
+
+    out = tmp_path_factory.mktemp("synth_views") / "shards"
+    write_synthetic_shards(str(out), 6, (32,), seed=2, shard_size=2, progress=False, views=ViewSpec(count=2))
+    return out
+
+
+def _views_cfg(folder: Path, *overrides: str):
+    return _cfg(folder, *overrides)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_loader_carries_the_stored_views(views_dir, workers, caplog):
+    from g3dr.data.synth import ViewSpec, synth_views
+
+    batches = list(build_eval_loader(_views_cfg(views_dir), DistEnv(), batch_size=4, num_workers=workers,
+                                     view_resolution=32))
+    by_key = {}
+    for b in batches:
+        v = b["views"]
+        n = len(b["key"])
+        assert v["rgb"].shape == (n, 2, 3, 32, 32) and v["rgb"].dtype == torch.float32
+        assert v["depth"].shape == v["valid"].shape == (n, 2, 32, 32) and v["valid"].dtype == torch.bool
+        assert v["yaw"].shape == v["pitch"].shape == (n, 2) and v["yaw"].dtype == torch.float64
+        assert v["radius"].tolist() == [5.0] * n and v["fov_degrees"].tolist() == [18.0] * n
+        for j, key in enumerate(b["key"]):
+            by_key[key] = {name: value[j] for name, value in v.items()}
+    assert sorted(by_key) == [f"synth_{i:07d}" for i in range(6)]
+    direct = synth_views(2, 4, 32, ViewSpec(count=2))
+    got = by_key["synth_0000004"]
+    torch.testing.assert_close(got["rgb"], torch.from_numpy(direct["rgb"]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.equal(got["valid"], torch.from_numpy(direct["valid"]))
+    np.testing.assert_allclose(got["depth"].numpy()[direct["valid"]], direct["depth"][direct["valid"]], atol=4e-5)
+    assert torch.isinf(got["depth"][~got["valid"]]).all()
+    np.testing.assert_array_equal(got["yaw"].numpy(), direct["yaw"])
+    # without view_resolution the eval batches carry no views; at a size that is not stored, the sample is
+    # skipped with a reason that names the stored sizes (g3dr eval checks the manifest before that)
+    assert all("views" not in b for b in build_eval_loader(_views_cfg(views_dir), DistEnv()))
+    with pytest.raises(DataError, match="undecodable_sample"):
+        list(build_eval_loader(_views_cfg(views_dir, "data.max_skip_fraction=0.1", "data.skip_check_min_samples=1"),
+                               DistEnv(), num_workers=0, view_resolution=64))
+    assert "stores its views at [32] px, not at 64 px" in caplog.text
+
+
+def test_training_never_decodes_the_views(views_dir, monkeypatch):
+    import g3dr.data.pipeline as pipeline
+
+    def boom(*_):
+        raise AssertionError("the training stream decoded the stored views")
+
+    monkeypatch.setattr(pipeline, "decode_views", boom)
+    batch = _take(build_train_loader(_views_cfg(views_dir), DistEnv()), 1)[0]
+    assert "views" not in batch and batch["rgb"].shape == (2, 3, 32, 32)
+    stream = ShardStream(urls=expand_shard_urls(str(views_dir)), mode="train", resolution=32, batch_size=2,
+                         batches_per_epoch=1, view_resolution=32)  # ignored outside eval mode
+    assert "views" not in next(iter(stream))
+
+
+def test_synthetic_auto_prep_writes_views_and_checks_them_on_reuse(tmp_path, tiny_config_path):
+    import json
+
+    folder = tmp_path / "syn"
+    base = [f"data.synthetic_dir={folder}", "data.synthetic_size=8"]
+    cfg = load_config(tiny_config_path, [*base, "data.synthetic_views=2", "data.synthetic_view_cameras=video"])
+    batches = list(build_eval_loader(cfg, DistEnv(), view_resolution=32))
+    assert sum(len(b["key"]) for b in batches) == 8 and batches[0]["views"]["rgb"].shape[1] == 2
+    source = json.loads((folder / "manifest.json").read_text())["source"]
+    assert source["views"] == 2 and source["view_cameras"] == "video"
+    build_eval_loader(cfg, DistEnv())  # same settings: reused
+    for other in (["data.synthetic_views=0"], ["data.synthetic_views=3", "data.synthetic_view_cameras=video"],
+                  ["data.synthetic_views=2"], ["data.synthetic_views=2", "data.synthetic_view_cameras=video",
+                                               "camera.video_yaw=0.5"]):
+        with pytest.raises(DataError, match="synthetic_dir"):
+            build_eval_loader(load_config(tiny_config_path, [*base, *other]), DistEnv())
+    with pytest.raises(Exception, match="synthetic_views"):
+        load_config(tiny_config_path, [*base, "data.synthetic_views=-1"])
