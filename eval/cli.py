@@ -1,6 +1,6 @@
 """``g3dr eval``: score one checkpoint, or sweep a training directory, and record it in MLflow.
 
-    g3dr eval --checkpoint RUN/f_trigen.safetensors [--data SHARDS] [--metrics fid,is,nfs,da]
+    g3dr eval --checkpoint RUN/f_trigen.safetensors [--data SHARDS] [--metrics fid,is,nfs,da,gt_views]
               [--sigma-scales 1,5,10,50] [--num-samples N] [--views canonical,novel]
               [--mlflow-uri URI] [--experiment NAME] [KEY=VALUE ...]
     g3dr eval --sweep RUN_DIR [--watch [--poll-seconds 60]] ...
@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "to DIR/exports first")
     parser.add_argument("--data", metavar="SHARDS", help="eval input shards (brace pattern, comma list or folder); "
                         "default: the checkpoint's data config")
-    parser.add_argument("--metrics", metavar="LIST", help="comma list of fid,is,nfs,da")
+    parser.add_argument("--metrics", metavar="LIST",
+                        help="comma list of fid,is,nfs,da,gt_views (default: all; gt_views - PSNR and DA against the "
+                             "stored views of a synthetic set - only where the data stores views, and an error "
+                             "when named here without them)")
     parser.add_argument("--sigma-scales", metavar="LIST", help="comma list of density scale factors, e.g. 1,5,10,50")
     parser.add_argument("--num-samples", type=int, metavar="N", help="samples behind NFS and DA (default 256)")
     parser.add_argument("--fid-samples", type=int, metavar="N",

@@ -9,6 +9,12 @@ cameras are a function of the sample index (seeded per sample, or the video traj
 are deterministic by default, so the scores do not depend on batch size or on how samples are split
 across ranks.
 
+Ground-truth views (``gt_views`` in ``eval.metrics``; the batches must carry ``views``, as a synthetic set
+written with ``--views K`` gives them): per sigma scale, ``psnr_canonical`` (the canonical render against
+the input image), ``psnr_novel`` (renders at every stored view camera against the stored views, on the
+pixels whose surface lies inside the scene box) and ``da_novel`` (DA of the rendered depth against the
+exact view depth on those pixels), on the first ``num_samples`` samples (:mod:`g3dr.metrics.views`).
+
 Ranks: every rank reads the same input stream and keeps the samples of its contiguous block
 (:func:`g3dr.metrics.gather.shard_range`); moments are all-reduced and per-sample values gathered, so the
 scores use exactly N samples. Nothing here talks to MLflow.
@@ -39,6 +45,7 @@ from g3dr.metrics.gather import _world, all_reduce_moments, as_numpy, gather_row
 from g3dr.metrics.image_folder import write_png_batch
 from g3dr.metrics.inception import FEATURE_DIM, InceptionDetector, quantize_images
 from g3dr.metrics.inception_score import inception_score
+from g3dr.metrics.views import masked_depth_accuracy_per_map, psnr_per_image
 
 log = get_logger("g3dr.eval")
 
@@ -102,6 +109,16 @@ class EvalSpec:
     def needs_inception(self) -> bool:
         return "fid" in self.metrics or "is" in self.metrics
 
+    @property
+    def needs_gt_views(self) -> bool:
+        """The batches must carry the stored ground-truth views (``batch["views"]``)."""
+        return GT_VIEWS in self.metrics
+
+
+GT_VIEWS = "gt_views"
+"""The ``eval.metrics`` name of the ground-truth view metrics (``psnr_canonical``, ``psnr_novel``, ``da_novel``)."""
+GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel")
+
 
 def eval_hash(spec: EvalSpec, **identity: str) -> str:
     """Short hash of the spec, the protocol version, the reference-statistics recipe version and identity
@@ -161,13 +178,16 @@ def take_block(batches: Iterable[dict], block: range, batch_size: int, total: in
     A stream with fewer than ``total`` samples is a :class:`~g3dr.errors.DataError`.
     """
     seen = 0
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[int, dict]] = []
     for batch in batches:
-        rgb, depth = batch["rgb"], batch["depth"]
+        rgb, depth, views = batch["rgb"], batch["depth"], batch.get("views")
         for j in range(rgb.shape[0]):
             i = seen + j
             if i in block:
-                pending.append((i, rgb[j], depth[j]))
+                item = {"rgb": rgb[j], "depth": depth[j]}
+                if views is not None:
+                    item["views"] = {name: value[j] for name, value in views.items()}
+                pending.append((i, item))
                 if len(pending) == batch_size:
                     yield _stack(pending)
                     pending = []
@@ -181,9 +201,12 @@ def take_block(batches: Iterable[dict], block: range, batch_size: int, total: in
         yield _stack(pending)
 
 
-def _stack(items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[list[int], dict]:
-    return [i for i, _, _ in items], {"rgb": torch.stack([r for _, r, _ in items]),
-                                      "depth": torch.stack([d for _, _, d in items])}
+def _stack(items: list[tuple[int, dict]]) -> tuple[list[int], dict]:
+    samples = [item for _, item in items]
+    batch = {"rgb": torch.stack([x["rgb"] for x in samples]), "depth": torch.stack([x["depth"] for x in samples])}
+    if all("views" in x for x in samples):
+        batch["views"] = {name: torch.stack([x["views"][name] for x in samples]) for name in samples[0]["views"]}
+    return [i for i, _ in items], batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +235,8 @@ class _Scores:
     probs: list[torch.Tensor]
     nfs: list[np.ndarray]
     da: list[np.ndarray]
+    gt: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Per-sample ground-truth view scores by name (``psnr_canonical`` (n,), ``psnr_novel``/``da_novel`` (n, K))."""
 
 
 def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict], spec: EvalSpec,
@@ -240,7 +265,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
     block = shard_range(spec.total_samples, rank, world)
     batch_size = batch_size or cfg.eval.batch_size
     image_views = list(spec.views) if spec.needs_inception else []
-    render_views = sorted(set(image_views) | ({"canonical"} if {"nfs", "da"} & set(spec.metrics) else set()))
+    canonical_metrics = {"nfs", "da", GT_VIEWS} & set(spec.metrics)
+    render_views = sorted(set(image_views) | ({"canonical"} if canonical_metrics else set()))
     scores = {(v, s): _Scores(FeatureMoments(FEATURE_DIM), [], [], []) for v in render_views for s in spec.sigma_scales}
     grids: dict[str, list[torch.Tensor]] = {}
     model.eval()
@@ -252,6 +278,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
         for indices, batch in take_block(batches, block, batch_size, spec.total_samples):
             if should_stop():
                 raise EvalInterrupted("stop requested during evaluation")
+            if spec.needs_gt_views:
+                _check_gt_views(batch, spec, cfg.camera)
             rgb = batch["rgb"].to(device)
             depth = batch["depth"].to(device)
             planes = model.make_planes(rgb, depth)
@@ -285,6 +313,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                             if "da" in spec.metrics:
                                 target = _resized(depth[for_depth], spec.resolution)
                                 acc.da.append(depth_accuracy_per_map(out["depth"][for_depth], target))
+                            if spec.needs_gt_views:
+                                _score_gt_views(model, planes, out, rgb, batch["views"], for_depth, spec, cfg, acc)
                         _keep_grid(grids, view, scale, out["rgb"][grid_rows],
                                    nfs_maps[[depth_rows.index(j) for j in grid_rows]])
             if bar is not None:
@@ -293,6 +323,53 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
         bar.close()
     results = _reduce(scores, spec, real_stats)
     return results, {k: torch.cat(v) for k, v in grids.items()}
+
+
+def _check_gt_views(batch: dict, spec: EvalSpec, cam_cfg: CameraConfig) -> None:
+    """The batch carries stored views that the model's renders can be compared with, else a DataError."""
+    views = batch.get("views")
+    if views is None:
+        raise DataError(f"eval.metrics names {GT_VIEWS} but the eval data stores no ground-truth views; write a "
+                        "synthetic set with them ('g3dr prep synth --views K', or data.synthetic_views=K) or drop "
+                        f"{GT_VIEWS} from --metrics")
+    if views["rgb"].shape[-1] != spec.resolution or views["rgb"].shape[-2] != spec.resolution:
+        raise DataError(f"the stored views are {tuple(views['rgb'].shape[-2:])} px but the eval renders at "
+                        f"{spec.resolution} px; store views at that size or set eval.render_resolution")
+    for name, wanted in (("radius", cam_cfg.radius), ("fov_degrees", cam_cfg.fov_degrees)):
+        stored = views[name].double()
+        if not torch.allclose(stored, torch.full_like(stored, float(wanted)), rtol=0, atol=1e-9):
+            raise DataError(f"the stored views were taken with camera {name} {sorted(set(stored.tolist()))}, but the "
+                            f"model renders with camera.{name}={wanted}; evaluate with the camera the views were made with")
+
+
+def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dict[str, torch.Tensor],
+                    rgb: torch.Tensor, views: dict[str, torch.Tensor], rows: list[int], spec: EvalSpec,
+                    cfg: Config, acc: _Scores) -> None:
+    """Ground-truth view scores of batch rows ``rows`` at the current sigma scale into ``acc.gt``.
+
+    ``canonical`` is the canonical render of the whole batch; the model is rendered again at each stored
+    view camera (one renderer call per view index k, rows only), without the depth prior.
+    """
+    from g3dr.render.cameras import camera_to_world_from_angles
+
+    if not rows:
+        return
+    target = _resized(rgb[rows].float(), spec.resolution)
+    acc.gt.setdefault("psnr_canonical", []).append(psnr_per_image(canonical["rgb"][rows], target))
+    device = planes.device
+    yaw, pitch = views["yaw"][rows], views["pitch"][rows]
+    rendered_rgb, rendered_depth = [], []
+    for k in range(yaw.shape[1]):
+        cams = camera_to_world_from_angles(yaw[:, k].float(), pitch[:, k].float(), cfg.camera.radius).to(device)
+        out = model.renderer(planes[rows], model.decoder, cams, spec.resolution, depth=None, canonical=False)
+        rendered_rgb.append(out["rgb"].detach().cpu())
+        rendered_depth.append(out["depth"][:, 0].detach().cpu())
+    rendered_rgb = torch.stack(rendered_rgb, dim=1)  # (n, K, 3, H, W)
+    rendered_depth = torch.stack(rendered_depth, dim=1)  # (n, K, H, W)
+    valid = views["valid"][rows].cpu()
+    acc.gt.setdefault("psnr_novel", []).append(psnr_per_image(rendered_rgb, views["rgb"][rows].cpu(), valid))
+    acc.gt.setdefault("da_novel", []).append(
+        masked_depth_accuracy_per_map(rendered_depth, views["depth"][rows].cpu(), valid))
 
 
 def _resized(depth: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -357,10 +434,26 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
                 values = gather_rows(local)
                 _check_count(values.shape[0], n, name.upper())
                 results[metric_key(name, scale)] = float(values.double().mean())
+            if spec.needs_gt_views:
+                for name in GT_VIEW_METRICS:
+                    parts = acc.gt.get(name, [])
+                    local = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.float64)
+                    values = gather_rows(local)
+                    _check_count(values.shape[0], n, name)
+                    results[metric_key(name, scale)] = _mean_over_views(values, name)
     for key, value in results.items():
         if not math.isfinite(value):
             log.warning("%s is %s", key, value)
     return results
+
+
+def _mean_over_views(values: torch.Tensor, name: str) -> float:
+    """Mean of per-sample (N,) or per-view (N, K) scores; views without a valid pixel (NaN) are left out."""
+    flat = values.double().numpy().ravel()
+    missing = int(np.isnan(flat).sum())
+    if missing:
+        log.warning("%s: %d of %d views have no valid pixel and are left out of the mean", name, missing, flat.size)
+    return float(np.nanmean(flat)) if missing < flat.size else math.nan
 
 
 def _check_count(got: int, expected: int, what: str) -> None:

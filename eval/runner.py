@@ -31,7 +31,7 @@ import torch
 from g3dr.config import Config, config_from_dict
 from g3dr.distributed import DistEnv
 from g3dr.errors import ConfigError, DataError, WeightsError
-from g3dr.eval.evaluate import EvalInterrupted, EvalSpec, eval_hash, evaluate_model
+from g3dr.eval.evaluate import GT_VIEWS, EvalInterrupted, EvalSpec, eval_hash, evaluate_model
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
 from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.log import get_logger
@@ -267,6 +267,54 @@ class Evaluator:
             self._urls[key] = urls
         return self._urls[key]
 
+    def stored_views(self, cfg: Config) -> tuple[int, set[int]]:
+        """Ground-truth views per sample the eval data stores and the resolutions they are stored at, from the
+        manifests beside its shards ((0, {}) when none, or when the shards have no local manifest)."""
+        from g3dr.data.pipeline import read_manifest
+        from g3dr.data.synth import stored_views
+
+        counts, resolutions = set(), set()
+        for url in self.data_urls(cfg):
+            if url.startswith("pipe:") or "://" in url:
+                counts.add(0)
+                continue
+            manifest = read_manifest(Path(url).parent)
+            counts.add(stored_views(manifest)[0])
+            resolutions.update(int(r) for r in (manifest or {}).get("source", {}).get("resolutions", []))
+        if len(counts) > 1:
+            raise DataError(f"the eval shards come from sets with different numbers of stored views ({sorted(counts)}); "
+                            "evaluate one set at a time")
+        count = counts.pop() if counts else 0
+        return count, resolutions if count else set()
+
+    def resolve_gt_views(self, cfg: Config) -> Config:
+        """``cfg`` with ``gt_views`` left out of ``eval.metrics`` when the data stores no views, unless the user
+        named the selection (``--metrics`` / ``eval.metrics=``): then a :class:`DataError`."""
+        import dataclasses
+
+        count, resolutions = self.stored_views(cfg)
+        if GT_VIEWS not in cfg.eval.metrics:
+            if count:
+                log.info("the eval data stores %d ground-truth views per sample; add %s to --metrics to score them",
+                         count, GT_VIEWS)
+            return cfg
+        if count:
+            render = cfg.eval.render_resolution or cfg.data.resolution
+            if render not in resolutions:
+                raise DataError(f"the eval data stores its ground-truth views at {sorted(resolutions)} px but the eval "
+                                f"renders at {render} px (views are never resized: their depth is exact); set "
+                                f"eval.render_resolution to a stored size or write the set with --resolution {render}")
+            return cfg
+        named = any(o.split("=", 1)[0].strip() == "eval.metrics" for o in self.options.overrides)
+        rest = tuple(m for m in cfg.eval.metrics if m != GT_VIEWS)
+        if named or not rest:
+            raise DataError(f"eval.metrics names {GT_VIEWS}, but the eval data ({cfg.data.source}: "
+                            f"{cfg.data.shards or cfg.data.synthetic_dir}) stores no ground-truth views; write a "
+                            "synthetic set with them ('g3dr prep synth --views K', or data.synthetic_views=K with a new "
+                            f"data.synthetic_dir) or leave {GT_VIEWS} out")
+        log.info("the eval data stores no ground-truth views: scoring %s without %s", ",".join(rest), GT_VIEWS)
+        return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=rest))
+
     def detector(self, cfg: Config):
         from g3dr.metrics.inception import load_inception
 
@@ -337,7 +385,7 @@ class Evaluator:
     def evaluate(self, ref: CheckpointRef, parent_run_id: str | None = None,
                  parent_factory=None) -> Outcome:
         """Evaluate ``ref`` unless already done; ``parent_factory()`` gives the sweep run id lazily."""
-        cfg = self.config_for(ref)
+        cfg = self.resolve_gt_views(self.config_for(ref))
         spec = EvalSpec.from_config(cfg)
         from g3dr.weights import verify_for
 
@@ -427,7 +475,8 @@ class Evaluator:
         detector = self.detector(cfg) if spec.needs_inception else None
         real = self.real_stats(cfg, ident) if "fid" in spec.metrics else None
         # Every rank reads the same stream and keeps its own block of samples (exact N, rank-independent).
-        stream = build_eval_loader(cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size)
+        stream = build_eval_loader(cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size,
+                                   view_resolution=spec.resolution if spec.needs_gt_views else 0)
         return evaluate_model(model, cfg, stream, spec, detector, real, device=device,
                               grid_samples=cfg.eval.grid_samples if self.dist.is_main else 0,
                               should_stop=self.stop, progress=self.options.progress, image_dir=image_dir)

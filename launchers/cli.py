@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "multi-rank (--tasks-per-node/--gpus-per-node).")
     ev.add_argument("--checkpoints", nargs="+", required=True, metavar="CK", help="f_trigen .safetensors files")
     ev.add_argument("--metrics", default="", metavar="LIST",
-                    help="comma list (fid,is,nfs,da): one array job per checkpoint and metric")
+                    help="comma list (fid,is,nfs,da,gt_views): one array job per checkpoint and metric")
     ev.add_argument("eval_args", nargs="*", metavar="-- ARGS",
                     help="more arguments of `g3dr eval` after -- (not --checkpoint/--sweep/--metrics)")
     ev.set_defaults(handler=run_eval)

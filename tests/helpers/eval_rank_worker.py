@@ -30,9 +30,18 @@ def setup(inception: str):
     gen = torch.Generator().manual_seed(3)
     rgb = torch.rand(9, 3, 32, 32, generator=gen) * 2 - 1
     depth = 4.5 + torch.rand(9, 1, 32, 32, generator=gen)
-    stream = [{"rgb": rgb[i:i + 4], "depth": depth[i:i + 4]} for i in range(0, 9, 4)]
-    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da"), num_samples=NUM_SAMPLES,
-                               fid_samples=NUM_SAMPLES, is_splits=2)
+    # two stored ground-truth views per sample (random pixels, cameras in the training range, some invalid pixels)
+    views = {"rgb": torch.rand(9, 2, 3, 32, 32, generator=gen) * 2 - 1,
+             "depth": 4.5 + torch.rand(9, 2, 32, 32, generator=gen),
+             "valid": torch.rand(9, 2, 32, 32, generator=gen) > 0.2,
+             "yaw": 1.5708 + (torch.rand(9, 2, generator=gen, dtype=torch.float64) - 0.5),
+             "pitch": 1.5708 + (torch.rand(9, 2, generator=gen, dtype=torch.float64) - 0.5) * 0.3,
+             "radius": torch.full((9,), 5.0, dtype=torch.float64),
+             "fov_degrees": torch.full((9,), 18.0, dtype=torch.float64)}
+    stream = [{"rgb": rgb[i:i + 4], "depth": depth[i:i + 4], "views": {k: v[i:i + 4] for k, v in views.items()}}
+              for i in range(0, 9, 4)]
+    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("is", "nfs", "da", "gt_views"),
+                               num_samples=NUM_SAMPLES, fid_samples=NUM_SAMPLES, is_splits=2)
     return cfg, model, stream, spec, load_inception(inception)
 
 
