@@ -364,8 +364,9 @@ class SyntheticCriticsConfig:
     def __post_init__(self) -> None:
         _check(bool(self.dir), "dir", "must not be empty")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        _check(self.primitives >= 2, "primitives", f"must be >= 2 (other primitives are the negatives), got {self.primitives}")
-        _check(self.views >= 2, "views", f"must be >= 2 (two views of a primitive are a positive pair), got {self.views}")
+        _check(self.primitives >= 2, "primitives",
+               f"must be >= 2 (other primitives are the negatives), got {self.primitives}")
+        _check(self.views >= 2, "views", f"must be >= 2 (two views of a primitive make a positive pair), got {self.views}")
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(2 <= self.batch_size <= self.primitives, "batch_size",
                f"must be in [2, primitives = {self.primitives}], got {self.batch_size}")

@@ -272,7 +272,8 @@ def _read(path: Path, spec: SyntheticCriticSpec) -> dict[str, Any]:
     return state
 
 
-def load_or_train_synthetic_critics(spec: SyntheticCriticSpec, directory: str | Path) -> tuple[nn.Module, nn.Sequential, bool]:
+def load_or_train_synthetic_critics(spec: SyntheticCriticSpec,
+                                    directory: str | Path) -> tuple[nn.Module, nn.Sequential, bool]:
     """The trained CLIP model and VGG features of ``spec`` from the cache ``directory``, trained and written first
     when absent. Returns ``(clip_model, vgg_features, trained)``, ``trained`` True when this call trained them.
 

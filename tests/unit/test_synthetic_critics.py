@@ -194,7 +194,8 @@ def test_training_is_seeded_reproducible_and_leaves_the_global_rng_alone(tmp_pat
     assert any(not torch.equal(a["vgg"][k], c["vgg"][k]) for k in a["vgg"])
     # Untrained != trained: the steps changed the weights.
     untrained_clip, _ = sc.build_synthetic_architectures(spec)
-    assert any(not torch.equal(v, a["clip"][k]) for k, v in untrained_clip.state_dict().items() if k.startswith("visual."))
+    assert any(not torch.equal(v, a["clip"][k])
+               for k, v in untrained_clip.state_dict().items() if k.startswith("visual."))
     sc.load_or_train_synthetic_critics(spec, tmp_path)  # trains and writes
     before = torch.get_rng_state()
     clip, vgg, trained = sc.load_or_train_synthetic_critics(spec, tmp_path)
