@@ -351,6 +351,37 @@ class NovelLossConfig:
 
 
 @dataclass
+class SyntheticCriticsConfig:
+    """``loss.critics: synthetic``: the tiny critics trained once on procedural primitives and cached
+    (:mod:`g3dr.losses.synthetic_critics`; docs/training.md). For small-scale studies, never for real runs."""
+
+    dir: str = "outputs/critics-cache"
+    """Cache folder of the trained critics: one file per training recipe, named by a hash of the recipe; a file
+    lock there lets one process (rank) train while the others wait and load."""
+    seed: int = 0
+    """Seed of the critics' primitives, cameras, initial weights and batch order (primitives come from their own
+    seed stream, disjoint from every dataset's; docs/training.md)."""
+    primitives: int = 512
+    """Primitives rendered for training (each from ``views`` cameras)."""
+    views: int = 4
+    """Cameras per primitive, drawn as training's novel views at the end of the yaw schedule."""
+    steps: int = 300
+    """Adam steps of the contrastive training (each tower)."""
+    batch_size: int = 64
+    """Primitives per contrastive batch (two views each; the other primitives are the negatives)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "dir", "must not be empty")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.primitives >= 2, "primitives",
+               f"must be >= 2 (other primitives are the negatives), got {self.primitives}")
+        _check(self.views >= 2, "views", f"must be >= 2 (two views of a primitive make a positive pair), got {self.views}")
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(2 <= self.batch_size <= self.primitives, "batch_size",
+               f"must be in [2, primitives = {self.primitives}], got {self.batch_size}")
+
+
+@dataclass
 class LossConfig:
     """The G3DR objective (paper S.1, S.2): view choice, per-view weighted terms, geometry supervision, critics."""
 
@@ -382,8 +413,12 @@ class LossConfig:
     linear weights, the reference's ``lpips.LPIPS(net='vgg')`` (the file the ``lpips`` wheel ships, sha256-checked;
     needs ``vgg_model=vgg16``); ``uniform`` = unit weights (channels summed unweighted). The tiny VGG of
     ``critics=random`` has other channel counts and always takes unit weights."""
-    critics: Literal["pretrained", "random"] = "pretrained"
-    """``pretrained`` loads the weight files (real runs); ``random`` builds random-weight critics (tests, demo)."""
+    critics: Literal["pretrained", "random", "synthetic"] = "pretrained"
+    """``pretrained`` loads the weight files (real runs); ``random`` builds random-weight critics (tests, demo);
+    ``synthetic`` trains tiny critics once on procedural primitives and caches them (small-scale studies; see
+    ``synthetic_critics``)."""
+    synthetic_critics: SyntheticCriticsConfig = field(default_factory=SyntheticCriticsConfig)
+    """Training recipe and cache of ``critics: synthetic`` (ignored otherwise)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.tau <= 1.0, "tau", f"must be in [0, 1], got {self.tau}")
@@ -392,6 +427,9 @@ class LossConfig:
         _check(self.perceptual_weights != "lpips" or self.vgg_model == "vgg16", "perceptual_weights",
                f"lpips needs vgg_model=vgg16 (LPIPS learned its weights on VGG16's features), got "
                f"vgg_model={self.vgg_model!r}; set perceptual_weights=uniform for another VGG")
+        _check(self.critics != "synthetic" or self.clip_resolution % 4 == 0, "clip_resolution",
+               f"must be divisible by 4 with critics=synthetic (its tiny ViT cuts the image into 4 x 4 patches), "
+               f"got {self.clip_resolution}")
 
 
 @dataclass

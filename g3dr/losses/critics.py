@@ -10,6 +10,8 @@ optimizer never sees them, yet gradients flow through them into the rendered ima
   falls back to random weights. The perceptual critic is LPIPS-VGG (``lpips.LPIPS(net='vgg')``, as the
   reference ``train.py``): the VGG16 backbone from ``loss.vgg_weights`` and LPIPS v0.1's learned per-channel
   weights from the file the ``lpips`` wheel ships (``loss.perceptual_weights: lpips``, sha256-checked).
+- ``loss.critics: synthetic`` (small-scale studies) trains the same tiny architectures once on procedural
+  primitives and caches them (:mod:`g3dr.losses.synthetic_critics`); unit channel weights, as ``random``.
 - ``loss.critics: random`` (tests, the tiny demo) builds tiny random-weight critics of the same families:
   a ViT CLIP from the same open_clip architecture name with small tower settings, and a timm ``VGG`` with a
   small layer list (other channel counts than VGG16's, so unit channel weights). Their numbers mean nothing;
@@ -364,8 +366,12 @@ class Critics:
 
 
 def build_critics(loss_cfg: LossConfig, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Critics:
-    """Build the CLIP and VGG critics of ``loss_cfg`` (frozen, eval mode) on ``device`` in ``dtype``."""
+                  dtype: torch.dtype = torch.float32, image_resolution: int | None = None) -> Critics:
+    """Build the CLIP and VGG critics of ``loss_cfg`` (frozen, eval mode) on ``device`` in ``dtype``.
+
+    ``image_resolution``: the size of the images the critics will see (``data.resolution``); only
+    ``loss.critics=synthetic`` uses it, to train on images of that size (default ``loss.clip_resolution``).
+    """
     if loss_cfg.critics == "pretrained":
         clip_file = _require_file(loss_cfg.clip_weights, "loss.clip_weights", CLIP_HOWTO)
         vgg_file = _require_file(loss_cfg.vgg_weights, "loss.vgg_weights", VGG_HOWTO)
@@ -373,6 +379,14 @@ def build_critics(loss_cfg: LossConfig, device: torch.device | str = "cpu",
         vgg = build_vgg_critic(build_vgg_features(loss_cfg.vgg_model, str(vgg_file)), loss_cfg.perceptual_weights)
         log.info("critics: CLIP %s from %s, VGG %s from %s with %s channel weights", loss_cfg.clip_model, clip_file,
                  loss_cfg.vgg_model, vgg_file, loss_cfg.perceptual_weights)
+    elif loss_cfg.critics == "synthetic":
+        from g3dr.losses.synthetic_critics import SyntheticCriticSpec, load_or_train_synthetic_critics
+
+        spec = SyntheticCriticSpec.from_config(loss_cfg, image_resolution)
+        clip_model, features, _ = load_or_train_synthetic_critics(spec, loss_cfg.synthetic_critics.dir)
+        vgg = VggCritic(features)  # the tiny VGG's channel counts are not VGG16's: unit weights, as random
+        log.info("critics: tiny CLIP and VGG trained on synthetic primitives (loss.critics=synthetic; they know "
+                 "primitives, not ImageNet: not for real training), unit perceptual channel weights")
     else:
         clip_model = build_clip_model(loss_cfg.clip_model, None, TINY_CLIP_OVERRIDES)
         # The tiny VGG's channel counts are not VGG16's: LPIPS has no weights for them, so unit weights.

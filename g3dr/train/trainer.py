@@ -330,7 +330,7 @@ def train(cfg: Config, resume: str | None = None,
                                                    dist_init_required=False)
     dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
     critics_dtype = dtype if device.type == "cuda" else torch.float32
-    task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype), model_dtype=dtype)
+    task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype, cfg.data.resolution), model_dtype=dtype)
     loader = (build_loader or _default_loader)(cfg, dist)
 
     start_step, run_id = 0, None
