@@ -59,6 +59,8 @@ class TrainResult:
     """The Eq. 1 draws ``r`` of this rank, one per micro-batch (they differ between ranks)."""
     param_digest: str = ""
     """sha256 of this rank's fp32 parameters at the end (checked equal on every rank)."""
+    abandoned: list[str] = field(default_factory=list)
+    """Checkpoints set aside because this run resumed from an older one (a rollback)."""
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -299,12 +301,14 @@ def train(cfg: Config, resume: str | None = None,
     root = ckpt.checkpoints_root(run_dir)
     train_cfg = cfg.train
 
-    # Resume: for `auto` rank 0 picks the checkpoint and every rank loads that one; an explicit path is checked
-    # on every rank (so a bad path fails everywhere instead of leaving ranks waiting in a collective).
-    if resume == "auto":
-        resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
-    else:
-        resume_path = ckpt.resolve_resume(resume, run_dir)
+    # Resume: the checkpoint is chosen and verified by all ranks together (each hashes a share of its files), so
+    # every rank gets the same one; with `auto` a damaged head is set aside and the previous one taken.
+    resume_path = ckpt.resolve_resume(resume, run_dir, dist.rank, dist.world_size)
+    abandoned: list[str] = []
+    if resume_path is not None:
+        # A rollback (resuming from an older checkpoint than the newest): the newer ones are set aside, `latest`
+        # names the one resumed from, and the MLflow run is forked below.
+        abandoned = _broadcast(ckpt.set_aside_newer(root, resume_path) if dist.is_main else None) or []
     load_universal = False
     if resume_path is not None:
         ckpt.check_zero_stage(resume_path, train_cfg.zero_stage)
@@ -353,10 +357,13 @@ def train(cfg: Config, resume: str | None = None,
         raise ConfigError(f"run_dir {run_dir} already holds checkpoints (newest: {ckpt.find_latest(root).name}); "
                           "continue that run with --resume auto, or set run_dir to a new folder")
 
-    tracker = build_tracker(cfg, dist.is_main, run_id=run_id)
+    # After a rollback the MLflow run forks: the abandoned steps stay in the old run, which is tagged; the new run
+    # continues from the step resumed from, so no curve holds two values of one step.
+    forked_from = (run_id, start_step, abandoned) if abandoned and run_id else None
+    tracker = build_tracker(cfg, dist.is_main, run_id=None if forked_from else run_id, forked_from=forked_from)
     if dist.is_main:
         save_config(cfg, run_dir)
-    result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id)
+    result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id, abandoned=abandoned)
 
     def save(step: int) -> Path:
         client = {"step": step, "mlflow_run_id": tracker.run_id, "world_size": dist.world_size,
