@@ -29,7 +29,7 @@ import torch
 
 from g3dr.config import Config, config_to_dict, save_config
 from g3dr.distributed import DistEnv, resolve_dist_env
-from g3dr.errors import ConfigError, G3DRError
+from g3dr.errors import ConfigError, G3DRError, OutputError
 from g3dr.log import get_logger
 
 log = get_logger("g3dr.train")
@@ -147,6 +147,13 @@ def _any_rank_true(flag: bool, device: torch.device) -> bool:
     return not _all_ranks_true(not flag, device)
 
 
+def _raise_on_every_rank(message: str | None, error: type[G3DRError] = OutputError) -> None:
+    """Rank 0 found ``message`` (None: nothing); every rank raises it, so no rank is left in a collective."""
+    message = _broadcast(message)
+    if message is not None:
+        raise error(message)
+
+
 def _broadcast(value: Any) -> Any:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return value
@@ -262,6 +269,52 @@ def _check_replicas_agree(module: torch.nn.Module) -> str:
     return digest
 
 
+def expected_checkpoint_bytes(model: torch.nn.Module, cfg: Config) -> int:
+    """About how many bytes one checkpoint of ``model`` takes: the module weights (bf16 or fp32) and buffers,
+    plus Adam's state: fp32 master weights and two moments with ZeRO 1/2 (12 bytes per parameter), the two
+    moments with ZeRO 0 (8 bytes). Per-rank files (RNG, data position) are small."""
+    n = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = n * (2 if cfg.train.precision == "bf16" else 4)
+    return weights + buffers + n * (12 if cfg.train.zero_stage in (1, 2) else 8)
+
+
+def check_outputs(cfg: Config, export: bool) -> None:
+    """Before any work: the run folder and its checkpoint folder can be written (created if needed), and the
+    export path is not a folder. An :class:`OutputError` names the location, the cause (read-only, full,
+    permission, a file where a folder should be) and the fix."""
+    from g3dr.outputs import check_output_file, check_writable_dir
+    from g3dr.train.checkpoint import checkpoints_root
+
+    run_dir = Path(cfg.run_dir)
+    fix = "set run_dir to a writable folder (checkpoints, config.yaml, the export and MLflow's default store go there)"
+    check_writable_dir(run_dir, "run_dir", fix)
+    check_writable_dir(checkpoints_root(run_dir), "checkpoint folder", fix)
+    if export:
+        check_output_file(run_dir / EXPORT_FILENAME, "the fp32 export", "remove it or pass --no-export")
+
+
+def _free_space_problem(root: Path, need: int, keep_last: int) -> str | None:
+    """An error message when the disk of ``root`` cannot take one checkpoint of ``need`` bytes; a warning (logged)
+    when it cannot take the ``keep_last + 1`` a save needs at its peak."""
+    from g3dr.outputs import free_bytes, human_bytes
+    from g3dr.train.checkpoint import checkpoint_bytes, list_complete
+
+    free = free_bytes(root)
+    if free is None:
+        return None
+    if free < need:
+        return (f"checkpoint folder {root}: {human_bytes(free)} free, but one checkpoint takes about "
+                f"{human_bytes(need)}; free space or set run_dir to another disk")
+    held = sum(checkpoint_bytes(p) for p in list_complete(root))
+    peak = (keep_last + 1) * need - held
+    if free < peak:
+        log.warning("checkpoint folder %s: %s free; train.keep_last=%d keeps up to %d checkpoints of about %s during "
+                    "a save (%s more than now): the disk may fill before the run ends", root, human_bytes(free),
+                    keep_last, keep_last + 1, human_bytes(need), human_bytes(peak))
+    return None
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -292,6 +345,8 @@ def train(cfg: Config, resume: str | None = None,
         raise ConfigError("train.precision=bf16 runs on CUDA only: PyTorch's CPU kernels used by the renderer "
                           "(antialiased downsampling of the triplanes) have no bf16 version; on the CPU set "
                           "train.precision=fp32")
+    # Before anything starts: a read-only, full or mistyped output location fails now, not at the first save.
+    check_outputs(cfg, export and dist.is_main)
     init_process_group(cfg, dist, device)
     # Signals are caught from here on: one arriving during setup stops the run after its first step.
     stop = StopSignal().__enter__()
@@ -324,6 +379,8 @@ def train(cfg: Config, resume: str | None = None,
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)
     model = FTrigen(cfg)
+    need = ckpt.checkpoint_bytes(resume_path) if resume_path is not None else expected_checkpoint_bytes(model, cfg)
+    _raise_on_every_rank(_free_space_problem(root, need, train_cfg.keep_last) if dist.is_main else None)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
