@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from g3dr.config import Config, config_to_dict, save_config
+from g3dr.config import CONFIG_FILENAME, Config, config_to_dict, save_config
 from g3dr.distributed import DistEnv, resolve_dist_env
 from g3dr.errors import ConfigError, G3DRError, OutputError
 from g3dr.log import get_logger
@@ -59,6 +59,8 @@ class TrainResult:
     """The Eq. 1 draws ``r`` of this rank, one per micro-batch (they differ between ranks)."""
     param_digest: str = ""
     """sha256 of this rank's fp32 parameters at the end (checked equal on every rank)."""
+    already_finished: bool = False
+    """The checkpoint resumed from was already at ``train.total_steps``: nothing was trained or rewritten."""
     abandoned: list[str] = field(default_factory=list)
     """Checkpoints set aside because this run resumed from an older one (a rollback)."""
 
@@ -143,8 +145,14 @@ def _all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _any_rank_true(flag: bool, device: torch.device) -> bool:
-    return not _all_ranks_true(not flag, device)
+def _any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks, in one collective."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(flags)
+    comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def _raise_on_every_rank(message: str | None, error: type[G3DRError] = OutputError) -> None:
@@ -315,6 +323,26 @@ def _free_space_problem(root: Path, need: int, keep_last: int) -> str | None:
     return None
 
 
+def _run_dir_intact(run_dir: Path, root: Path) -> bool:
+    return (run_dir / CONFIG_FILENAME).is_file() and root.is_dir()
+
+
+def _total_steps_change(cfg: Config, saved_total: Any, step: int) -> str | None:
+    """A warning when a resume changes ``train.total_steps``: the schedules that depend on it move."""
+    import dataclasses
+
+    from g3dr.train.schedules import learning_rate
+
+    if not isinstance(saved_total, int) or saved_total == cfg.train.total_steps:
+        return None
+    before = learning_rate(step, dataclasses.replace(cfg.train, total_steps=saved_total))
+    after = learning_rate(step, cfg.train)
+    return (f"train.total_steps changed from {saved_total} to {cfg.train.total_steps} on resume at step {step}: the "
+            f"schedules computed from it change from here on: the LR at step {step} goes from {before:.3g} to "
+            f"{after:.3g} ({cfg.train.lr_schedule}), Eq. 1's canonical-view threshold, the novel yaw range and loss "
+            "weights given as fractions of training move too (docs/training.md, 'Extending a run')")
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -361,6 +389,21 @@ def train(cfg: Config, resume: str | None = None,
     resume_path = ckpt.resolve_resume(resume, run_dir, dist.rank, dist.world_size)
     abandoned: list[str] = []
     if resume_path is not None:
+        meta = ckpt.read_meta(resume_path)
+        saved_step = int(meta["step"])
+        saved_cfg = meta.get("client_state", {}).get("config", {})
+        if saved_step > train_cfg.total_steps:
+            stop.__exit__(None, None, None)
+            raise ConfigError(f"{resume_path} is at step {saved_step}, past train.total_steps={train_cfg.total_steps}: "
+                              f"nothing was trained and {run_dir / CONFIG_FILENAME} was left as it was. To train "
+                              f"further set train.total_steps above {saved_step} (docs/training.md, 'Extending a "
+                              "run'); the run's own end is the one its config.yaml names")
+        if saved_step == train_cfg.total_steps:
+            stop.__exit__(None, None, None)
+            return _already_finished(cfg, resume_path, meta, dist, export)
+        warning = _total_steps_change(cfg, saved_cfg.get("train", {}).get("total_steps"), saved_step)
+        if warning:
+            log.warning("%s", warning)
         # A rollback (resuming from an older checkpoint than the newest): the newer ones are set aside, `latest`
         # names the one resumed from, and the MLflow run is forked below.
         abandoned = _broadcast(ckpt.set_aside_newer(root, resume_path) if dist.is_main else None) or []
@@ -494,11 +537,17 @@ def train(cfg: Config, resume: str | None = None,
             if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
                 grid = image_grid(engine.module, cfg, batch, dtype)
                 tracker.log_image(grid, f"samples/step-{step:08d}.png")
-            if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at):
+            # One collective per step: a stop signal on any rank, and the run folder still there (rank 0 looks).
+            stopping, gone = _any_rank_flags([stop.received is not None,
+                                              dist.is_main and not _run_dir_intact(run_dir, root)], device)
+            if gone:
+                raise OutputError(f"the run folder {run_dir} was deleted or moved during training ({CONFIG_FILENAME} or "
+                                  f"checkpoints/ is gone) at step {step}; stopping, since nothing more can be saved "
+                                  "there (its checkpoints and the default MLflow store went with it). Restore the "
+                                  "folder and rerun with --resume auto, or start again in a new run_dir")
+            if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at) or stopping:
                 save(step)
-            if _any_rank_true(stop.received is not None, device):
-                if result.checkpoint is None or ckpt.step_of(result.checkpoint) != step:
-                    save(step)
+            if stopping:
                 log.warning("stopped by a signal at step %d after a checkpoint; rerun with --resume auto", step)
                 result.preempted, status = True, "KILLED"
                 break
@@ -515,6 +564,27 @@ def train(cfg: Config, resume: str | None = None,
         tracker.close(status)
         if hasattr(loader, "close"):
             loader.close()
+    return result
+
+
+def _already_finished(cfg: Config, path: Path, meta: dict[str, Any], dist: DistEnv, export: bool) -> TrainResult:
+    """``--resume`` of a checkpoint already at ``train.total_steps``: train nothing, rewrite nothing (config.yaml,
+    the MLflow run); only a missing fp32 export of that final checkpoint is written (a job stopped between its
+    last save and the export)."""
+    step = int(meta["step"])
+    client = meta.get("client_state", {})
+    result = TrainResult(start_step=step, step=step, checkpoint=path, run_id=client.get("mlflow_run_id"),
+                         already_finished=True)
+    out = Path(cfg.run_dir) / EXPORT_FILENAME
+    if export and dist.is_main and not out.is_file():
+        from g3dr.config import config_from_dict
+
+        saved = config_from_dict(client["config"], source=f"{path}/meta.json") if "config" in client else cfg
+        result.export = export_f_trigen(saved, path, out)
+        log.info("exported the final checkpoint %s (fp32) to %s", path, result.export)
+    log.warning("nothing to train: %s is already at train.total_steps=%d; config.yaml and the MLflow run were left "
+                "as they were. To train further, raise train.total_steps (docs/training.md, 'Extending a run')",
+                path, step)
     return result
 
 

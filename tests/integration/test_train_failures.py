@@ -1,10 +1,13 @@
 """Failure paths of a long run, on tiny real trainings (the tiny config, a few steps, one CPU process):
-rollbacks and damaged checkpoints.
+rollbacks, damaged checkpoints, a run folder deleted mid-run, resuming at or past the end.
+
+Read-only folders and full disks are in ``test_train_outputs.py`` (they need a private mount namespace).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,67 @@ def test_a_truncated_newest_checkpoint_is_set_aside_and_resume_auto_takes_the_pr
     (root / "step-2" / "rank-0.pt").write_bytes(b"")
     with pytest.raises(WeightsError, match=r"step-2: the checkpoint is damaged: rank-0.pt: 0 bytes"):
         train(_cfg(tmp_path, "run", *common), resume=str(root / "step-2"), export=False)
+
+
+def test_resuming_at_or_past_total_steps_trains_nothing_and_leaves_the_config(tmp_path, caplog):
+    from g3dr.errors import ConfigError
+    from g3dr.train.trainer import train
+
+    cfg = _cfg(tmp_path, "run", "train.total_steps=2", "train.checkpoint_every=2")
+    done = train(cfg)
+    config_yaml = tmp_path / "run" / "config.yaml"
+    saved = config_yaml.read_text()
+    stamp = config_yaml.stat().st_mtime_ns
+    (tmp_path / "run" / "f_trigen.safetensors").unlink()  # as if the job was stopped before its export
+
+    with pytest.raises(ConfigError, match=r"step-2 is at step 2, past train.total_steps=1: nothing was trained and "
+                                          r".*config.yaml was left as it was"):
+        train(_cfg(tmp_path, "run", "train.total_steps=1"), resume="auto")
+    with caplog.at_level(logging.WARNING, logger="g3dr"):
+        again = train(cfg, resume="auto")
+    assert again.already_finished and again.step == 2 and again.losses == [] and again.run_id == done.run_id
+    assert "nothing to train" in caplog.text
+    assert config_yaml.read_text() == saved and config_yaml.stat().st_mtime_ns == stamp
+    assert again.export is not None and again.export.is_file()  # the missing export of the final checkpoint
+
+    # Raising total_steps trains further, with a warning that the schedules move.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="g3dr"):
+        longer = train(_cfg(tmp_path, "run", "train.total_steps=4", "train.checkpoint_every=2"), resume="auto",
+                       export=False)
+    assert longer.start_step == 2 and longer.step == 4
+    assert "train.total_steps changed from 2 to 4 on resume at step 2" in caplog.text and "the LR at step 2" in caplog.text
+
+
+class _Batches:
+    """Fixed random RGB-D micro-batches of 2 at 32 px; calls ``after(i)`` after yielding batch ``i``."""
+
+    def __init__(self, after):
+        g = torch.Generator().manual_seed(3)
+        self.rgb = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+        self.depth = 4.5 + torch.rand(2, 1, 32, 32, generator=g)
+        self.after = after
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield {"rgb": self.rgb, "depth": self.depth, "label": torch.zeros(2, dtype=torch.long), "key": ["a", "b"]}
+            self.after(i)
+            i += 1
+
+
+def test_a_run_folder_deleted_during_training_stops_with_a_clear_error(tmp_path):
+    from g3dr.errors import OutputError
+    from g3dr.train.trainer import train
+
+    run_dir = tmp_path / "run"
+
+    def delete_after_the_second_batch(i):  # called when step 3 asks for its batch
+        if i == 1:
+            shutil.rmtree(run_dir)
+
+    cfg = _cfg(tmp_path, "run", "train.total_steps=6", "train.checkpoint_every=4")
+    with pytest.raises(OutputError, match=r"the run folder .*run was deleted or moved during training \(config.yaml or "
+                                          r"checkpoints/ is gone\) at step 3; stopping"):
+        train(cfg, build_loader=lambda c, d: _Batches(delete_after_the_second_batch))
+    assert not run_dir.exists()  # not silently recreated by a later save
