@@ -80,8 +80,23 @@ def save_f_trigen(model: torch.nn.Module, cfg: Config, path: str | Path, step: i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    # safetensors creates its file with mode 0600 whatever the umask; give it the mode every other output gets.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells it, else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_f_trigen_metadata(path: str | Path) -> dict[str, Any]:

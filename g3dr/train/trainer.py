@@ -97,14 +97,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops go: ``$TORCH_EXTENSIONS_DIR`` when set, else ``torch_extensions`` inside
+    this Python environment (``sys.prefix``), so two virtualenvs never rebuild each other's copy in the shared
+    default (``~/.cache/torch_extensions``) whatever the entry point (``g3dr``, ``torchrun``, a script, submitit)."""
+    import sys
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+
+
+def _skip_unused_deepspeed_ops() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory communication op (55 to 90 s of C++ compilation on a
+    cold cache). DeepSpeed builds it for every CPU process group, but only uses it in ``inference_all_reduce``
+    (tensor-parallel inference); training's collectives go through torch.distributed. DeepSpeed skips ops its
+    compatibility table marks unusable, so the op is marked so for this process."""
+    import deepspeed.ops
+
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None:
     """Initialise torch.distributed through DeepSpeed: gloo on CPU, NCCL on CUDA (or ``distributed.backend``)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     import deepspeed
 
     if torch.distributed.is_initialized():
         return
+    _skip_unused_deepspeed_ops()
     init_method = None
     if dist.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A lone process: a private TCP rendezvous; RANK/WORLD_SIZE stay unset (DeepSpeed only needs LOCAL_RANK).
