@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_eval_outputs(args: argparse.Namespace) -> None:
     """Before any model or data is loaded: the folders eval writes can be written (an OutputError naming the flag,
-    the folder and the cause otherwise: read-only, full, a file where a folder should be)."""
+    the folder and the cause otherwise: read-only, full, a file where a folder should be). Nothing is created:
+    a job that stops later (missing weights) leaves no empty folders behind."""
     from pathlib import Path
 
     from g3dr.errors import ConfigError
@@ -161,16 +162,17 @@ def check_eval_outputs(args: argparse.Namespace) -> None:
         if not sweep_dir.is_dir():
             raise ConfigError(f"--sweep {sweep_dir}: not a directory")
         check_writable_dir(Path(args.out) if args.out else sweep_dir / "eval", "--out" if args.out else "eval folder",
-                           "pass --out DIR on a writable disk")
+                           "pass --out DIR on a writable disk", create=False)
         if not args.no_export and (sweep_dir / "checkpoints").is_dir():
             check_writable_dir(sweep_dir / "exports", "the exports folder of --sweep",
-                               "pass --no-export, or make the run folder writable")
+                               "pass --no-export, or make the run folder writable", create=False)
     elif args.out:
-        check_writable_dir(args.out, "--out")
+        check_writable_dir(args.out, "--out", create=False)
     elif Path(args.checkpoint).is_file():  # the default beside it (a wrong path is reported by the checkpoint reader)
-        check_writable_dir(Path(args.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk")
+        check_writable_dir(Path(args.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk",
+                           create=False)
     if args.save_images:
-        check_writable_dir(args.save_images, "--save-images")
+        check_writable_dir(args.save_images, "--save-images", create=False)
 
 
 def _score_images(args: argparse.Namespace) -> int:

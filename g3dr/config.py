@@ -91,6 +91,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.source != "shards" or bool(self.shards), "source",
                "is 'shards' but data.shards is empty: set data.shards to the shard URLs, e.g. data.shards=/data/train-{000000..000127}.tar")
+        # Setting shards alone used to train on the synthetic set without a word.
+        _check(self.source == "shards" or not self.shards, "source",
+               f"is {self.source!r} but data.shards is set ({self.shards!r}): add data.source=shards to train on those "
+               "shards, or leave data.shards empty for the synthetic set (docs/data.md, 'Training on your own shards')")
         _check(self.synthetic_size > 0, "synthetic_size", f"must be > 0, got {self.synthetic_size}")
         _check(self.resolution in (32, 64, 128, 256), "resolution", f"must be one of 32, 64, 128, 256, got {self.resolution}")
         _check(0.0 <= self.flip_p <= 1.0, "flip_p", f"must be in [0, 1], got {self.flip_p}")

@@ -90,19 +90,23 @@ def write_probe(path: str | Path, create: bool = True) -> None:
             pass
 
 
-def check_writable_dir(path: str | Path, what: str, fix: str = "") -> Path:
+def check_writable_dir(path: str | Path, what: str, fix: str = "", create: bool = True) -> Path:
     """Create ``path`` if needed and prove that a file can be written in it (a probe file, fsynced, removed).
 
-    ``what`` names the setting in the error (``run_dir``, ``--out``); ``fix`` replaces the default action.
-    Raises :class:`OutputError`; returns the path.
+    With ``create=False`` a missing ``path`` is not created: the probe goes to its nearest existing parent, where
+    the folders would be created. ``what`` names the setting in the error (``run_dir``, ``--out``); ``fix``
+    replaces the default action. Raises :class:`OutputError`; returns the path.
     """
     path = Path(path)
     blocker = _file_in_the_way(path)
     if blocker is not None:
         where = "is a file" if blocker == path else f"cannot be a folder: {blocker} is a file"
         raise OutputError(f"{what} {path} {where}, not a folder; {fix or 'choose another path or move the file'}")
+    probe_in = path
+    if not create:
+        probe_in = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
     try:
-        write_probe(path)
+        write_probe(probe_in, create=create)
     except OSError as err:
         raise OutputError(f"{what} {path} cannot be written: {describe_os_error(err, path)}; "
                           f"{fix or 'choose a writable location'}") from None

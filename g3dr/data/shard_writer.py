@@ -307,6 +307,10 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     for s in mine:
         record = _read_record(out, names[s])
         if record is None:
+            if (out / names[s]).exists():  # a finished shard always has its record (written before the rename)
+                raise DataError(f"{out / names[s]} exists but has no record in {out / RECORDS_DIR}: it was not written "
+                                "by 'g3dr prep shards' for this folder, and overwriting it would mix two datasets; "
+                                "move it away or write to a new --out")
             todo.append(s)
         elif record.get("fingerprint") != fingerprint:
             raise DataError(
@@ -357,7 +361,17 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     result = JobResult(len(todo), skipped, samples, rejected, seconds, manifest)
     log.info("wrote %d shards (%d samples, %d rejected) in %.1fs: %.1f images/s with %d workers; skipped %d finished shards",
              len(todo), samples, rejected, seconds, result.images_per_second, spec.workers, skipped)
+    if manifest is not None and manifest["num_samples"] == 0:
+        raise DataError(empty_dataset_message(out, manifest))
     return result
+
+
+def empty_dataset_message(out: Path, manifest: dict[str, Any]) -> str:
+    """The error for a finished dataset without a single sample (every input rejected)."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest.get("rejected_by_reason", {}).items()) or "none recorded"
+    return (f"{out} holds no samples: all {manifest['num_inputs']} inputs were rejected ({reasons}); see "
+            f"{Path(out) / REJECTS} for each file and reason (too_small: lower --min-size; missing_depth: check "
+            "--depth-src); nothing can train on an empty dataset")
 
 
 def _drain_progress(queue: Any, bar: Any) -> None:

@@ -179,6 +179,12 @@ def load_f_trigen(path: str | Path, device: str | torch.device = "cpu",
     dropped = _prune_unknown_keys(meta["config"], Config)
     if dropped:
         log.warning("%s: ignoring stored config keys unknown to this version of g3dr: %s", path, ", ".join(dropped))
+    data = meta["config"].get("data") if isinstance(meta["config"], dict) else None
+    if isinstance(data, dict) and data.get("shards") and data.get("source", "synthetic") != "shards":
+        # Written before data.shards without data.source=shards became an error: it trained on the synthetic set.
+        log.warning("%s: stored data.shards=%r was never used (data.source=%r); ignoring it", path, data["shards"],
+                    data.get("source", "synthetic"))
+        data["shards"] = ""
     cfg = config_from_dict(meta["config"], overrides, source=f"{path} (stored config)")
     if cfg.renderer.plane_convention != meta["plane_convention"]:
         raise ConfigError(f"{path} was trained with plane convention {meta['plane_convention']!r}; "
