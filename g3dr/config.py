@@ -58,7 +58,8 @@ class DataConfig:
     """``synthetic``: procedural RGB-D primitives generated into ``synthetic_dir`` on first use;
     ``shards``: WebDataset shards named by ``shards``."""
     shards: str = ""
-    """Shard URLs: a brace pattern (``/data/train-{000000..000127}.tar``), a comma list, or ``pipe:``."""
+    """Shard URLs: a shard folder (with ``manifest.json``), a brace pattern (``/data/train-{000000..000127}.tar``), a
+    glob (``/data/train-*.tar``), a comma list, or ``pipe:``. Read only when ``source`` is ``shards``."""
     synthetic_dir: str = "outputs/synthetic"
     """Where the synthetic dataset is written and read (used when ``source`` is ``synthetic``)."""
     synthetic_size: int = 64

@@ -104,6 +104,13 @@ def read_f_trigen_metadata(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        if (path / "meta.json").is_file() or (path / "mp_rank_00_model_states.pt").is_file():
+            out = path.parent.parent / "exports" / f"{path.name}.safetensors"
+            raise WeightsError(f"{path} is a training checkpoint folder (DeepSpeed), not an f_trigen .safetensors file; "
+                               f"export it first: g3dr export {path} {out}")
+        raise WeightsError(f"{path} is a folder, not an f_trigen .safetensors file (a training run's export is "
+                           "RUN/f_trigen.safetensors; 'g3dr export RUN/checkpoints/step-N' writes one per checkpoint)")
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist (train one with 'g3dr train' or convert the "
                            f"released model with 'g3dr import-official SRC {path}')")

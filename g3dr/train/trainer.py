@@ -256,7 +256,35 @@ def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype
     return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def export_f_trigen(cfg: Config, checkpoint: Path, out: Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """``g3dr export``: the fp32 ``.safetensors`` of the complete training checkpoint ``checkpoint`` (a ``step-N``
+    folder), written to ``out`` (default ``<run_dir>/exports/step-N.safetensors``, where ``g3dr eval --sweep`` puts
+    its exports). The checkpoint is verified first; the config is the one saved in it; the training run's MLflow
+    id goes into the file's metadata. One process."""
+    from g3dr.config import config_from_dict, load_config
+    from g3dr.outputs import check_output_file
+    from g3dr.train import checkpoint as ckpt
+
+    checkpoint = Path(checkpoint)
+    if not ckpt.is_complete(checkpoint):
+        raise ConfigError(f"{checkpoint} is not a complete training checkpoint (a step-N folder holding meta.json)")
+    problems = ckpt.verify_checkpoint(checkpoint)
+    if problems:
+        raise G3DRError(f"{checkpoint} is damaged: {problems[0]}; export another checkpoint")
+    out = Path(out) if out else checkpoint.parent.parent / "exports" / f"{checkpoint.name}.safetensors"
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"the export {out} must end in .safetensors")
+    check_output_file(out, "the export")
+    client = ckpt.read_meta(checkpoint).get("client_state", {})
+    if "config" in client:
+        cfg = config_from_dict(client["config"], source=f"{checkpoint}/meta.json")
+    else:
+        cfg = load_config(checkpoint.parent.parent / CONFIG_FILENAME)
+    extra = {"mlflow_run_id": str(client["mlflow_run_id"])} if client.get("mlflow_run_id") else None
+    return export_f_trigen(cfg, checkpoint, out, extra_metadata=extra)
+
+
+def export_f_trigen(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str, str] | None = None) -> Path:
     """Write one fp32 ``.safetensors`` of f_trigen from a complete checkpoint directory (rank 0, after a save).
 
     With ZeRO 1/2 the fp32 master weights are rebuilt from the optimizer partitions (DeepSpeed's
@@ -278,7 +306,7 @@ def export_f_trigen(cfg: Config, checkpoint: Path, out: Path) -> Path:
             log.warning("exporting bf16 module weights upcast to fp32 (ZeRO stage 0 keeps no fp32 copy on disk)")
         state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return save_f_trigen(model, cfg, out, step=step, source="train")
+    return save_f_trigen(model, cfg, out, step=step, source="train", extra_metadata=extra_metadata)
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
