@@ -119,8 +119,8 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
                 urls.append(name)
     if not urls:
         if empty_globs:
-            raise DataError(f"shard pattern {spec!r} (data.shards / --data) matches no file: the glob {empty_globs[0]!r} "
-                            "matches nothing; check the folder and the pattern")
+            raise DataError(f"shard pattern {spec!r} (data.shards / --data) matches no file: the glob "
+                            f"{empty_globs[0]!r} matches nothing; check the folder and the pattern")
         raise DataError(f"no shard URLs in {spec!r}; set data.shards to a brace pattern, a list or a shard folder")
     if len(set(urls)) != len(urls):
         raise DataError(f"shard list {spec!r} names some shards twice; each shard must appear once")

@@ -115,7 +115,11 @@ def _skip_unused_deepspeed_ops() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    try:
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # None on accelerators without it
+    except Exception as err:  # noqa: BLE001 - an optimisation only: never stop a run for it
+        log.debug("cannot look up DeepSpeed's ShareMemCommBuilder (%s); leaving DeepSpeed's ops as they are", err)
+        return
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 

@@ -52,7 +52,8 @@ def test_rollback_then_resume_auto_follows_latest_and_forks_the_mlflow_run(tmp_p
     assert sorted(p.name for p in (root / "set-aside").iterdir()) == ["step-4.abandoned", "step-6.abandoned"]
     assert rolled.start_step == 2 and rolled.abandoned == ["step-4", "step-6"]
     new_four = root / "step-4"
-    assert ckpt.read_meta(new_four)["parent"] == "step-2" and ckpt.read_meta(new_four)["client_state"]["mlflow_run_id"] == rolled.run_id
+    meta = ckpt.read_meta(new_four)
+    assert meta["parent"] == "step-2" and meta["client_state"]["mlflow_run_id"] == rolled.run_id
 
     requeued = train(cfg, resume="auto")  # a SLURM requeue
     assert requeued.start_step == 4 and requeued.step == 6  # the new step-4, not the abandoned step-6
@@ -124,7 +125,8 @@ def test_resuming_at_or_past_total_steps_trains_nothing_and_leaves_the_config(tm
         longer = train(_cfg(tmp_path, "run", "train.total_steps=4", "train.checkpoint_every=2"), resume="auto",
                        export=False)
     assert longer.start_step == 2 and longer.step == 4
-    assert "train.total_steps changed from 2 to 4 on resume at step 2" in caplog.text and "the LR at step 2" in caplog.text
+    assert "train.total_steps changed from 2 to 4 on resume at step 2" in caplog.text
+    assert "the LR at step 2" in caplog.text
 
 
 class _Batches:

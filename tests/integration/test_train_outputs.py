@@ -33,7 +33,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_cases(fs_faults, tmp_path: Path, cases: list[list[str]], mounts: dict[Path, str], repo_root: Path) -> list[dict]:
+def _run_cases(fs_faults, tmp_path: Path, cases: list[list[str]], mounts: dict[Path, str],
+               repo_root: Path) -> list[dict]:
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     helper = repo_root / "tests" / "helpers" / "cli_cases.py"
     proc = fs_faults.run_with_tmpfs(f"exec {sys.executable} {helper} {tmp_path / 'cases.json'} {tmp_path / 'out.json'}",
