@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from g3dr.data.depth_codec import encode_u16_png, u16_from_image
-from g3dr.data.shard_writer import Item, Prepared, Rejected, StoreOptions, centre_square, encode_image
+from g3dr.data.shard_writer import (Item, Prepared, Rejected, StoreOptions, centre_square, encode_image,
+                                   image_error_detail, input_problem)
 from g3dr.errors import DataError
 
 __all__ = ["FileSource", "Item", "Prepared", "Rejected", "StoreOptions", "centre_square", "encode_image",
@@ -83,7 +83,7 @@ def load_rgb(path: str) -> tuple[Image.Image, bytes, str]:
             mode = image.mode
             rgb = image.convert("RGB") if mode != "RGB" else image.copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise RejectError("corrupt_image", str(err)) from None
+        raise RejectError("corrupt_image", f"{Path(path).name}: {image_error_detail(err)}") from None
     return rgb, data, mode
 
 
@@ -98,7 +98,7 @@ def load_depth_codes(path: str) -> np.ndarray:
     except DataError as err:
         raise RejectError("depth_not_16bit", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise RejectError("corrupt_depth", str(err)) from None
+        raise RejectError("corrupt_depth", f"{Path(path).name}: {image_error_detail(err)}") from None
 
 
 def resize_codes(codes: np.ndarray, size: int) -> np.ndarray:
@@ -258,8 +258,9 @@ class FileSource:
 
     def _load_checked(self, item: Item) -> tuple[Image.Image, bytes, str]:
         image, data, mode = load_rgb(item.image)
-        if min(image.size) < self.options.min_size:
-            raise RejectError("too_small", f"{image.size[0]}x{image.size[1]} is below --min-size {self.options.min_size}")
+        problem = input_problem(image.size, None, self.options.min_size)
+        if problem:
+            raise RejectError(*problem)
         return image, data, mode
 
     def _meta(self, item: Item, image: Image.Image, mode: str, crop, depth_source: str, mapping: dict) -> dict:
@@ -272,11 +273,9 @@ class FileSource:
             image, data, mode = self._load_checked(item)
             codes = load_depth_codes(item.depth)
             if codes.shape[::-1] != image.size:
-                aspect_image = image.size[0] / image.size[1]
-                aspect_depth = codes.shape[1] / codes.shape[0]
-                if not math.isclose(aspect_image, aspect_depth, rel_tol=0.01):
-                    raise RejectError("depth_size_mismatch",
-                                      f"depth {codes.shape[1]}x{codes.shape[0]} vs image {image.size[0]}x{image.size[1]}")
+                problem = input_problem(image.size, codes.shape[::-1], self.options.min_size)
+                if problem:
+                    raise RejectError(*problem)
                 resized = Image.fromarray(codes.astype(np.float32), mode="F").resize(image.size, Image.Resampling.LANCZOS)
                 codes = np.clip(np.rint(np.asarray(resized)), 0, 65535).astype(np.uint16)
         except RejectError as err:

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from g3dr.data.depth_codec import decode_u16_png
-from g3dr.data.shard_writer import MANIFEST, REJECTS, sha256_file
+from g3dr.data.shard_writer import MANIFEST, REJECTS, empty_dataset_message, sha256_file
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 
@@ -148,6 +148,8 @@ def validate_folder(folder: str | Path, progress: bool = True) -> tuple[list[str
         problems.append(f"{REJECTS} is missing")
     elif num_rejects != manifest["num_rejected"]:
         problems.append(f"{REJECTS} has {num_rejects} lines, manifest says {manifest['num_rejected']}")
+    if manifest["num_samples"] == 0:
+        problems.append(empty_dataset_message(folder, manifest))
     if manifest["num_samples"] + manifest["num_rejected"] != manifest["num_inputs"]:
         problems.append(f"manifest: inputs {manifest['num_inputs']} != samples {manifest['num_samples']} "
                         f"+ rejected {manifest['num_rejected']}")

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         return _score_images(args)
     if args.watch and not args.sweep:
         raise ConfigError("--watch needs --sweep DIR")
+    check_eval_outputs(args)
     dist, owns_group = _init_distributed()
     stop = StopFlag().install()
     try:
@@ -148,6 +149,33 @@ def run(args: argparse.Namespace) -> int:
             import torch.distributed as tdist
 
             tdist.destroy_process_group()
+
+
+def check_eval_outputs(args: argparse.Namespace) -> None:
+    """Before any model or data is loaded: the folders eval writes can be written (an OutputError naming the flag,
+    the folder and the cause otherwise: read-only, full, a file where a folder should be). Nothing is created:
+    a job that stops later (missing weights) leaves no empty folders behind."""
+    from pathlib import Path
+
+    from g3dr.errors import ConfigError
+    from g3dr.outputs import check_writable_dir
+
+    if args.sweep:
+        sweep_dir = Path(args.sweep)
+        if not sweep_dir.is_dir():
+            raise ConfigError(f"--sweep {sweep_dir}: not a directory")
+        check_writable_dir(Path(args.out) if args.out else sweep_dir / "eval", "--out" if args.out else "eval folder",
+                           "pass --out DIR on a writable disk", create=False)
+        if not args.no_export and (sweep_dir / "checkpoints").is_dir():
+            check_writable_dir(sweep_dir / "exports", "the exports folder of --sweep",
+                               "pass --no-export, or make the run folder writable", create=False)
+    elif args.out:
+        check_writable_dir(args.out, "--out", create=False)
+    elif Path(args.checkpoint).is_file():  # the default beside it (a wrong path is reported by the checkpoint reader)
+        check_writable_dir(Path(args.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk",
+                           create=False)
+    if args.save_images:
+        check_writable_dir(args.save_images, "--save-images", create=False)
 
 
 def _score_images(args: argparse.Namespace) -> int:

@@ -253,7 +253,7 @@ class Evaluator:
 
     def data_urls(self, cfg: Config) -> list[str]:
         from g3dr.data.loader import ensure_synthetic
-        from g3dr.data.pipeline import expand_shard_urls
+        from g3dr.data.pipeline import expand_existing_shard_urls, expand_shard_urls
 
         key = f"{cfg.data.source}|{cfg.data.shards}|{cfg.data.synthetic_dir}"
         if key not in self._urls:
@@ -263,7 +263,7 @@ class Evaluator:
                 folder = broadcast_object(folder)
                 urls = expand_shard_urls(folder)
             else:
-                urls = expand_shard_urls(cfg.data.shards)
+                urls = expand_existing_shard_urls(cfg.data.shards)  # a pattern matching nothing says so
             self._urls[key] = urls
         return self._urls[key]
 

@@ -20,6 +20,7 @@ from g3dr.log import setup_logging
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.data_prep.cli",     # prep
     "g3dr.train.cli",         # train
+    "g3dr.train.export_cli",  # export
     "g3dr.launchers.cli",     # submit
     "g3dr.eval.cli",          # eval
     "g3dr.models.render_cli",  # render

@@ -58,7 +58,8 @@ class DataConfig:
     """``synthetic``: procedural RGB-D primitives generated into ``synthetic_dir`` on first use;
     ``shards``: WebDataset shards named by ``shards``."""
     shards: str = ""
-    """Shard URLs: a brace pattern (``/data/train-{000000..000127}.tar``), a comma list, or ``pipe:``."""
+    """Shard URLs: a shard folder (with ``manifest.json``), a brace pattern (``/data/train-{000000..000127}.tar``), a
+    glob (``/data/train-*.tar``), a comma list, or ``pipe:``. Read only when ``source`` is ``shards``."""
     synthetic_dir: str = "outputs/synthetic"
     """Where the synthetic dataset is written and read (used when ``source`` is ``synthetic``)."""
     synthetic_size: int = 64
@@ -97,6 +98,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.source != "shards" or bool(self.shards), "source",
                "is 'shards' but data.shards is empty: set data.shards to the shard URLs, e.g. data.shards=/data/train-{000000..000127}.tar")
+        # Setting shards alone used to train on the synthetic set without a word.
+        _check(self.source == "shards" or not self.shards, "source",
+               f"is {self.source!r} but data.shards is set ({self.shards!r}): add data.source=shards to train on those "
+               "shards, or leave data.shards empty for the synthetic set (docs/data.md, 'Training on your own shards')")
         _check(self.synthetic_size > 0, "synthetic_size", f"must be > 0, got {self.synthetic_size}")
         _check(self.synthetic_views >= 0, "synthetic_views", f"must be >= 0, got {self.synthetic_views}")
         _check(self.synthetic_view_cameras in ("sampled", "video"), "synthetic_view_cameras",

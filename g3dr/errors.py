@@ -24,3 +24,8 @@ class DataError(G3DRError):
 
 class WeightsError(G3DRError):
     """A required weight file (CLIP, VGG, Inception, depth model, checkpoint) is missing or invalid."""
+
+
+class OutputError(G3DRError):
+    """An output location cannot be written: a read-only file system, a full disk, no permission, or a file
+    where a folder should be. The message names the location, the cause and what to do."""

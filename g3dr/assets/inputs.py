@@ -153,7 +153,9 @@ class DepthFiller:
                 image.load()
                 image = image.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:
-            raise Rejected("corrupt_image", str(err)) from None
+            from g3dr.data.shard_writer import image_error_detail
+
+            raise Rejected("corrupt_image", f"{image_key}: {image_error_detail(err)}") from None
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         square = image.crop((left, top, left + side, top + side))  # the centre square, as g3dr prep crops

@@ -19,8 +19,8 @@ import torch
 
 from g3dr.config import Config
 from g3dr.data.counts import CountsByWorker, DataCounts
-from g3dr.data.pipeline import (ShardStream, expand_shard_urls, finish_batch, manifest_num_samples,
-                                plan_exact_workers, read_manifest)
+from g3dr.data.pipeline import (ShardStream, expand_existing_shard_urls, expand_shard_urls, finish_batch,
+                                manifest_num_samples, plan_exact_workers, read_manifest)
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
 from g3dr.log import get_logger
@@ -76,10 +76,10 @@ def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
 
 def _urls(cfg: Config, shards: Any = None) -> list[str]:
     if shards is not None:
-        return expand_shard_urls(shards)
+        return expand_existing_shard_urls(shards)
     if cfg.data.source == "synthetic":
         return expand_shard_urls(ensure_synthetic(cfg))
-    return expand_shard_urls(cfg.data.shards)
+    return expand_existing_shard_urls(cfg.data.shards)
 
 
 def _data_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.DataLoader:

@@ -39,6 +39,7 @@ the message arrives without a worker traceback).
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import random
@@ -93,26 +94,66 @@ def _split_top_level_commas(text: str) -> list[str]:
 def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     """Shard URLs from a pattern, a list or a folder; order is preserved, duplicates are an error.
 
-    ``"/d/train-{000000..000003}.tar"`` -> 4 paths; ``"a.tar::b.tar"`` or ``"a.tar,b.tar"`` -> 2;
-    a folder with ``manifest.json`` -> its shards; ``"pipe:curl -s http://h/s-{0..1}.tar"`` -> 2 commands.
+    ``"/d/train-{000000..000003}.tar"`` -> 4 paths; ``"/d/train-*.tar"`` -> the matching files, sorted;
+    ``"a.tar::b.tar"`` or ``"a.tar,b.tar"`` -> 2; a folder with ``manifest.json`` -> its shards;
+    ``"pipe:curl -s http://h/s-{0..1}.tar"`` -> 2 commands. Names are not checked on disk (globs aside):
+    :func:`expand_existing_shard_urls` does that for the loaders.
     """
     if isinstance(spec, (list, tuple)):
         pieces = [str(s) for s in spec]
     else:
         pieces = [p for chunk in str(spec).split("::") for p in _split_top_level_commas(chunk)]
     urls: list[str] = []
+    empty_globs: list[str] = []
     for piece in (p.strip() for p in pieces):
         if not piece:
             continue
-        if not piece.startswith("pipe:") and Path(piece).is_dir():
+        if _is_remote(piece):
+            urls += list(braceexpand.braceexpand(piece))
+            continue
+        if Path(piece).is_dir():
             urls += shards_of_folder(piece)
             continue
-        urls += list(braceexpand.braceexpand(piece))
+        for name in braceexpand.braceexpand(piece):
+            if _GLOB_CHARS.search(name) and not Path(name).exists():
+                matches = sorted(glob.glob(name))
+                if not matches:
+                    empty_globs.append(name)
+                urls += matches
+            else:
+                urls.append(name)
     if not urls:
+        if empty_globs:
+            raise DataError(f"shard pattern {spec!r} (data.shards / --data) matches no file: the glob "
+                            f"{empty_globs[0]!r} matches nothing; check the folder and the pattern")
         raise DataError(f"no shard URLs in {spec!r}; set data.shards to a brace pattern, a list or a shard folder")
     if len(set(urls)) != len(urls):
         raise DataError(f"shard list {spec!r} names some shards twice; each shard must appear once")
     return urls
+
+
+def expand_existing_shard_urls(spec: str | Sequence[str]) -> list[str]:
+    """:func:`expand_shard_urls`, then a :class:`DataError` when the spec names local files and not one exists (a
+    mistyped folder or pattern), instead of a later complaint about a missing manifest. Some missing files are left
+    to the readers, which skip and count them as lost shards."""
+    urls = expand_shard_urls(spec)
+    local = [u for u in urls if not _is_remote(u)]
+    if local and len(local) == len(urls) and not any(Path(u).is_file() for u in local):
+        where = Path(local[0]).parent
+        hint = "" if where.is_dir() else f" (the folder {where} does not exist)"
+        raise DataError(f"shard pattern {spec!r} (data.shards / --data) matches no file: it names {len(local)} "
+                        f"file(s), none of which exists, e.g. {local[0]}{hint}; check the path and the pattern "
+                        "(a brace pattern train-{000000..000127}.tar, a glob train-*.tar, a comma list, or a shard "
+                        "folder holding manifest.json)")
+    return urls
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _is_remote(url: str) -> bool:
+    """``pipe:`` commands and ``scheme://`` URLs: opened by WebDataset, not checked on this machine's disk."""
+    return url.startswith("pipe:") or "://" in url
 
 
 def shards_of_folder(folder: str | Path) -> list[str]:

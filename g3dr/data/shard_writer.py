@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import threading
@@ -34,8 +35,12 @@ from PIL import Image
 
 from g3dr.errors import DataError
 from g3dr.log import get_logger
+from g3dr.outputs import check_writable_dir, writing
 
 log = get_logger("g3dr.data_prep")
+
+MIN_INPUT_SIZE = 64
+"""Default shortest side an input image must have (``g3dr prep shards --min-size``, ``g3dr render --min-size``)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +85,7 @@ class StoreOptions:
     resolutions: tuple[int, ...] = (256,)
     image_format: Literal["jpg", "webp"] = "jpg"
     quality: int = 95
-    min_size: int = 64
+    min_size: int = MIN_INPUT_SIZE
     """Inputs whose shorter side is below this are rejected (``too_small``)."""
     depth_png_level: int = 0
     """zlib level of the depth PNGs. 0 (stored) decodes ~2.5x faster than 1-9 for ~30% more bytes;
@@ -89,6 +94,30 @@ class StoreOptions:
     def to_json(self) -> dict[str, Any]:
         return {"resolutions": list(self.resolutions), "image_format": self.image_format,
                 "quality": self.quality, "min_size": self.min_size, "depth_png_level": self.depth_png_level}
+
+
+def input_problem(image_size: tuple[int, int], depth_size: tuple[int, int] | None,
+                  min_size: int = MIN_INPUT_SIZE) -> tuple[str, str] | None:
+    """``(reason, detail)`` when an input image of ``image_size`` (width, height) with a depth map of ``depth_size``
+    (width, height; None: not known yet) must be rejected, else None. One rule for every job that reads inputs
+    (prep, render): the shorter side at least ``min_size`` (``too_small``), and a depth map of the image's aspect
+    ratio, to 1% (``depth_size_mismatch``; a depth map of another size but the same aspect is resized)."""
+    width, height = image_size
+    if min(width, height) < min_size:
+        return "too_small", f"{width}x{height} is below --min-size {min_size}"
+    if depth_size is not None and tuple(depth_size) != tuple(image_size):
+        if not math.isclose(width / height, depth_size[0] / depth_size[1], rel_tol=0.01):
+            return "depth_size_mismatch", f"depth {depth_size[0]}x{depth_size[1]} vs image {width}x{height}"
+    return None
+
+
+def image_error_detail(err: BaseException) -> str:
+    """PIL's message for an unreadable image, without the in-memory buffer it names (``cannot identify image file
+    <_io.BytesIO object at 0x...>``); callers put the file name in front."""
+    text = str(err)
+    if "cannot identify image file" in text:
+        return "not an image file PIL can read (unknown format, or not an image at all)"
+    return text or type(err).__name__
 
 
 def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
@@ -200,23 +229,28 @@ def write_shard(source: Source, items: Sequence[Item], out: Path, name: str, fin
     tmp = out / f".{name}.tmp-{os.getpid()}"
     rejects: list[dict[str, str]] = []
     count = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for lo in range(0, len(items), batch):
-            chunk = items[lo:lo + batch]
-            for result in source.prepare_batch(chunk):
-                if isinstance(result, Rejected):
-                    rejects.append(result.to_json())
-                    continue
-                for ext in sorted(result.files):
-                    _add_member(tar, f"{result.key}.{ext}", result.files[ext])
-                count += 1
-            if on_inputs is not None:
-                on_inputs(len(chunk))
-    record = {"name": name, "samples": count, "inputs": len(items), "bytes": tmp.stat().st_size,
-              "sha256": sha256_file(tmp), "rejects": rejects, "fingerprint": fingerprint,
-              "seconds": round(time.perf_counter() - start, 3)}
-    _write_json_atomic(out / RECORDS_DIR / f"{name}.json", record)
-    os.replace(tmp, out / name)
+    try:
+        with writing(out / name, "shard", "free space (or choose another --out) and rerun: finished shards are kept"):
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for lo in range(0, len(items), batch):
+                    chunk = items[lo:lo + batch]
+                    for result in source.prepare_batch(chunk):
+                        if isinstance(result, Rejected):
+                            rejects.append(result.to_json())
+                            continue
+                        for ext in sorted(result.files):
+                            _add_member(tar, f"{result.key}.{ext}", result.files[ext])
+                        count += 1
+                    if on_inputs is not None:
+                        on_inputs(len(chunk))
+            record = {"name": name, "samples": count, "inputs": len(items), "bytes": tmp.stat().st_size,
+                      "sha256": sha256_file(tmp), "rejects": rejects, "fingerprint": fingerprint,
+                      "seconds": round(time.perf_counter() - start, 3)}
+            _write_json_atomic(out / RECORDS_DIR / f"{name}.json", record)
+            os.replace(tmp, out / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written shard gives its space back
+        raise
     return record
 
 
@@ -259,6 +293,7 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     if spec.workers < 1:
         raise DataError(f"--workers must be >= 1, got {spec.workers}")
     out = Path(spec.out)
+    check_writable_dir(out, "--out")  # before any input is read: read-only, full, or a file in the way
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
 
     items = source.list_items()
@@ -272,6 +307,10 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     for s in mine:
         record = _read_record(out, names[s])
         if record is None:
+            if (out / names[s]).exists():  # a finished shard always has its record (written before the rename)
+                raise DataError(f"{out / names[s]} exists but has no record in {out / RECORDS_DIR}: it was not written "
+                                "by 'g3dr prep shards' for this folder, and overwriting it would mix two datasets; "
+                                "move it away or write to a new --out")
             todo.append(s)
         elif record.get("fingerprint") != fingerprint:
             raise DataError(
@@ -322,7 +361,17 @@ def run_shard_job(source: Source, spec: JobSpec, command: str = "", config: dict
     result = JobResult(len(todo), skipped, samples, rejected, seconds, manifest)
     log.info("wrote %d shards (%d samples, %d rejected) in %.1fs: %.1f images/s with %d workers; skipped %d finished shards",
              len(todo), samples, rejected, seconds, result.images_per_second, spec.workers, skipped)
+    if manifest is not None and manifest["num_samples"] == 0:
+        raise DataError(empty_dataset_message(out, manifest))
     return result
+
+
+def empty_dataset_message(out: Path, manifest: dict[str, Any]) -> str:
+    """The error for a finished dataset without a single sample (every input rejected)."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in manifest.get("rejected_by_reason", {}).items()) or "none recorded"
+    return (f"{out} holds no samples: all {manifest['num_inputs']} inputs were rejected ({reasons}); see "
+            f"{Path(out) / REJECTS} for each file and reason (too_small: lower --min-size; missing_depth: check "
+            "--depth-src); nothing can train on an empty dataset")
 
 
 def _drain_progress(queue: Any, bar: Any) -> None:
@@ -366,10 +415,11 @@ def finalize(out: Path, names: Sequence[str], num_inputs: int, fingerprint: str,
         "command": command,
         "config": config,
     }
-    rejects_tmp = out / f".{REJECTS}.tmp-{os.getpid()}"
-    rejects_tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    os.replace(rejects_tmp, out / REJECTS)
-    _write_json_atomic(out / MANIFEST, manifest)
+    with writing(out / MANIFEST, "the manifest", "free space and rerun (the shards are finished and kept)"):
+        rejects_tmp = out / f".{REJECTS}.tmp-{os.getpid()}"
+        rejects_tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+        os.replace(rejects_tmp, out / REJECTS)
+        _write_json_atomic(out / MANIFEST, manifest)
     log.info("manifest: %d inputs = %d written + %d rejected %s, %d shards, %.1f MB",
              num_inputs, written, len(rejects), manifest["rejected_by_reason"], len(names),
              manifest["total_bytes"] / 1e6)

@@ -80,8 +80,23 @@ def save_f_trigen(model: torch.nn.Module, cfg: Config, path: str | Path, step: i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    # safetensors creates its file with mode 0600 whatever the umask; give it the mode every other output gets.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells it, else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_f_trigen_metadata(path: str | Path) -> dict[str, Any]:
@@ -89,6 +104,13 @@ def read_f_trigen_metadata(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        if (path / "meta.json").is_file() or (path / "mp_rank_00_model_states.pt").is_file():
+            out = path.parent.parent / "exports" / f"{path.name}.safetensors"
+            raise WeightsError(f"{path} is a training checkpoint folder (DeepSpeed), not an f_trigen .safetensors file; "
+                               f"export it first: g3dr export {path} {out}")
+        raise WeightsError(f"{path} is a folder, not an f_trigen .safetensors file (a training run's export is "
+                           "RUN/f_trigen.safetensors; 'g3dr export RUN/checkpoints/step-N' writes one per checkpoint)")
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist (train one with 'g3dr train' or convert the "
                            f"released model with 'g3dr import-official SRC {path}')")
@@ -164,6 +186,12 @@ def load_f_trigen(path: str | Path, device: str | torch.device = "cpu",
     dropped = _prune_unknown_keys(meta["config"], Config)
     if dropped:
         log.warning("%s: ignoring stored config keys unknown to this version of g3dr: %s", path, ", ".join(dropped))
+    data = meta["config"].get("data") if isinstance(meta["config"], dict) else None
+    if isinstance(data, dict) and data.get("shards") and data.get("source", "synthetic") != "shards":
+        # Written before data.shards without data.source=shards became an error: it trained on the synthetic set.
+        log.warning("%s: stored data.shards=%r was never used (data.source=%r); ignoring it", path, data["shards"],
+                    data.get("source", "synthetic"))
+        data["shards"] = ""
     cfg = config_from_dict(meta["config"], overrides, source=f"{path} (stored config)")
     if cfg.renderer.plane_convention != meta["plane_convention"]:
         raise ConfigError(f"{path} was trained with plane convention {meta['plane_convention']!r}; "

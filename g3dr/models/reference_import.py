@@ -247,9 +247,8 @@ def read_reference_checkpoint(path: str | Path, allow_pickle: bool = False) -> t
                 if _DataOnlyUnpickler.replaced:
                     log.info("ignored objects of types %s (not part of the model weights)",
                              ", ".join(sorted(_DataOnlyUnpickler.replaced)))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ImportError, AttributeError) as err:
-        hint = "" if allow_pickle else "; if the file comes from a trusted source, --allow-pickle unpickles it fully"
-        raise WeightsError(f"{path} is not a readable torch checkpoint: {err}{hint}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises anything (KeyError, SafetensorError, ...) for junk
+        raise WeightsError(_unreadable(path, err, allow_pickle)) from None
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], Mapping):
         state, step = data["model"], data.get("step", 0)
     else:
@@ -264,6 +263,29 @@ def read_reference_checkpoint(path: str | Path, allow_pickle: bool = False) -> t
     except (TypeError, ValueError):
         raise WeightsError(f"{path}: 'step' is not an integer ({step!r})") from None
     return dict(state), step
+
+
+def _unreadable(path: Path, err: BaseException, allow_pickle: bool) -> str:
+    """One line for a ``src`` that torch cannot load: what the file looks like, and what to give instead."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    cause = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    expected = "expected the G3DR release's checkpoint_generic.pt (a torch.save file)"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch zip archive or a legacy pickle: damaged or foreign
+        hint = "" if allow_pickle else "; if it comes from a trusted source, --allow-pickle unpickles it fully"
+        return f"{path} is a torch/pickle file that cannot be read as a checkpoint ({cause}){hint}"
+    try:
+        from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+        read_f_trigen_metadata(path)
+    except Exception:  # noqa: BLE001 - not ours either
+        pass
+    else:
+        return f"{path} is already a g3dr f_trigen checkpoint: no import needed, use it as it is"
+    if head[:8].isascii() and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"{path} is a text file, not a torch checkpoint; {expected}"
+    return f"{path} is not a torch checkpoint (first bytes {head[:8].hex()}); {expected}"
 
 
 def import_official(src: str | Path, dst: str | Path, cfg: Config, allow_pickle: bool = False) -> dict[str, Any]:

@@ -50,22 +50,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="float32 arrays rgb (3,H,W) in [-1,1], depth (1,H,W), weight_sum (1,H,W); with --video "
                              "a leading frame axis")
     parser.add_argument("--png", metavar="OUT.png", help="the rendered RGB as an 8-bit PNG")
+    parser.add_argument("--min-size", type=int, default=64, metavar="PX",
+                        help="reject an input whose shorter side is smaller (default 64, as 'g3dr prep shards')")
     parser.set_defaults(handler=run)
 
 
 def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, depth_scale: float = 2.0,
-              depth_offset: float = 4.0):
+              depth_offset: float = 4.0, min_size: int | None = None):
     """``(rgb (1, 3, R, R) in [-1, 1], depth (1, 1, R, R))`` float32 tensors of one image + depth PNG pair.
 
-    The same steps as the training decoder: centre square, Lanczos resize to R (depth resized as float,
-    never through an 8-bit mode, clamped to the range of the 16-bit codes against Lanczos overshoot),
-    depth decoded from the release PNG by :func:`g3dr.data.decode_depth_png`.
+    The same checks as ``g3dr prep shards`` (:func:`g3dr.data.shard_writer.input_problem`: shorter side at least
+    ``min_size``, default prep's 64; a depth map of the image's aspect ratio), then the same steps as the training
+    decoder: centre square, Lanczos resize to R (depth resized as float, never through an 8-bit mode, clamped to
+    the range of the 16-bit codes against Lanczos overshoot), depth decoded from the release PNG by
+    :func:`g3dr.data.decode_depth_png`. A pair prep would reject is a :class:`DataError` naming the file.
     """
     import numpy as np
     import torch
     from PIL import Image
 
     from g3dr.data import decode_depth_png
+    from g3dr.data.shard_writer import MIN_INPUT_SIZE, image_error_detail, input_problem
 
     for path, what in ((image_path, "image"), (depth_path, "depth PNG")):
         if not Path(path).is_file():
@@ -77,14 +82,23 @@ def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, d
         top, left = (h - side) // 2, (w - side) // 2
         return array[top:top + side, left:left + side]
 
+    # PIL and the depth codec raise many types for unreadable files: each becomes a DataError naming the file.
     try:
         with Image.open(image_path) as image:
-            rgb = square(np.asarray(image.convert("RGB")))
-        depth = square(decode_depth_png(Path(depth_path).read_bytes()))  # release decoding: v / 65536 * 2 + 4
-    except DataError:
-        raise
-    except Exception as err:  # PIL and the depth codec raise many types for unreadable files
-        raise DataError(f"cannot decode {image_path} + {depth_path}: {err}") from None
+            full_rgb = np.asarray(image.convert("RGB"))
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"--image {image_path}: {image_error_detail(err)}; give an RGB image (jpg, png)") from None
+    try:
+        full_depth = decode_depth_png(Path(depth_path).read_bytes())  # release decoding: v / 65536 * 2 + 4
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"--depth {depth_path}: {image_error_detail(err)}; give a 16-bit release-format depth "
+                        "PNG") from None
+    min_size = MIN_INPUT_SIZE if min_size is None else min_size
+    problem = input_problem(full_rgb.shape[1::-1], full_depth.shape[::-1], min_size)
+    if problem:
+        raise DataError(f"{image_path} + {depth_path}: {problem[1]} ({problem[0]}); 'g3dr prep shards' rejects this "
+                        "input too. Use a larger image (--min-size lowers the limit) with a depth map of its shape")
+    rgb, depth = square(full_rgb), square(full_depth)
     if rgb.shape[0] != resolution:
         rgb = np.asarray(Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.LANCZOS))
     if depth.shape[0] != resolution:
@@ -180,13 +194,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resolution must be >= 1, got {args.resolution}")
     if (args.depth is None) == (args.depth_model is None):
         raise ConfigError("give exactly one of --depth DEPTH_PNG and --depth-model DIR")
+    from g3dr.outputs import check_output_file
+
+    for flag, path in (("--png", args.png), ("--save-npz", args.save_npz), ("--video", args.video)):
+        if path:  # before the model is loaded: a read-only or mistyped output fails now, not after the render
+            check_output_file(path, flag)
 
     model, cfg, meta, device = load_model(args)
     resolution = args.resolution or cfg.data.resolution
     if args.depth_prior and resolution != cfg.data.resolution:
         raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
     if args.depth is not None:
-        rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
+        rgb, depth = load_rgbd(args.image, args.depth, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset,
+                               min_size=args.min_size)
     else:  # depth from the data-prep depth backend (see docs/assets.md)
         from g3dr.assets.inputs import DepthFiller, Rejected, input_from_files, rgbd_from_sample
 
@@ -211,20 +231,23 @@ def run(args: argparse.Namespace) -> int:
     images = render_angles(model, planes, yaw, pitch, resolution=resolution,
                            depth=depth if args.depth_prior else None, generator=generator, progress=True)
 
+    from g3dr.outputs import writing
+
     half = cfg.renderer.box_warp / 2
     if args.video:
-        write_video(args.video, images["rgb"], images["depth"], args.fps, cam.radius - half, cam.radius + half)
+        with writing(args.video, "--video"):
+            write_video(args.video, images["rgb"], images["depth"], args.fps, cam.radius - half, cam.radius + half)
         log.info("wrote %s (%d frames at %d fps)", args.video, args.frames, args.fps)
     if args.save_npz:
         squeeze = not args.video
         arrays = {key: (images[key][0] if squeeze else images[key]).numpy().astype(np.float32)
                   for key in ("rgb", "depth", "weight_sum")}
-        Path(args.save_npz).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.save_npz, **arrays)
+        with writing(args.save_npz, "--save-npz"):
+            np.savez(args.save_npz, **arrays)
         log.info("wrote %s", args.save_npz)
     if args.png:
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_uint8_rgb(images["rgb"])[0]).save(args.png)
+        with writing(args.png, "--png"):
+            Image.fromarray(_uint8_rgb(images["rgb"])[0]).save(args.png)
         log.info("wrote %s", args.png)
     print(f"rendered {yaw.shape[0]} view(s) at {resolution}x{resolution} from {args.checkpoint} (step {meta['step']}): "
           f"mean weight_sum {images['weight_sum'].mean().item():.4f}, mean depth {images['depth'].mean().item():.4f}")

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     log = get_logger("g3dr.train")
     if result.preempted:
         return EXIT_PREEMPTED
+    if result.already_finished:  # the trainer said what happened; nothing was trained or rewritten
+        return 0
     log.info("done: step %d, checkpoint %s, export %s, MLflow run %s", result.step, result.checkpoint,
              result.export, result.run_id)
     return 0

@@ -221,20 +221,53 @@ class MlflowTracker(NullTracker):
             return
         self._call("log image", lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
 
+    def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
+        """Tag this run (or ``run_id``, another run of the same store)."""
+        if not self.active or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_PARAM_MAX]) for k, v in sorted(tags.items())]
+        target = run_id or self.run_id
+        self._call("set tags", lambda: self.client.log_batch(target, tags=items))
+
     def close(self, status: str = "FINISHED") -> None:
         if not self.active:
             return
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
-def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None) -> NullTracker:
+FORKED_FROM_RUN_TAG = "g3dr.forked_from_run"
+FORKED_AT_STEP_TAG = "g3dr.forked_at_step"
+ABANDONED_AFTER_STEP_TAG = "g3dr.abandoned_after_step"
+CONTINUED_IN_TAG = "g3dr.continued_in"
+
+
+def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None,
+                  forked_from: tuple[str, int, list[str]] | None = None) -> NullTracker:
     """Rank 0: an :class:`MlflowTracker` (reopening ``run_id`` on resume, logging params on a new run);
-    other ranks: a :class:`NullTracker`."""
+    other ranks: a :class:`NullTracker`.
+
+    ``forked_from = (old_run_id, step, abandoned checkpoints)``: the run resumed from an older checkpoint than its
+    newest (a rollback). A new run continues from ``step`` (named ``<run name>-from-step-<step>``, a child of the old
+    run in MLflow's UI) and the old run keeps the abandoned steps, tagged ``g3dr.abandoned_after_step`` and
+    ``g3dr.continued_in``; the new run carries ``g3dr.forked_from_run`` and ``g3dr.forked_at_step``. No curve of
+    either run then holds two values of one step.
+    """
     if not is_main:
         return NullTracker()
     run_name = cfg.logging.run_name or Path(cfg.run_dir).name
+    if forked_from is not None:
+        run_name = f"{run_name}-from-step-{forked_from[1]}"
     tracker = MlflowTracker(tracking_uri(cfg), cfg.logging.experiment, run_name, run_id=run_id,
                             artifact_location=artifact_location(cfg))
     if run_id is None:
         tracker.log_params(flatten_config(cfg))
+    if forked_from is not None and tracker.active:
+        old_run, step, abandoned = forked_from
+        tracker.set_tags({FORKED_FROM_RUN_TAG: old_run, FORKED_AT_STEP_TAG: step, "mlflow.parentRunId": old_run,
+                          "g3dr.abandoned_checkpoints": ",".join(abandoned)})
+        tracker.set_tags({ABANDONED_AFTER_STEP_TAG: step, CONTINUED_IN_TAG: tracker.run_id}, run_id=old_run)
+        log.warning("rollback to step %d: MLflow run %s continues in the new run %s (the abandoned steps stay in "
+                    "the old run, tagged %s)", step, old_run, tracker.run_id, ABANDONED_AFTER_STEP_TAG)
     return tracker

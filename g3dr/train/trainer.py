@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from g3dr.config import Config, config_to_dict, save_config
+from g3dr.config import CONFIG_FILENAME, Config, config_to_dict, save_config
 from g3dr.distributed import DistEnv, resolve_dist_env
-from g3dr.errors import ConfigError, G3DRError
+from g3dr.errors import ConfigError, G3DRError, OutputError
 from g3dr.log import get_logger
 
 log = get_logger("g3dr.train")
@@ -59,6 +59,10 @@ class TrainResult:
     """The Eq. 1 draws ``r`` of this rank, one per micro-batch (they differ between ranks)."""
     param_digest: str = ""
     """sha256 of this rank's fp32 parameters at the end (checked equal on every rank)."""
+    already_finished: bool = False
+    """The checkpoint resumed from was already at ``train.total_steps``: nothing was trained or rewritten."""
+    abandoned: list[str] = field(default_factory=list)
+    """Checkpoints set aside because this run resumed from an older one (a rollback)."""
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -93,14 +97,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops go: ``$TORCH_EXTENSIONS_DIR`` when set, else ``torch_extensions`` inside
+    this Python environment (``sys.prefix``), so two virtualenvs never rebuild each other's copy in the shared
+    default (``~/.cache/torch_extensions``) whatever the entry point (``g3dr``, ``torchrun``, a script, submitit)."""
+    import sys
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+
+
+def _skip_unused_deepspeed_ops() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory communication op (55 to 90 s of C++ compilation on a
+    cold cache). DeepSpeed builds it for every CPU process group, but only uses it in ``inference_all_reduce``
+    (tensor-parallel inference); training's collectives go through torch.distributed. DeepSpeed skips ops its
+    compatibility table marks unusable, so the op is marked so for this process."""
+    import deepspeed.ops
+
+    from deepspeed.accelerator import get_accelerator
+
+    try:
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # None on accelerators without it
+    except Exception as err:  # noqa: BLE001 - an optimisation only: never stop a run for it
+        log.debug("cannot look up DeepSpeed's ShareMemCommBuilder (%s); leaving DeepSpeed's ops as they are", err)
+        return
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None:
     """Initialise torch.distributed through DeepSpeed: gloo on CPU, NCCL on CUDA (or ``distributed.backend``)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     import deepspeed
 
     if torch.distributed.is_initialized():
         return
+    _skip_unused_deepspeed_ops()
     init_method = None
     if dist.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A lone process: a private TCP rendezvous; RANK/WORLD_SIZE stay unset (DeepSpeed only needs LOCAL_RANK).
@@ -141,8 +174,21 @@ def _all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _any_rank_true(flag: bool, device: torch.device) -> bool:
-    return not _all_ranks_true(not flag, device)
+def _any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks, in one collective."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(flags)
+    comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _raise_on_every_rank(message: str | None, error: type[G3DRError] = OutputError) -> None:
+    """Rank 0 found ``message`` (None: nothing); every rank raises it, so no rank is left in a collective."""
+    message = _broadcast(message)
+    if message is not None:
+        raise error(message)
 
 
 def _broadcast(value: Any) -> Any:
@@ -214,7 +260,35 @@ def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype
     return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def export_f_trigen(cfg: Config, checkpoint: Path, out: Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """``g3dr export``: the fp32 ``.safetensors`` of the complete training checkpoint ``checkpoint`` (a ``step-N``
+    folder), written to ``out`` (default ``<run_dir>/exports/step-N.safetensors``, where ``g3dr eval --sweep`` puts
+    its exports). The checkpoint is verified first; the config is the one saved in it; the training run's MLflow
+    id goes into the file's metadata. One process."""
+    from g3dr.config import config_from_dict, load_config
+    from g3dr.outputs import check_output_file
+    from g3dr.train import checkpoint as ckpt
+
+    checkpoint = Path(checkpoint)
+    if not ckpt.is_complete(checkpoint):
+        raise ConfigError(f"{checkpoint} is not a complete training checkpoint (a step-N folder holding meta.json)")
+    problems = ckpt.verify_checkpoint(checkpoint)
+    if problems:
+        raise G3DRError(f"{checkpoint} is damaged: {problems[0]}; export another checkpoint")
+    out = Path(out) if out else checkpoint.parent.parent / "exports" / f"{checkpoint.name}.safetensors"
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"the export {out} must end in .safetensors")
+    check_output_file(out, "the export")
+    client = ckpt.read_meta(checkpoint).get("client_state", {})
+    if "config" in client:
+        cfg = config_from_dict(client["config"], source=f"{checkpoint}/meta.json")
+    else:
+        cfg = load_config(checkpoint.parent.parent / CONFIG_FILENAME)
+    extra = {"mlflow_run_id": str(client["mlflow_run_id"])} if client.get("mlflow_run_id") else None
+    return export_f_trigen(cfg, checkpoint, out, extra_metadata=extra)
+
+
+def export_f_trigen(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str, str] | None = None) -> Path:
     """Write one fp32 ``.safetensors`` of f_trigen from a complete checkpoint directory (rank 0, after a save).
 
     With ZeRO 1/2 the fp32 master weights are rebuilt from the optimizer partitions (DeepSpeed's
@@ -236,7 +310,7 @@ def export_f_trigen(cfg: Config, checkpoint: Path, out: Path) -> Path:
             log.warning("exporting bf16 module weights upcast to fp32 (ZeRO stage 0 keeps no fp32 copy on disk)")
         state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return save_f_trigen(model, cfg, out, step=step, source="train")
+    return save_f_trigen(model, cfg, out, step=step, source="train", extra_metadata=extra_metadata)
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -258,6 +332,72 @@ def _check_replicas_agree(module: torch.nn.Module) -> str:
         if len(set(digests)) != 1:
             raise RuntimeError(f"model replicas diverged between ranks (parameter digests {digests})")
     return digest
+
+
+def expected_checkpoint_bytes(model: torch.nn.Module, cfg: Config) -> int:
+    """About how many bytes one checkpoint of ``model`` takes: the module weights (bf16 or fp32) and buffers,
+    plus Adam's state: fp32 master weights and two moments with ZeRO 1/2 (12 bytes per parameter), the two
+    moments with ZeRO 0 (8 bytes). Per-rank files (RNG, data position) are small."""
+    n = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    weights = n * (2 if cfg.train.precision == "bf16" else 4)
+    return weights + buffers + n * (12 if cfg.train.zero_stage in (1, 2) else 8)
+
+
+def check_outputs(cfg: Config, export: bool) -> None:
+    """Before any work: the run folder and its checkpoint folder can be written (created if needed), and the
+    export path is not a folder. An :class:`OutputError` names the location, the cause (read-only, full,
+    permission, a file where a folder should be) and the fix."""
+    from g3dr.outputs import check_output_file, check_writable_dir
+    from g3dr.train.checkpoint import checkpoints_root
+
+    run_dir = Path(cfg.run_dir)
+    fix = "set run_dir to a writable folder (checkpoints, config.yaml, the export and MLflow's default store go there)"
+    check_writable_dir(run_dir, "run_dir", fix)
+    check_writable_dir(checkpoints_root(run_dir), "checkpoint folder", fix)
+    if export:
+        check_output_file(run_dir / EXPORT_FILENAME, "the fp32 export", "remove it or pass --no-export")
+
+
+def _free_space_problem(root: Path, need: int, keep_last: int) -> str | None:
+    """An error message when the disk of ``root`` cannot take one checkpoint of ``need`` bytes; a warning (logged)
+    when it cannot take the ``keep_last + 1`` a save needs at its peak."""
+    from g3dr.outputs import free_bytes, human_bytes
+    from g3dr.train.checkpoint import checkpoint_bytes, list_complete
+
+    free = free_bytes(root)
+    if free is None:
+        return None
+    if free < need:
+        return (f"checkpoint folder {root}: {human_bytes(free)} free, but one checkpoint takes about "
+                f"{human_bytes(need)}; free space or set run_dir to another disk")
+    held = sum(checkpoint_bytes(p) for p in list_complete(root))
+    peak = (keep_last + 1) * need - held
+    if free < peak:
+        log.warning("checkpoint folder %s: %s free; train.keep_last=%d keeps up to %d checkpoints of about %s during "
+                    "a save (%s more than now): the disk may fill before the run ends", root, human_bytes(free),
+                    keep_last, keep_last + 1, human_bytes(need), human_bytes(peak))
+    return None
+
+
+def _run_dir_intact(run_dir: Path, root: Path) -> bool:
+    return (run_dir / CONFIG_FILENAME).is_file() and root.is_dir()
+
+
+def _total_steps_change(cfg: Config, saved_total: Any, step: int) -> str | None:
+    """A warning when a resume changes ``train.total_steps``: the schedules that depend on it move."""
+    import dataclasses
+
+    from g3dr.train.schedules import learning_rate
+
+    if not isinstance(saved_total, int) or saved_total == cfg.train.total_steps:
+        return None
+    before = learning_rate(step, dataclasses.replace(cfg.train, total_steps=saved_total))
+    after = learning_rate(step, cfg.train)
+    return (f"train.total_steps changed from {saved_total} to {cfg.train.total_steps} on resume at step {step}: the "
+            f"schedules computed from it change from here on: the LR at step {step} goes from {before:.3g} to "
+            f"{after:.3g} ({cfg.train.lr_schedule}), Eq. 1's canonical-view threshold, the novel yaw range and loss "
+            "weights given as fractions of training move too (docs/training.md, 'Extending a run')")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -290,6 +430,8 @@ def train(cfg: Config, resume: str | None = None,
         raise ConfigError("train.precision=bf16 runs on CUDA only: PyTorch's CPU kernels used by the renderer "
                           "(antialiased downsampling of the triplanes) have no bf16 version; on the CPU set "
                           "train.precision=fp32")
+    # Before anything starts: a read-only, full or mistyped output location fails now, not at the first save.
+    check_outputs(cfg, export and dist.is_main)
     init_process_group(cfg, dist, device)
     # Signals are caught from here on: one arriving during setup stops the run after its first step.
     stop = StopSignal().__enter__()
@@ -299,12 +441,29 @@ def train(cfg: Config, resume: str | None = None,
     root = ckpt.checkpoints_root(run_dir)
     train_cfg = cfg.train
 
-    # Resume: for `auto` rank 0 picks the checkpoint and every rank loads that one; an explicit path is checked
-    # on every rank (so a bad path fails everywhere instead of leaving ranks waiting in a collective).
-    if resume == "auto":
-        resume_path = _broadcast(ckpt.resolve_resume(resume, run_dir) if dist.is_main else None)
-    else:
-        resume_path = ckpt.resolve_resume(resume, run_dir)
+    # Resume: the checkpoint is chosen and verified by all ranks together (each hashes a share of its files), so
+    # every rank gets the same one; with `auto` a damaged head is set aside and the previous one taken.
+    resume_path = ckpt.resolve_resume(resume, run_dir, dist.rank, dist.world_size)
+    abandoned: list[str] = []
+    if resume_path is not None:
+        meta = ckpt.read_meta(resume_path)
+        saved_step = int(meta["step"])
+        saved_cfg = meta.get("client_state", {}).get("config", {})
+        if saved_step > train_cfg.total_steps:
+            stop.__exit__(None, None, None)
+            raise ConfigError(f"{resume_path} is at step {saved_step}, past train.total_steps={train_cfg.total_steps}: "
+                              f"nothing was trained and {run_dir / CONFIG_FILENAME} was left as it was. To train "
+                              f"further set train.total_steps above {saved_step} (docs/training.md, 'Extending a "
+                              "run'); the run's own end is the one its config.yaml names")
+        if saved_step == train_cfg.total_steps:
+            stop.__exit__(None, None, None)
+            return _already_finished(cfg, resume_path, meta, dist, export)
+        warning = _total_steps_change(cfg, saved_cfg.get("train", {}).get("total_steps"), saved_step)
+        if warning:
+            log.warning("%s", warning)
+        # A rollback (resuming from an older checkpoint than the newest): the newer ones are set aside, `latest`
+        # names the one resumed from, and the MLflow run is forked below.
+        abandoned = _broadcast(ckpt.set_aside_newer(root, resume_path) if dist.is_main else None) or []
     load_universal = False
     if resume_path is not None:
         ckpt.check_zero_stage(resume_path, train_cfg.zero_stage)
@@ -320,6 +479,8 @@ def train(cfg: Config, resume: str | None = None,
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)
     model = FTrigen(cfg)
+    need = ckpt.checkpoint_bytes(resume_path) if resume_path is not None else expected_checkpoint_bytes(model, cfg)
+    _raise_on_every_rank(_free_space_problem(root, need, train_cfg.keep_last) if dist.is_main else None)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -353,10 +514,13 @@ def train(cfg: Config, resume: str | None = None,
         raise ConfigError(f"run_dir {run_dir} already holds checkpoints (newest: {ckpt.find_latest(root).name}); "
                           "continue that run with --resume auto, or set run_dir to a new folder")
 
-    tracker = build_tracker(cfg, dist.is_main, run_id=run_id)
+    # After a rollback the MLflow run forks: the abandoned steps stay in the old run, which is tagged; the new run
+    # continues from the step resumed from, so no curve holds two values of one step.
+    forked_from = (run_id, start_step, abandoned) if abandoned and run_id else None
+    tracker = build_tracker(cfg, dist.is_main, run_id=None if forked_from else run_id, forked_from=forked_from)
     if dist.is_main:
         save_config(cfg, run_dir)
-    result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id)
+    result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id, abandoned=abandoned)
 
     def save(step: int) -> Path:
         client = {"step": step, "mlflow_run_id": tracker.run_id, "world_size": dist.world_size,
@@ -430,11 +594,17 @@ def train(cfg: Config, resume: str | None = None,
             if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
                 grid = image_grid(engine.module, cfg, batch, dtype)
                 tracker.log_image(grid, f"samples/step-{step:08d}.png")
-            if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at):
+            # One collective per step: a stop signal on any rank, and the run folder still there (rank 0 looks).
+            stopping, gone = _any_rank_flags([stop.received is not None,
+                                              dist.is_main and not _run_dir_intact(run_dir, root)], device)
+            if gone:
+                raise OutputError(f"the run folder {run_dir} was deleted or moved during training ({CONFIG_FILENAME} or "
+                                  f"checkpoints/ is gone) at step {step}; stopping, since nothing more can be saved "
+                                  "there (its checkpoints and the default MLflow store went with it). Restore the "
+                                  "folder and rerun with --resume auto, or start again in a new run_dir")
+            if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.total_steps, stop_at) or stopping:
                 save(step)
-            if _any_rank_true(stop.received is not None, device):
-                if result.checkpoint is None or ckpt.step_of(result.checkpoint) != step:
-                    save(step)
+            if stopping:
                 log.warning("stopped by a signal at step %d after a checkpoint; rerun with --resume auto", step)
                 result.preempted, status = True, "KILLED"
                 break
@@ -451,6 +621,27 @@ def train(cfg: Config, resume: str | None = None,
         tracker.close(status)
         if hasattr(loader, "close"):
             loader.close()
+    return result
+
+
+def _already_finished(cfg: Config, path: Path, meta: dict[str, Any], dist: DistEnv, export: bool) -> TrainResult:
+    """``--resume`` of a checkpoint already at ``train.total_steps``: train nothing, rewrite nothing (config.yaml,
+    the MLflow run); only a missing fp32 export of that final checkpoint is written (a job stopped between its
+    last save and the export)."""
+    step = int(meta["step"])
+    client = meta.get("client_state", {})
+    result = TrainResult(start_step=step, step=step, checkpoint=path, run_id=client.get("mlflow_run_id"),
+                         already_finished=True)
+    out = Path(cfg.run_dir) / EXPORT_FILENAME
+    if export and dist.is_main and not out.is_file():
+        from g3dr.config import config_from_dict
+
+        saved = config_from_dict(client["config"], source=f"{path}/meta.json") if "config" in client else cfg
+        result.export = export_f_trigen(saved, path, out)
+        log.info("exported the final checkpoint %s (fp32) to %s", path, result.export)
+    log.warning("nothing to train: %s is already at train.total_steps=%d; config.yaml and the MLflow run were left "
+                "as they were. To train further, raise train.total_steps (docs/training.md, 'Extending a run')",
+                path, step)
     return result
 
 

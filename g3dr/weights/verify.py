@@ -7,8 +7,8 @@ and raises one :class:`~g3dr.errors.WeightsError` naming every missing or mismat
 key and the command that gets it.
 
 Hashing streams the file (progress bar for big files) and caches the digest keyed by the file's real
-path, size, mtime and inode (``$G3DR_CACHE_DIR`` or ``~/.cache/g3dr``), so a 600 MB file is hashed once,
-not at every job start. No torch import here.
+path, size, mtime, ctime, inode and device (``$G3DR_CACHE_DIR`` or ``~/.cache/g3dr``), so a 600 MB file is
+hashed once, not at every job start. No torch import here.
 """
 
 from __future__ import annotations
@@ -60,15 +60,23 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
+_STAMP_KEYS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
+
+
 def _stamp(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    # ctime is set by the kernel on every write and every metadata change (utime included) and cannot be set back
+    # by a user: a file rewritten and given its old mtime again has a new ctime.
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "dev": st.st_dev}
 
 
 def file_sha256(path: str | Path, progress: bool = False, use_cache: bool = True) -> str:
-    """Hex sha256 of ``path``'s bytes, streamed; reuses a cached digest while size, mtime and inode match.
+    """Hex sha256 of ``path``'s bytes, streamed; reuses a cached digest while size, mtime, ctime, inode and device
+    match.
 
-    A cache that cannot be read or written only costs a rehash. A file rewritten in place with the same size
-    and mtime (nanoseconds) and inode would be missed: pass ``use_cache=False`` (``--no-cache``) to rehash.
+    A cache that cannot be read or written only costs a rehash. What the cache cannot see (``docs/weights.md``):
+    bytes changed without any metadata change (disk corruption, a write to the block device, a clock set back);
+    pass ``use_cache=False`` (``--no-cache``) to rehash.
     """
     from tqdm import tqdm
 
@@ -78,7 +86,7 @@ def file_sha256(path: str | Path, progress: bool = False, use_cache: bool = True
     cache_path = hash_cache_file()
     if use_cache:
         hit = _read_cache(cache_path).get(real)
-        if isinstance(hit, dict) and {k: hit.get(k) for k in ("size", "mtime_ns", "ino")} == _stamp(st):
+        if isinstance(hit, dict) and {k: hit.get(k) for k in _STAMP_KEYS} == _stamp(st):
             return str(hit["sha256"])
     h = hashlib.sha256()
     with open(real, "rb") as f, tqdm(total=st.st_size, unit="B", unit_scale=True, unit_divisor=1024,

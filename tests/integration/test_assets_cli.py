@@ -80,7 +80,8 @@ def test_batch_folder_writes_every_output_and_counts_rejections(checkpoint, fold
     # Same checkpoint, same input, deterministic renderer: the canonical render is the same as g3dr render's.
     rendered = tmp_path / "render.npz"
     assert main(["render", "--checkpoint", str(checkpoint), "--image", str(folder / "a.jpg"), "--depth",
-                 str(folder / "a_depth.png"), "--device", "cpu", "--deterministic", "--save-npz", str(rendered)]) == 0
+                 str(folder / "a_depth.png"), "--device", "cpu", "--deterministic", "--min-size", "32",
+                 "--save-npz", str(rendered)]) == 0
     np.testing.assert_allclose(np.load(rendered)["rgb"], arrays["rgb"], atol=1e-5)
 
 

@@ -19,6 +19,9 @@ def checkpoint(tmp_path_factory, tiny_config_path, helper_module):
         tiny_config_path, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", step=11)
 
 
+SMALL = 32  # the 48-px test inputs are below prep's default --min-size (64): the tests lower it
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A 48x48 RGB image and its 16-bit release-format depth PNG (a sphere-like bump), made here."""
@@ -35,17 +38,17 @@ def pair(tmp_path_factory):
 def render(checkpoint, pair, out, *extra):
     image, depth, _ = pair
     return main(["render", "--checkpoint", str(checkpoint), "--image", str(image), "--depth", str(depth),
-                 "--device", "cpu", *extra, "--save-npz", str(out)])
+                 "--device", "cpu", "--min-size", str(SMALL), *extra, "--save-npz", str(out)])
 
 
 def test_inputs_are_decoded_like_training_data(pair, tmp_path):
     image, depth_png, depth = pair
-    rgb, depth_t = load_rgbd(image, depth_png, 48)
+    rgb, depth_t = load_rgbd(image, depth_png, 48, min_size=SMALL)
     assert rgb.shape == (1, 3, 48, 48) and depth_t.shape == (1, 1, 48, 48)
     assert rgb.min() >= -1 and rgb.max() <= 1
     np.testing.assert_allclose(depth_t[0, 0].numpy(), depth, atol=2 / 65536)
     # Resized: Lanczos on the 8-bit image and on the depth codes as float, as the data pipeline does.
-    rgb, depth_t = load_rgbd(image, depth_png, 32)
+    rgb, depth_t = load_rgbd(image, depth_png, 32, min_size=SMALL)
     expected_rgb = np.asarray(Image.open(image).convert("RGB").resize((32, 32), Image.Resampling.LANCZOS))
     np.testing.assert_allclose(rgb[0].permute(1, 2, 0).numpy(), expected_rgb / 127.5 - 1, atol=1e-6)
     codes = np.asarray(Image.open(depth_png)).astype(np.float32)
@@ -58,9 +61,9 @@ def test_inputs_are_decoded_like_training_data(pair, tmp_path):
     wide_depth = tmp_path / "wide_depth.png"
     raw = np.asarray(Image.open(depth_png))
     Image.fromarray(np.pad(raw, ((0, 0), (8, 8)))).save(wide_depth)
-    rgb_w, depth_w = load_rgbd(wide, wide_depth, 48)
-    assert torch.equal(rgb_w, load_rgbd(image, depth_png, 48)[0])
-    assert torch.equal(depth_w, load_rgbd(image, depth_png, 48)[1])
+    rgb_w, depth_w = load_rgbd(wide, wide_depth, 48, min_size=SMALL)
+    assert torch.equal(rgb_w, load_rgbd(image, depth_png, 48, min_size=SMALL)[0])
+    assert torch.equal(depth_w, load_rgbd(image, depth_png, 48, min_size=SMALL)[1])
 
 
 def test_deterministic_canonical_render_is_bit_identical(checkpoint, pair, tmp_path, capsys):
@@ -88,7 +91,7 @@ def test_cli_render_matches_the_library(checkpoint, pair, tmp_path):
     out = tmp_path / "c.npz"
     assert render(checkpoint, pair, out, "--deterministic") == 0
     model, cfg, _ = load_f_trigen(checkpoint, overrides=["renderer.deterministic=true"])
-    rgb, depth = load_rgbd(pair[0], pair[1], cfg.data.resolution)
+    rgb, depth = load_rgbd(pair[0], pair[1], cfg.data.resolution, min_size=SMALL)
     cam2world = camera_to_world_from_angles(torch.tensor([cfg.camera.canonical_yaw]),
                                             torch.tensor([cfg.camera.canonical_pitch]), cfg.camera.radius)
     with torch.no_grad():

@@ -337,15 +337,38 @@ def test_hash_cache_skips_rehashing_until_the_file_changes(tmp_path):
     st = f.stat()
     assert file_sha256(f) == _sha(b"a" * 1000)
     assert (tmp_path / "hash-cache" / "sha256-cache.json").is_file()
-    # Rewritten in place with the same size, mtime and inode: the cached digest is returned (the known limit)...
+    assert file_sha256(f) == _sha(b"a" * 1000)  # served from the cache (nothing changed)
+    # Rewritten in place with the same size and inode, and its mtime set back: the kernel gave it a new ctime,
+    # which no user can set back, so the file is rehashed (the cache used to return the old digest here).
     with open(f, "r+b") as fh:
         fh.write(b"b")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert file_sha256(f) == _sha(b"a" * 1000)
-    # ...--no-cache rehashes, and any mtime change invalidates the entry.
-    assert file_sha256(f, use_cache=False) == _sha(b"b" + b"a" * 999)
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size and f.stat().st_ino == st.st_ino
     assert file_sha256(f) == _sha(b"b" + b"a" * 999)
+    assert file_sha256(f, use_cache=False) == _sha(b"b" + b"a" * 999)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # any mtime change invalidates the entry too
+    assert file_sha256(f) == _sha(b"b" + b"a" * 999)
+
+
+def test_verify_sees_a_weight_file_changed_with_its_mtime_restored(tmp_path, capsys):
+    """`g3dr weights verify` after a file was changed in place and its mtime restored: a mismatch, not the cached
+    verdict."""
+    files = _put(tmp_path / "w")
+    registry = _registry(tmp_path)
+    lock = tmp_path / "weights.lock"
+    args = ["weights", "verify", "--config", str(TINY), *_overrides(tmp_path / "w"), "--registry", str(registry),
+            "--depth-model", str(tmp_path / "w" / "depth"), "--no-progress"]
+    assert main([*args, "--write-lock", str(lock)]) == 0  # hashes every file and caches the digests
+    assert main([*args, "--lock", str(lock)]) == 0
+    clip = files["/clip.pt"]
+    st = clip.stat()
+    data = bytearray(clip.read_bytes())
+    data[0] ^= 0xFF
+    clip.write_bytes(bytes(data))
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main([*args, "--lock", str(lock)]) == 2
+    assert "loss.clip_weights" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
