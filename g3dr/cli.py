@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.models.import_cli",  # import-official
     "g3dr.bench",             # bench
     "g3dr.weights.cli",       # weights
+    "g3dr.eval.study",        # study
     "g3dr.config_cli",        # config
 )
 
