@@ -363,8 +363,10 @@ class Evaluator:
                                  resolution=resolution)
 
     def eval_dir(self, ref: CheckpointRef, ehash: str) -> Path:
+        """``<stem>-step<N>-<checkpoint id[:8]>-<eval hash>``: two checkpoints sharing a file name and
+        a step (``a/f_trigen.safetensors`` and ``b/f_trigen.safetensors``) never share a folder."""
         base = self.options.out_dir or ref.path.parent / "eval"
-        return Path(base) / f"{ref.label}-{ehash}"
+        return Path(base) / f"{ref.label}-{ref.id[:8]}-{ehash}"
 
     # -- tracking (rank 0) ------------------------------------------------------------------------
 
@@ -400,6 +402,10 @@ class Evaluator:
                 tracker = self.ensure_tracker(cfg)
                 finished = tracker.find_finished(ref.id, ehash)
                 saved = _read_results(out_dir)
+                if saved and saved.get("checkpoint_id") != ref.id:  # never another checkpoint's numbers
+                    log.warning("%s: %s holds results of %s; recomputing", ref.label, out_dir,
+                                saved.get("checkpoint", "another checkpoint"))
+                    saved = {}
                 if finished:
                     decision = ("skip", finished)
                 else:
@@ -463,7 +469,7 @@ class Evaluator:
         """Where ``--save-images`` puts this checkpoint's FID/IS images (None when not saving)."""
         if self.options.save_images is None:
             return None
-        return Path(self.options.save_images) / f"{ref.label}-{ehash}"
+        return Path(self.options.save_images) / f"{ref.label}-{ref.id[:8]}-{ehash}"
 
     def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str],
                  image_dir: Path | None = None):

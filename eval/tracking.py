@@ -120,6 +120,11 @@ class EvalTracker:
                           "search finished eval runs")
         return runs[0].info.run_id if runs else None
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of ``run_id`` (a skipped eval's results, read back)."""
+        run = self._call(lambda: self.client.get_run(run_id), f"read run {run_id}")
+        return dict(run.data.metrics)
+
     # -- runs -------------------------------------------------------------------------------------
 
     def start_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from g3dr.distributed import DistEnv
 from g3dr.eval.evaluate import EvalSpec
-from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, discover_checkpoints, run_sweep
+from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, checkpoint_ref, discover_checkpoints, run_sweep
 from g3dr.eval.tracking import TrackingError
 from g3dr_test_support import load_test_helper
 
@@ -274,3 +274,28 @@ def test_two_rank_sweep_through_torchrun(run_dir):
     outcome = single.evaluate(discover_checkpoints(run_dir)[0])
     two_rank = next(r for r in evals if r.data.tags["g3dr.step"] == "20").data.metrics
     assert outcome.results == pytest.approx(two_rank, rel=1e-6)
+
+
+def test_same_name_and_step_in_two_runs_are_two_evaluations(run_dir, tmp_path):
+    """Two runs' ``f_trigen.safetensors`` at the same step, scored into one output folder (what a study
+    of variants does): each gets its own numbers, never the other's saved results."""
+    cfg = fx.tiny_config(tmp_path)
+    a = fx.make_checkpoint(cfg, tmp_path / "variant-a" / "f_trigen.safetensors", step=800, seed=11)
+    b = fx.make_checkpoint(cfg, tmp_path / "variant-b" / "f_trigen.safetensors", step=800, seed=12)
+    evaluator = Evaluator(_options(run_dir, overrides=("eval.metrics=[nfs,da]", "eval.num_samples=4")), DistEnv())
+    outcomes = [evaluator.evaluate(checkpoint_ref(p)) for p in (a, b)]
+    assert [o.status for o in outcomes] == ["evaluated", "evaluated"]
+    assert outcomes[0].eval_dir != outcomes[1].eval_dir
+    assert outcomes[0].results != outcomes[1].results
+    for o, p in zip(outcomes, (a, b)):
+        assert json.loads((o.eval_dir / "results.json").read_text())["checkpoint"] == str(p)
+
+    # a results file left by another checkpoint in this checkpoint's folder is not uploaded as its own
+    c = fx.make_checkpoint(cfg, tmp_path / "variant-c" / "f_trigen.safetensors", step=800, seed=13)
+    ref_c = checkpoint_ref(c)
+    foreign = json.loads((outcomes[0].eval_dir / "results.json").read_text())
+    target = evaluator.eval_dir(ref_c, outcomes[0].eval_hash)
+    target.mkdir(parents=True)
+    (target / "results.json").write_text(json.dumps(foreign))
+    again = evaluator.evaluate(ref_c)
+    assert again.status == "evaluated" and again.results != outcomes[0].results
