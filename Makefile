@@ -23,20 +23,20 @@ DEMO_DIR ?= outputs/demo
 # The demo: a procedural RGB-D set sharded once, two CPU ranks training the tiny config (torchrun,
 # gloo, ZeRO), an evaluation into MLflow, and novel-view videos of a few samples.
 DEMO_TRAIN := --config configs/tiny.yaml run_dir=$(DEMO_DIR) data.synthetic_dir=$(DEMO_DIR)/data train.global_batch_size=4 \
-	data.synthetic_views=2 train.total_steps=200 train.warmup_steps=20 train.checkpoint_every=50 train.log_every=10 'loss.novel.clip.knots=[[0, 0.02], [100, 0.35]]'
+	data.synthetic_views=2 train.total_steps=200 train.warmup_steps=20 train.checkpoint_every=50 train.log_every=10 train.export_initial=true 'loss.novel.clip.knots=[[0, 0.02], [100, 0.35]]'
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/g3dr prep synth --out $(DEMO_DIR)/data --n 32 --resolution 32 --shard-size 8 --views 2 --no-progress
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 $(VENV)/bin/g3dr train $(DEMO_TRAIN)
-	$(VENV)/bin/g3dr eval --checkpoint $(DEMO_DIR)/f_trigen.safetensors --metrics nfs,da,gt_views --no-progress --out $(DEMO_DIR)/eval
+	$(VENV)/bin/g3dr eval --sweep $(DEMO_DIR) --no-export --metrics nfs,da,gt_views --no-progress
 	$(VENV)/bin/g3dr batch --checkpoint $(DEMO_DIR)/f_trigen.safetensors --shards $(DEMO_DIR)/data/synth-000000.tar \
 		--out $(DEMO_DIR)/videos --video mp4 --frames 48 --fps 24 --no-progress
 	@echo "demo done:"
 	@echo "  dataset       $(DEMO_DIR)/data (WebDataset shards + manifest.json)"
 	@echo "  checkpoints   $(DEMO_DIR)/checkpoints (continue: $(VENV)/bin/g3dr train $(DEMO_TRAIN) train.total_steps=40 --resume auto)"
 	@echo "  f_trigen      $(DEMO_DIR)/f_trigen.safetensors (fp32)"
-	@echo "  evaluation    $(DEMO_DIR)/eval (NFS, depth accuracy, and PSNR / depth accuracy against the 2 exact novel views per sample, at sigma scales 1 and 50)"
+	@echo "  evaluation    $(DEMO_DIR)/eval (step 0 and the last step, side by side above: NFS, depth accuracy, and PSNR / depth accuracy against the 2 exact novel views per sample, at sigma scales 1 and 50)"
 	@echo "  videos        $(DEMO_DIR)/videos/*.mp4 (novel-view circle: RGB | depth)"
 	@echo "  MLflow store  sqlite:///$(DEMO_DIR)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/mlflow.db)"
 

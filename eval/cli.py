@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             for outcome in report.outcomes:
                 _print_outcome(outcome)
+            _print_by_step(report.outcomes, evaluator)
             log.info("sweep: %d evaluated, %d uploaded, %d skipped, %d failed%s", report.count("evaluated"),
                      report.count("uploaded"), report.count("skipped"), report.count("failed"),
                      " (stopped)" if stop() else "")
@@ -203,6 +204,22 @@ def _print_outcome(outcome) -> None:
     metrics = outcome.error or " ".join(f"{k}={v:.4g}" for k, v in sorted(outcome.results.items()))
     print(f"{outcome.status}\t{outcome.checkpoint.path}\tstep={outcome.checkpoint.step}\t"
           f"eval_hash={outcome.eval_hash}\trun={outcome.run_id or '-'}\t{metrics}", flush=True)
+
+
+def _print_by_step(outcomes, evaluator) -> None:
+    """After a sweep of two or more checkpoints: their metrics side by side, by step (a skipped checkpoint's
+    numbers are read back from its finished MLflow run)."""
+    from g3dr.eval.report import by_step_markdown
+
+    columns = []
+    for o in sorted(outcomes, key=lambda o: (o.checkpoint.step, str(o.checkpoint.path))):
+        if o.status == "failed":
+            continue
+        metrics = o.results or (evaluator.tracker.run_metrics(o.run_id) if o.run_id and evaluator.tracker else {})
+        if metrics:
+            columns.append((f"step {o.checkpoint.step} ({o.checkpoint.path.name})", metrics))
+    if len(columns) >= 2:
+        print(by_step_markdown(columns), end="", flush=True)
 
 
 def _init_distributed():

@@ -123,6 +123,17 @@ def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_spl
     return "\n".join(lines)
 
 
+def by_step_markdown(columns: Sequence[tuple[str, Mapping[str, float]]]) -> str:
+    """Metrics side by side, one column per checkpoint (``(header, metrics)`` in the given order), one row
+    per metric any of them has: what a sweep over a run's step-0 baseline and its checkpoints prints."""
+    keys = sorted({k for _, metrics in columns for k in metrics})
+    lines = ["| metric | " + " | ".join(h for h, _ in columns) + " |",
+             "|---|" + "|".join(" ---: " for _ in columns) + "|"]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt(float(m.get(key, math.nan))) for _, m in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_metrics(results: Mapping[str, float], scales: Sequence[float], path: str | Path) -> Path:
     """One panel per metric: our value against sigma scale (log axis), with the paper's Table S1 values."""
     import matplotlib

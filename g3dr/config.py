@@ -478,6 +478,9 @@ class TrainConfig:
     """Save a checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 3
     """Keep the newest K checkpoints."""
+    export_initial: bool = False
+    """On a fresh start, write the weights before the first step as ``<run_dir>/exports/step-0.safetensors``:
+    the baseline a ``g3dr eval --sweep`` of the run scores beside the trained checkpoints (``make demo``)."""
     log_every: int = 50
     """Log losses every N optimizer steps."""
     image_every: int = 5000

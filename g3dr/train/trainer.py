@@ -288,6 +288,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     return export_f_trigen(cfg, checkpoint, out, extra_metadata=extra)
 
 
+def _export_initial(cfg: Config, state: dict[str, torch.Tensor], run_dir: Path, run_id: str | None) -> Path:
+    """``train.export_initial``: the initial weights (before any step) as ``exports/step-0.safetensors``."""
+    from g3dr.models.checkpoint_io import save_f_trigen
+    from g3dr.models.f_trigen import FTrigen
+
+    model = FTrigen(cfg)
+    model.load_state_dict(state, strict=True)
+    out = save_f_trigen(model, cfg, run_dir / "exports" / "step-0.safetensors", step=0, source="train",
+                        extra_metadata={"mlflow_run_id": run_id} if run_id else None)
+    log.info("train.export_initial: wrote the initial weights to %s", out)
+    return out
+
+
 def export_f_trigen(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str, str] | None = None) -> Path:
     """Write one fp32 ``.safetensors`` of f_trigen from a complete checkpoint directory (rank 0, after a save).
 
@@ -479,6 +492,8 @@ def train(cfg: Config, resume: str | None = None,
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)
     model = FTrigen(cfg)
+    initial = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+               if train_cfg.export_initial and resume_path is None and dist.is_main else None)
     need = ckpt.checkpoint_bytes(resume_path) if resume_path is not None else expected_checkpoint_bytes(model, cfg)
     _raise_on_every_rank(_free_space_problem(root, need, train_cfg.keep_last) if dist.is_main else None)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
@@ -520,6 +535,9 @@ def train(cfg: Config, resume: str | None = None,
     tracker = build_tracker(cfg, dist.is_main, run_id=None if forked_from else run_id, forked_from=forked_from)
     if dist.is_main:
         save_config(cfg, run_dir)
+    if initial is not None and start_step == 0:
+        _export_initial(cfg, initial, run_dir, tracker.run_id)
+        del initial
     result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id, abandoned=abandoned)
 
     def save(step: int) -> Path:
