@@ -13,7 +13,8 @@ Ground-truth views (``gt_views`` in ``eval.metrics``; the batches must carry ``v
 written with ``--views K`` gives them): per sigma scale, ``psnr_canonical`` (the canonical render against
 the input image), ``psnr_novel`` (renders at every stored view camera against the stored views, on the
 pixels whose surface lies inside the scene box) and ``da_novel`` (DA of the rendered depth against the
-exact view depth on those pixels), on the first ``num_samples`` samples (:mod:`g3dr.metrics.views`).
+exact view depth on those pixels), on the first ``num_samples`` samples (:mod:`g3dr.metrics.views`), and a
+no-model baseline ``psnr_novel_flat`` (each view painted in the input image's mean colour; the same at every scale).
 
 Ranks: every rank reads the same input stream and keeps the samples of its contiguous block
 (:func:`g3dr.metrics.gather.shard_range`); moments are all-reduced and per-sample values gathered, so the
@@ -49,7 +50,7 @@ from g3dr.metrics.views import masked_depth_accuracy_per_map, psnr_per_image
 
 log = get_logger("g3dr.eval")
 
-PROTOCOL_VERSION = "g3dr-eval/3"
+PROTOCOL_VERSION = "g3dr-eval/4"
 """Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run.
 2: IS splits after a shuffle seeded by ``eval.seed``; the reference-statistics recipe joins the hash.
 3: NFS on 3DGP's depth maps by default (``eval.nfs_depth``, ``eval.nfs_cut_quantile``; before: the median
@@ -117,7 +118,7 @@ class EvalSpec:
 
 GT_VIEWS = "gt_views"
 """The ``eval.metrics`` name of the ground-truth view metrics (``psnr_canonical``, ``psnr_novel``, ``da_novel``)."""
-GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel")
+GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
 
 
 def eval_hash(spec: EvalSpec, **identity: str) -> str:
@@ -370,6 +371,10 @@ def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dic
     acc.gt.setdefault("psnr_novel", []).append(psnr_per_image(rendered_rgb, views["rgb"][rows].cpu(), valid))
     acc.gt.setdefault("da_novel", []).append(
         masked_depth_accuracy_per_map(rendered_depth, views["depth"][rows].cpu(), valid))
+    # No model, no 3D: every view painted in the input image's mean colour (what novel-view PSNR gives for
+    # knowing the input's average colour alone; a model that learned 3D colour should beat it).
+    flat = rgb[rows].float().mean(dim=(-2, -1)).cpu()[:, None, :, None, None].expand_as(views["rgb"][rows])
+    acc.gt.setdefault("psnr_novel_flat", []).append(psnr_per_image(flat, views["rgb"][rows].cpu(), valid))
 
 
 def _resized(depth: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ with the MLflow metric names:
 - ``nfs/s5``, ``da/s5``: NFS and depth accuracy, always on canonical views (3DGP measures NFS in the
   frontal view; DA compares with the input's pseudo-depth, which only the canonical view sees);
 - ``psnr_canonical/s5``, ``psnr_novel/s5``, ``da_novel/s5``: against stored ground-truth views
-  (``gt_views``): PSNR of the canonical render against the input, PSNR and DA at the stored view cameras.
+  (``gt_views``): PSNR of the canonical render against the input, PSNR and DA at the stored view cameras;
+  ``psnr_novel_flat/s5``: the no-model baseline (each view painted in the input's mean colour).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel")
+METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
 LOWER_IS_BETTER = {"fid": True, "is": False, "is_std": True, "nfs": False, "da": True, "psnr": False}
 
 PAPER_TABLE_S1: dict[float, dict[str, float]] = {
@@ -99,7 +100,7 @@ def _fmt(value: object, csv_mode: bool = False) -> str:
 
 _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_std": "IS std", "nfs": "NFS ↑",
             "da": "DA ↓", "psnr_canonical": "PSNR canonical ↑", "psnr_novel": "PSNR novel ↑",
-            "da_novel": "DA novel ↓", "paper_fid": "paper FID", "paper_is": "paper IS", "paper_nfs": "paper NFS"}
+            "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour", "paper_fid": "paper FID", "paper_is": "paper IS", "paper_nfs": "paper NFS"}
 
 
 def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_splits: int | None = None,

@@ -12,7 +12,8 @@ sigma = 1, 5, 10, 50 at test time. ImageNet has no ground truth for novel views;
 3. trains one run per supervision (``loss.depth_supervision``) with ``g3dr train`` in a child process,
    resuming an interrupted run (``--resume auto``) and skipping a finished one;
 4. evaluates each (and the initialisation) with ``g3dr eval``'s evaluator on the held-out set: novel-view
-   PSNR and depth accuracy against the exact views, NFS, canonical PSNR, per sigma scale; each eval is an
+   PSNR and depth accuracy against the exact views, NFS, canonical PSNR, per sigma scale, beside the
+   no-model baseline ``psnr_novel_flat`` (each view in the input's mean colour); each eval is an
    MLflow run, a child of one parent run of the study;
 5. writes Table S1's layout (rows sigma, column groups the variants) as ``table-s1.md``, ``table-s1.csv``
    and a plot ``table-s1.png`` under ``OUT/report/``, and logs them to the parent run.
@@ -42,7 +43,10 @@ EVAL_SEED_OFFSET = 1_000_003
 STUDY_METRICS = ("psnr_novel", "da_novel", "nfs", "psnr_canonical")
 """Table S1's metrics here, in column order: novel-view PSNR and DA against the exact views, NFS, canonical PSNR."""
 LOWER_IS_BETTER = {"psnr_novel": False, "da_novel": True, "nfs": False, "psnr_canonical": False}
-HEADERS = {"psnr_novel": "PSNR novel ↑", "da_novel": "DA novel ↓", "nfs": "NFS ↑", "psnr_canonical": "PSNR canon. ↑"}
+FLAT = "psnr_novel_flat"
+"""The no-model baseline (each view in the input's mean colour): one column, the same for every variant."""
+HEADERS = {"psnr_novel": "PSNR novel ↑", "da_novel": "DA novel ↓", "nfs": "NFS ↑", "psnr_canonical": "PSNR canon. ↑",
+           FLAT: "flat colour: PSNR novel"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,7 +168,7 @@ def table_rows(results: Mapping[str, Mapping[str, float]], scales: Sequence[floa
     for scale in scales:
         for variant in variants:
             row: dict[str, object] = {"sigma_scale": format_scale(scale), "variant": variant}
-            for metric in STUDY_METRICS:
+            for metric in (*STUDY_METRICS, FLAT):
                 row[metric] = results.get(variant, {}).get(f"{metric}/s{format_scale(scale)}", math.nan)
             rows.append(row)
     return rows
@@ -180,11 +184,12 @@ def table_markdown(results: Mapping[str, Mapping[str, float]], scales: Sequence[
     """Table S1's layout: one row per sigma scale; a column group per variant with every study metric."""
     from g3dr.eval.report import format_scale
 
-    header = ["sigma"] + [f"{v}: {HEADERS[m]}" for v in variants for m in STUDY_METRICS]
+    header = ["sigma", HEADERS[FLAT]] + [f"{v}: {HEADERS[m]}" for v in variants for m in STUDY_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for scale in scales:
         key = f"/s{format_scale(scale)}"
-        cells = [format_scale(scale)]
+        flat = [results.get(v, {}).get(FLAT + key, math.nan) for v in variants]
+        cells = [format_scale(scale), _fmt(next((x for x in flat if not math.isnan(x)), math.nan))]
         for variant in variants:
             for metric in STUDY_METRICS:
                 value = results.get(variant, {}).get(metric + key, math.nan)
@@ -220,6 +225,9 @@ def plot(results: Mapping[str, Mapping[str, float]], scales: Sequence[float], va
             ys = [results.get(variant, {}).get(f"{metric}/s{format_scale(s)}", math.nan) for s in scales]
             ax.plot(scales, ys, "--" if variant == BASELINE else "-o", label=variant,
                     color="grey" if variant == BASELINE else None)
+        if metric == "psnr_novel":
+            flat = [results.get(BASELINE, {}).get(f"{FLAT}/s{format_scale(s)}", math.nan) for s in scales]
+            ax.plot(scales, flat, ":", color="black", label="flat colour (no model)")
         ax.set_xscale("log")
         ax.set_xticks(list(scales), [format_scale(s) for s in scales])
         ax.set_xlabel("sigma scale")

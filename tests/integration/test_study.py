@@ -33,7 +33,10 @@ def test_table_s1_trains_each_variant_scores_it_and_resumes(tmp_path, capsys):
     assert len({json.dumps(v["metrics"], sort_keys=True) for v in variants.values()}) == 3
     rows = list(csv.DictReader((out / "report" / "table-s1.csv").open()))
     assert len(rows) == 2 * 3 and {r["variant"] for r in rows} == {"untrained", "kernel", "kl"}
-    assert "| sigma |" in table and "kl: DA novel" in table
+    assert "| sigma | flat colour: PSNR novel |" in table and "kl: DA novel" in table
+    # the no-model baseline: one value per scale, the same for every variant (it reads the data, not weights)
+    flat = {(r["sigma_scale"], r["psnr_novel_flat"]) for r in rows}
+    assert len(flat) == 2 and len({v for _, v in flat}) == 1
 
     # a rerun finds everything done: no training (train times kept from the first run), evals skipped,
     # their numbers read back from MLflow: the same table

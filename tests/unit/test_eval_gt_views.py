@@ -61,7 +61,8 @@ def _rebatched(batches, size):
 def test_tiny_model_scores_are_finite_named_and_match_a_direct_computation(setup):
     cfg, model, spec, batches = setup
     results, _ = evaluate_model(model, cfg, batches, spec, None, None, batch_size=4, progress=False)
-    assert set(results) == {f"{m}/s{s}" for m in ("psnr_canonical", "psnr_novel", "da_novel") for s in ("1", "50")}
+    assert set(results) == {f"{m}/s{s}" for m in ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
+                            for s in ("1", "50")}
     assert all(np.isfinite(v) for v in results.values())
     again, _ = evaluate_model(model, cfg, _rebatched(batches, 3), spec, None, None, batch_size=2, progress=False)
     for key, value in results.items():
@@ -83,6 +84,16 @@ def test_tiny_model_scores_are_finite_named_and_match_a_direct_computation(setup
     assert results["da_novel/s50"] == pytest.approx(
         masked_depth_accuracy_per_map(depth, views["depth"], views["valid"]).mean(), rel=1e-6)
     assert results["psnr_novel/s1"] != pytest.approx(results["psnr_novel/s50"], rel=1e-3)  # the scale reaches it
+    # the flat baseline, in float64 numpy: the input's mean colour at every valid pixel of each view
+    inputs = data["rgb"].double().numpy()
+    target = views["rgb"].double().numpy()
+    valid = views["valid"].numpy()
+    mean = inputs.mean(axis=(-2, -1))[:, None, :, None, None]
+    sq = (((mean - target) / 2) ** 2).sum(axis=2)
+    mse = np.where(valid, sq, 0).sum(axis=(-2, -1)) / (valid.sum(axis=(-2, -1)) * 3)
+    flat = float((10 * np.log10(1 / mse)).mean())
+    assert results["psnr_novel_flat/s50"] == pytest.approx(flat, rel=1e-9)
+    assert results["psnr_novel_flat/s1"] == results["psnr_novel_flat/s50"]  # no model: no scale
 
 
 class _Oracle(torch.nn.Module):
@@ -133,6 +144,7 @@ def test_the_ground_truth_scores_perfectly_and_a_swapped_view_worse(setup):
         assert swapped[f"psnr_canonical/s{s}"] == math.inf
         assert 5 < swapped[f"psnr_novel/s{s}"] < 40
         assert swapped[f"da_novel/s{s}"] > 0.05
+        assert perfect[f"psnr_novel_flat/s{s}"] == swapped[f"psnr_novel_flat/s{s}"] < perfect[f"psnr_novel/s{s}"]
 
 
 def test_missing_or_mismatched_views_are_clear_errors(setup):
