@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="'auto': continue from the newest complete checkpoint of run_dir (fresh start if "
                              "none); PATH: a checkpoint directory step-N")
     parser.add_argument("--no-export", action="store_true", help="skip the fp32 safetensors export at the end")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none anyway when stderr is not a terminal, e.g. a SLURM log)")
     parser.set_defaults(handler=run)
 
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Before any process group: every rank checks the same files and fails alike (hashes are cached).
     verify_for(cfg, "train", progress=resolve_dist_env().is_main)
-    result = train(cfg, resume=args.resume, export=not args.no_export)
+    result = train(cfg, resume=args.resume, export=not args.no_export, progress=not args.no_progress)
     shutdown_distributed()  # every rank leaves together (also after a preemption: all ranks stopped at one step)
     log = get_logger("g3dr.train")
     if result.preempted:

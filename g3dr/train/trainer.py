@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -419,8 +420,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def train(cfg: Config, resume: str | None = None,
           build_loader: Callable[[Config, DistEnv], Iterable[dict[str, Any]]] | None = None,
-          export: bool = True, stop_at: int | None = None) -> TrainResult:
+          export: bool = True, stop_at: int | None = None, progress: bool = True) -> TrainResult:
     """Train f_trigen as configured; ``resume``: None, ``auto`` or a checkpoint directory.
+
+    ``progress``: a progress bar on rank 0, and only when stderr is a terminal (a log file gets no
+    carriage-return updates; the logged metrics say how far it is).
 
     ``build_loader`` defaults to :func:`g3dr.data.build_train_loader`. ``stop_at``: end this process after
     that optimizer step with a checkpoint (schedules still run to ``train.total_steps``; a later
@@ -556,7 +560,8 @@ def train(cfg: Config, resume: str | None = None,
     bad_in_row = 0
     window: dict[str, list[float]] = {}
     window_start, window_steps = time.time(), 0
-    bar = tqdm(total=train_cfg.total_steps, initial=start_step, disable=not dist.is_main, unit="step",
+    bar = tqdm(total=train_cfg.total_steps, initial=start_step, unit="step",
+               disable=not (progress and dist.is_main and sys.stderr.isatty()),
                dynamic_ncols=True)
     status = "FINISHED"
     try:

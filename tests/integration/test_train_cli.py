@@ -47,6 +47,7 @@ def test_sigterm_checkpoints_then_resume_auto_finishes(tmp_path, repo_root):
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {saved}" in done.stderr
+    assert "\r" not in done.stderr and "step/s" not in done.stderr  # stderr is a pipe: no progress bar in a log
     final = ckpt.find_latest(run_dir / "checkpoints")
     assert ckpt.step_of(final) == ckpt.step_of(saved) + 2
     assert (run_dir / "f_trigen.safetensors").is_file()
