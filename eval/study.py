@@ -100,6 +100,21 @@ def study_config(config: str, overrides: Sequence[str], out: Path, steps: int | 
     return load_config(config, [*overrides, *extra])
 
 
+def _changed_keys(stored_file: Path, cfg) -> list[str]:
+    """Dotted keys whose resolved values differ between a stored study config and ``cfg``. The stored file
+    is read with today's defaults, so a key added to the config since it was written is not a change."""
+    from g3dr.config import config_to_dict, load_config
+
+    def flat(d: Mapping, prefix: str = "") -> dict[str, object]:
+        items: dict[str, object] = {}
+        for k, v in d.items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+        return items
+
+    old, new = flat(config_to_dict(load_config(stored_file))), flat(config_to_dict(cfg))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def write_eval_set(cfg, out: Path, n: int, views: int, progress: bool) -> Path:
     """The held-out primitives with ``views`` exact novel views each (written once; reused when it matches)."""
     from g3dr.data.synth import ViewSpec, write_synthetic_shards
@@ -261,9 +276,12 @@ def run_table_s1(args: argparse.Namespace) -> int:
     cfg = study_config(args.config, args.overrides, out, args.steps)
     config_file = out / "config.yaml"
     text = dump_config(cfg)
-    if config_file.is_file() and config_file.read_text() != text:
-        raise ConfigError(f"{out} holds a study with another config ({config_file}); use another --out or delete it")
-    config_file.write_text(text)
+    if config_file.is_file():
+        changed = _changed_keys(config_file, cfg)
+        if changed:
+            raise ConfigError(f"{out} holds a study with another config ({config_file}: {', '.join(changed[:8])}"
+                              f"{' ...' if len(changed) > 8 else ''} differ); use another --out or delete it")
+    config_file.write_text(text)  # the same values (a key added since, at its default, is written out)
     progress = not args.no_progress
     n_eval = args.eval_samples or cfg.eval.num_samples
 

@@ -47,3 +47,16 @@ def test_table_s1_trains_each_variant_scores_it_and_resumes(tmp_path, capsys):
     assert {n: v["metrics"] for n, v in again.items()} == {n: v["metrics"] for n, v in variants.items()}
     assert {n: again[n]["train_s"] for n in stamps} == {n: variants[n]["train_s"] for n in stamps}
     assert stamps == {n: (out / n / "f_trigen.safetensors").stat().st_mtime_ns for n in stamps}
+
+
+def test_a_study_folder_refuses_another_config_and_names_the_keys(tmp_path):
+    from g3dr.config import load_config
+    from g3dr.eval.study import _changed_keys
+
+    stored = tmp_path / "config.yaml"
+    stored.write_text("# written before train.export_initial existed\n"
+                      "train:\n  total_steps: 800\n  lr: 1.0e-3\n")
+    same = load_config(stored)
+    assert _changed_keys(stored, same) == []  # a key added since, at its default, is no change
+    other = load_config(stored, ["train.lr=5e-4", "loss.depth_supervision=kl"])
+    assert _changed_keys(stored, other) == ["loss.depth_supervision", "train.lr"]
