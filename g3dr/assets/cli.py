@@ -156,6 +156,8 @@ def run_batch(args: argparse.Namespace) -> int:
     started = time.time()
     for raw in tqdm(inputs, total=total, desc="batch", unit="image", disable=args.no_progress):
         try:
+            if raw.key.startswith("/") or ".." in raw.key.split("/") or not raw.key.strip("/."):
+                raise Rejected("unsafe_key", f"the sample key {raw.key!r} would write outside --out")
             if raw.key in seen_keys:
                 raise Rejected("duplicate_key", f"another input already wrote {raw.key}.*")
             seen_keys.add(raw.key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from g3dr.errors import DataError
@@ -104,14 +104,16 @@ def inputs_from_shards(shards: list[str | Path]) -> Iterator[RawInput]:
                 for member in tar:
                     if not member.isfile():
                         continue
-                    name = Path(member.name).name
-                    key, _, ext = name.partition(".")
-                    prefix = str(Path(member.name).parent / key)
-                    if sample and sample["__prefix__"] != prefix:
+                    member_path = PurePosixPath(member.name)
+                    key, _, ext = member_path.name.partition(".")
+                    # WebDataset's key: the member's folder and the name up to its first dot ("1/x" and "2/x"
+                    # are two samples; outputs keep the folders)
+                    prefix = (member_path.parent / key).as_posix()
+                    if sample and sample["__key__"] != prefix:
                         yield _shard_input(sample, path)
                         sample = {}
                     if not sample:
-                        sample = {"__key__": key, "__prefix__": prefix}
+                        sample = {"__key__": prefix}
                     sample[ext] = tar.extractfile(member).read()
                 if sample:
                     yield _shard_input(sample, path)
@@ -120,7 +122,6 @@ def inputs_from_shards(shards: list[str | Path]) -> Iterator[RawInput]:
 
 
 def _shard_input(sample: dict, path: Path) -> RawInput:
-    sample.pop("__prefix__")
     return RawInput(sample["__key__"], f"{path.name}:{sample['__key__']}", sample)
 
 

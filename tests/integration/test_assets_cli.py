@@ -167,9 +167,33 @@ def test_shards_reader_keeps_samples_together(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     samples = list(inputs_from_shards([tmp_path]))
-    assert [s.key for s in samples] == ["k1", "k2"]
-    assert samples[0].sample == {"__key__": "k1", "32.jpg": b"1", "32.depth.png": b"2"}
-    assert samples[1].sample == {"__key__": "k2", "32.jpg": b"3", "cls": b"4"}
+    assert [s.key for s in samples] == ["x/k1", "x/k2"]  # WebDataset's keys: the folder is part of it
+    assert samples[0].sample == {"__key__": "x/k1", "32.jpg": b"1", "32.depth.png": b"2"}
+    assert samples[1].sample == {"__key__": "x/k2", "32.jpg": b"3", "cls": b"4"}
+
+
+def test_batch_shards_keep_samples_that_differ_only_by_folder(checkpoint, folder, tmp_path):
+    """``1/x`` and ``2/x`` in a shard are two samples with two outputs (the folder was dropped, and one of
+    them rejected as a duplicate); a key that would write outside --out is rejected and counted."""
+    import tarfile
+
+    shard = tmp_path / "shards" / "s.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for prefix, name in (("1/x", "a"), ("2/x", "b"), ("../evil", "a")):
+            for ext, src in (("jpg", f"{name}.jpg"), ("depth.png", f"{name}_depth.png")):
+                data = (folder / src).read_bytes()
+                info = tarfile.TarInfo(f"{prefix}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    assert batch(checkpoint, out, "--shards", str(shard), "--npz") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == 3 and summary["written"] == 2
+    assert summary["rejected_by_reason"] == {"unsafe_key": 1}
+    assert (out / "1" / "x.npz").is_file() and (out / "2" / "x.npz").is_file()
+    assert not np.array_equal(np.load(out / "1" / "x.npz")["rgb"], np.load(out / "2" / "x.npz")["rgb"])
+    assert not (tmp_path / "evil.npz").exists()
 
 
 def test_batch_on_the_release_samples(checkpoint, release_samples, tmp_path):
