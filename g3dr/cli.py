@@ -14,7 +14,7 @@ import sys
 
 from g3dr import __version__
 from g3dr.errors import G3DRError
-from g3dr.log import setup_logging
+from g3dr.log import request_level, requested_level, setup_logging
 
 # Modules that provide subcommands, in the order ``--help`` lists them.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="g3dr-scale: train and evaluate G3DR (generative 3D reconstruction in ImageNet) at cluster scale.",
     )
     parser.add_argument("--version", action="version", version=f"g3dr-scale {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="console log level on rank 0 (other ranks log warnings only)")
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="console log level on rank 0 (other ranks log warnings only); default: "
+                             "$G3DR_LOG_LEVEL, else the config's logging.level for train, else INFO. "
+                             "Jobs that g3dr submit launches get the same level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    request_level(args.log_level)
+    setup_logging(requested_level() or "INFO")
     try:
         return int(args.handler(args) or 0)
     except G3DRError as err:

@@ -545,6 +545,8 @@ class LoggingConfig:
     """Console logging and MLflow tracking."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console level of ``g3dr train`` on rank 0 (other ranks: warnings). ``g3dr --log-level`` and
+    ``$G3DR_LOG_LEVEL`` override it; a level given to ``g3dr submit`` reaches the job's tasks."""
     mlflow_uri: str = ""
     """MLflow tracking URI (``sqlite:///path.db`` or an ``http://`` server); empty: a sqlite store
     ``<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``. MLflow 3 refuses ``file:`` stores."""

@@ -43,6 +43,25 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+LEVEL_ENV = "G3DR_LOG_LEVEL"
+"""Environment variable with the console level when no ``--log-level`` is given (launched jobs read it)."""
+_requested: str | None = None
+
+
+def request_level(level: str | None) -> None:
+    """Record the level the user asked for (``g3dr --log-level``); launched jobs carry it to their tasks."""
+    global _requested
+    _requested = level
+
+
+def requested_level() -> str | None:
+    """The level the user asked for: ``--log-level``, else ``$G3DR_LOG_LEVEL``, else None (the config decides:
+    ``logging.level`` for training, INFO otherwise)."""
+    import os
+
+    return _requested or os.environ.get(LEVEL_ENV) or None
+
+
 def setup_logging(level: str = "INFO", dist: DistEnv | None = None, stream=None) -> logging.Logger:
     """Configure the ``g3dr`` logger tree once per process (idempotent) and return it."""
     dist = dist or resolve_dist_env()

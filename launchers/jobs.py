@@ -31,7 +31,11 @@ class LaunchedJob:
     name = "job"
 
     def __init__(self) -> None:
+        from g3dr.log import requested_level
+
         self.requeues = 0
+        self.log_level = requested_level()
+        """The console level the submitting user asked for (None: the job's own default)."""
         """Times this job object was resubmitted by :meth:`checkpoint` (counts local requeues too)."""
 
     def requeue_count(self, rdv: Rendezvous) -> int:
@@ -43,7 +47,7 @@ class LaunchedJob:
 
         rdv = rendezvous_from_env(os.environ)
         os.environ.update(rdv.env())
-        setup_logging(os.environ.get("G3DR_LOG_LEVEL", "INFO"))
+        setup_logging(getattr(self, "log_level", None) or os.environ.get("G3DR_LOG_LEVEL") or "INFO")
         log.info("%s: task %d/%d (local %d) on %s, job %s (%s), master %s:%d, requeue count %d",
                  self.name, rdv.rank, rdv.world_size, rdv.local_rank, socket.gethostname(), rdv.job_id, rdv.source,
                  rdv.master_addr, rdv.master_port, self.requeue_count(rdv))
@@ -86,11 +90,16 @@ class CommandJob(LaunchedJob):
         codes = []
         for step in self.steps:
             log.info("%s: g3dr %s", self.name, " ".join(step))
-            code = main(list(step))
+            code = main(self.argv(step))
             codes.append(code)
             if code != 0:
                 raise RuntimeError(f"`g3dr {' '.join(step)}` exited with status {code} (see the log above)")
         return codes
+
+    def argv(self, step: Sequence[str]) -> list[str]:
+        """The ``g3dr`` arguments of one step, with the submitting user's ``--log-level`` when one was given."""
+        level = getattr(self, "log_level", None)  # None in a job pickled before the attribute existed
+        return [*(["--log-level", level] if level else []), *step]
 
     def __repr__(self) -> str:
         return f"CommandJob(name={self.name!r}, steps={self.steps!r}, requeues={self.requeues})"
@@ -135,7 +144,7 @@ class TrainJob(CommandJob):
         signal.signal(signal.SIGUSR2, on_usr2)
         try:
             log.info("train: g3dr %s", " ".join(self.steps[0]))
-            code = main(list(self.steps[0]))
+            code = main(self.argv(self.steps[0]))
         finally:
             signal.signal(signal.SIGUSR2, submitit_handler)
         if code == EXIT_PREEMPTED:

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from g3dr.train.trainer import EXIT_PREEMPTED, shutdown_distributed, train
 
     cfg = load_config(args.config, args.overrides)
+    from g3dr.log import requested_level, setup_logging
+
+    if requested_level() is None:  # neither --log-level nor $G3DR_LOG_LEVEL: the config's logging.level
+        setup_logging(cfg.logging.level)
     from g3dr.distributed import resolve_dist_env
     from g3dr.weights import verify_for
 

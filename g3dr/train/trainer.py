@@ -688,7 +688,7 @@ def _default_loader(cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
         from g3dr.data.loader import ensure_synthetic
 
         if dist.is_main:
-            ensure_synthetic(cfg, progress=True)
+            ensure_synthetic(cfg, progress=sys.stderr.isatty())  # no bar in a log file
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     return build_train_loader(cfg, dist)

@@ -28,6 +28,22 @@ def test_local_executor_runs_g3dr_commands_in_two_tasks(tmp_path):
     assert "config-check: task 0/2" in log and "(local), master 127.0.0.1:" in log and "requeue count 0" in log
 
 
+def test_the_users_log_level_reaches_the_job(tmp_path):
+    """``g3dr --log-level WARNING submit ...``: the job's tasks log at WARNING (no INFO line in its log)."""
+    from g3dr.log import request_level
+
+    request_level("WARNING")
+    try:
+        job = CommandJob([["config", "--config", str(REPO / "configs" / "tiny.yaml"), "--check"]], name="quiet")
+    finally:
+        request_level(None)
+    assert job.argv(job.steps[0])[:2] == ["--log-level", "WARNING"]
+    [submitted] = submit_jobs([job], "local", tmp_path / "logs" / "%j", LaunchOptions(time_min=5))
+    assert wait_jobs([submitted], timeout_s=180, poll_s=0.2)[0] == [0]  # one task: its exit codes
+    log = submitted.paths.stderr.read_text()
+    assert " INFO " not in log and "quiet: task 0/1" not in log, log[-2000:]
+
+
 def test_local_executor_reports_a_failing_command(tmp_path):
     job = CommandJob([["config", "--config", str(tmp_path / "missing.yaml"), "--check"]], name="bad")
     [submitted] = submit_jobs([job], "local", tmp_path / "logs" / "%j", LaunchOptions(time_min=5))
