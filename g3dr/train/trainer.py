@@ -229,6 +229,26 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One plain log line per logging window (a SLURM log reads like a table): step, every loss term, lr,
+    grad norm, samples/s, data-wait fraction, peak memory, ETA at the window's pace."""
+    eta = max(total - step, 0) * metrics["seconds_per_step"]
+    parts = [f"step {step}/{total}"]
+    parts += [f"{k[5:]} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("loss/")]
+    parts.append(f"lr {metrics['lr']:.3g}")
+    if "grad_norm" in metrics:
+        parts.append(f"grad_norm {metrics['grad_norm']:.3g}")
+    parts += [f"{metrics['samples_per_second']:.3g} samples/s", f"data_wait {metrics['data_wait_fraction']:.0%}",
+              f"peak_mem {metrics['peak_memory_mb']:.0f} MB", f"eta {_duration(eta)}"]
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype: torch.dtype, n: int = 4) -> Any:
     """uint8 (H, W, 3) grid, one row per sample: input, canonical render, two novel renders (yaw at the edges of
     the novel range), canonical depth, pseudo-depth. Uses a forked RNG, so training randomness is untouched."""
@@ -559,7 +579,7 @@ def train(cfg: Config, resume: str | None = None,
     samples_per_step = train_cfg.global_batch_size
     bad_in_row = 0
     window: dict[str, list[float]] = {}
-    window_start, window_steps = time.time(), 0
+    window_start, window_steps, window_wait = time.time(), 0, 0.0
     bar = tqdm(total=train_cfg.total_steps, initial=start_step, unit="step",
                disable=not (progress and dist.is_main and sys.stderr.isatty()),
                dynamic_ncols=True)
@@ -571,8 +591,10 @@ def train(cfg: Config, resume: str | None = None,
             lr = float(engine.get_lr()[0])
             reports = []
             while len(reports) < accumulation:
+                waited = time.perf_counter()
                 with torch.random.fork_rng(devices=[]):  # the loader must not consume training randomness
                     batch = _to_device(next(batches), device)
+                window_wait += time.perf_counter() - waited
                 loss, report = task(engine, batch, step)
                 if not _all_ranks_true(bool(torch.isfinite(loss)), device):
                     result.skipped += 1
@@ -606,14 +628,20 @@ def train(cfg: Config, resume: str | None = None,
                 metrics = {k: sum(v) / len(v) for k, v in window.items()}
                 if train_cfg.beta1_cycle:
                     metrics["beta1"] = float(engine.optimizer.param_groups[0]["betas"][0])
+                grad_norm = engine.get_global_grad_norm()
                 metrics.update({"lr": lr, "seconds_per_step": elapsed / window_steps,
                                 "samples_per_second": samples_per_step * window_steps / max(elapsed, 1e-9),
+                                "data_wait_fraction": min(1.0, window_wait / max(elapsed, 1e-9)),
                                 "peak_memory_mb": _peak_memory_mb(device), "skipped_micro_batches": result.skipped})
+                if grad_norm is not None and math.isfinite(float(grad_norm)):
+                    metrics["grad_norm"] = float(grad_norm)
                 metrics.update(loader.data_metrics() if hasattr(loader, "data_metrics") else {})  # data/skipped...
                 tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{metrics['loss/total']:.4f}", lr=f"{lr:.2e}",
                                 sps=f"{metrics['samples_per_second']:.1f}")
-                window, window_start, window_steps = {}, time.time(), 0
+                if dist.is_main:
+                    log.info("%s", step_line(step, train_cfg.total_steps, metrics))
+                window, window_start, window_steps, window_wait = {}, time.time(), 0, 0.0
             if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
                 grid = image_grid(engine.module, cfg, batch, dtype)
                 tracker.log_image(grid, f"samples/step-{step:08d}.png")
