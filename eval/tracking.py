@@ -44,10 +44,11 @@ class TrackingError(G3DRError):
 
 
 def resolve_tracking(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
-    """``(tracking_uri, artifact_location)``: ``uri`` as given, or a sqlite store ``base_dir/mlflow.db``
-    with artifacts in ``base_dir/mlartifacts`` (the training run's own store when ``base_dir`` is its run
-    directory). MLflow 3 refuses ``file:`` stores.
+    """``(tracking_uri, artifact_location)``: ``uri`` as given, else ``$MLFLOW_TRACKING_URI``, else a sqlite
+    store ``base_dir/mlflow.db`` with artifacts in ``base_dir/mlartifacts`` (the training run's own store when
+    ``base_dir`` is its run directory). MLflow 3 refuses ``file:`` stores.
     """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri:
         if uri.startswith("file:"):
             raise TrackingError(f"MLflow 3 does not accept file: stores ({uri}); "

@@ -548,9 +548,11 @@ class LoggingConfig:
     """Console level of ``g3dr train`` on rank 0 (other ranks: warnings). ``g3dr --log-level`` and
     ``$G3DR_LOG_LEVEL`` override it; a level given to ``g3dr submit`` reaches the job's tasks."""
     mlflow_uri: str = ""
-    """MLflow tracking URI (``sqlite:///path.db`` or an ``http://`` server); empty: a sqlite store
-    ``<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``. MLflow 3 refuses ``file:`` stores."""
-    experiment: str = "g3dr"
+    """MLflow tracking URI (``sqlite:///path.db`` or an ``http://`` server); empty: ``$MLFLOW_TRACKING_URI``,
+    else a sqlite store ``<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``. MLflow 3 refuses
+    ``file:`` stores."""
+    experiment: str = ""
+    """MLflow experiment; empty: ``$MLFLOW_EXPERIMENT_NAME``, else ``g3dr``."""
     run_name: str = ""
     """MLflow run name; empty: derived from the run directory."""
 

@@ -95,18 +95,82 @@ def is_lock_error(err: BaseException) -> bool:
     return False
 
 
+DEFAULT_EXPERIMENT = "g3dr"
+
+
 def tracking_uri(cfg: Config) -> str:
-    """The MLflow tracking URI of ``cfg`` (default: sqlite store under the run directory)."""
+    """The MLflow tracking URI of ``cfg``: ``logging.mlflow_uri``, else ``$MLFLOW_TRACKING_URI`` (what a team
+    sets for all its tools), else a sqlite store under the run directory."""
     if cfg.logging.mlflow_uri:
         return cfg.logging.mlflow_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+
+
+def experiment_name(cfg: Config) -> str:
+    """``logging.experiment``, else ``$MLFLOW_EXPERIMENT_NAME``, else ``g3dr``."""
+    return cfg.logging.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def artifact_location(cfg: Config) -> str | None:
     """Where a new experiment stores artifacts when the store is the default local sqlite one."""
-    if cfg.logging.mlflow_uri:
+    if cfg.logging.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     return (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
+
+
+def run_tags(cfg: Config, world_size: int) -> dict[str, str]:
+    """What makes a run traceable: code (git commit, dirty flag, package version), job (SLURM job id and array
+    index, world size, host), data (the shards' manifest content hash) and the resolved config's hash.
+    Values that cannot be known here are ``unknown`` (with the reason logged), never guessed."""
+    import hashlib
+    import socket
+
+    from g3dr import __version__
+    from g3dr.config import dump_config
+
+    commit, dirty = _git_state()
+    env = os.environ
+    return {
+        "mlflow.source.git.commit": commit, "g3dr.git_dirty": dirty, "g3dr.version": __version__,
+        "g3dr.slurm_job_id": env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID") or "",
+        "g3dr.slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID", ""),
+        "g3dr.world_size": str(world_size), "g3dr.host": socket.gethostname(),
+        "g3dr.dataset_hash": _dataset_hash(cfg),
+        "g3dr.config_hash": hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16],
+    }
+
+
+def _git_state() -> tuple[str, str]:
+    """(commit, "true"/"false") of the checkout this package runs from; ("unknown", "unknown") outside one."""
+    import subprocess
+
+    where = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        log.info("run tags: %s is not a git checkout (or git is missing); commit unknown", where)
+        return "unknown", "unknown"
+    return commit, "true" if status.strip() else "false"
+
+
+def _dataset_hash(cfg: Config) -> str:
+    """The content hash of the training shards (their manifests), as the eval keys its runs."""
+    from g3dr.data.pipeline import expand_existing_shard_urls, expand_shard_urls
+    from g3dr.errors import G3DRError
+    from g3dr.metrics.dataset_stats import dataset_content_hash
+
+    try:
+        urls = (expand_shard_urls(cfg.data.synthetic_dir) if cfg.data.source == "synthetic"
+                else expand_existing_shard_urls(cfg.data.shards))
+        return dataset_content_hash(urls)
+    except (G3DRError, OSError, ValueError) as err:
+        log.info("run tags: no dataset hash (%s)", err)
+        return "unknown"
 
 
 class NullTracker:
@@ -122,6 +186,12 @@ class NullTracker:
         pass
 
     def log_image(self, image: Any, artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -221,6 +291,11 @@ class MlflowTracker(NullTracker):
             return
         self._call("log image", lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
 
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        self._call("log artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
     def set_tags(self, tags: dict[str, Any], run_id: str | None = None) -> None:
         """Tag this run (or ``run_id``, another run of the same store)."""
         if not self.active or not tags:
@@ -244,7 +319,7 @@ CONTINUED_IN_TAG = "g3dr.continued_in"
 
 
 def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None,
-                  forked_from: tuple[str, int, list[str]] | None = None) -> NullTracker:
+                  forked_from: tuple[str, int, list[str]] | None = None, world_size: int = 1) -> NullTracker:
     """Rank 0: an :class:`MlflowTracker` (reopening ``run_id`` on resume, logging params on a new run);
     other ranks: a :class:`NullTracker`.
 
@@ -259,10 +334,12 @@ def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None,
     run_name = cfg.logging.run_name or Path(cfg.run_dir).name
     if forked_from is not None:
         run_name = f"{run_name}-from-step-{forked_from[1]}"
-    tracker = MlflowTracker(tracking_uri(cfg), cfg.logging.experiment, run_name, run_id=run_id,
+    tracker = MlflowTracker(tracking_uri(cfg), experiment_name(cfg), run_name, run_id=run_id,
                             artifact_location=artifact_location(cfg))
     if run_id is None:
         tracker.log_params(flatten_config(cfg))
+    if tracker.active:  # on every start: a requeued job has another job id and host
+        tracker.set_tags(run_tags(cfg, world_size))
     if forked_from is not None and tracker.active:
         old_run, step, abandoned = forked_from
         tracker.set_tags({FORKED_FROM_RUN_TAG: old_run, FORKED_AT_STEP_TAG: step, "mlflow.parentRunId": old_run,

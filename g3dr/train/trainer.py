@@ -556,9 +556,10 @@ def train(cfg: Config, resume: str | None = None,
     # After a rollback the MLflow run forks: the abandoned steps stay in the old run, which is tagged; the new run
     # continues from the step resumed from, so no curve holds two values of one step.
     forked_from = (run_id, start_step, abandoned) if abandoned and run_id else None
-    tracker = build_tracker(cfg, dist.is_main, run_id=None if forked_from else run_id, forked_from=forked_from)
+    tracker = build_tracker(cfg, dist.is_main, run_id=None if forked_from else run_id, forked_from=forked_from,
+                            world_size=dist.world_size)
     if dist.is_main:
-        save_config(cfg, run_dir)
+        tracker.log_artifact(save_config(cfg, run_dir))  # the resolved config.yaml, beside the params
     if initial is not None and start_step == 0:
         _export_initial(cfg, initial, run_dir, tracker.run_id)
         del initial

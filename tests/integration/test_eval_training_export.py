@@ -53,7 +53,15 @@ def test_sweep_exports_and_evaluates_training_checkpoints(tmp_path, repo_root, c
     evals = [r for r in runs if r.data.tags.get("g3dr.kind") == "eval"]
     assert len(evals) == 2 and {r.info.status for r in evals} == {"FINISHED"}
     assert {r.data.tags["g3dr.training_run_id"] for r in evals} == {result.run_id}
-    assert client.get_run(result.run_id).data.tags.get("mlflow.runName")  # the training run is in the same store
+    training = client.get_run(result.run_id)
+    assert training.data.tags.get("mlflow.runName")  # the training run is in the same store
+    # traceable: code, job, data (the same content hash the eval keyed its runs by) and config
+    tags = training.data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["g3dr.git_dirty"] in ("true", "false")
+    assert tags["g3dr.world_size"] == "1" and tags["g3dr.host"] and tags["g3dr.version"]
+    assert {tags["g3dr.dataset_hash"]} == {r.data.params["dataset_manifest_hash"] for r in evals}
+    assert len(tags["g3dr.config_hash"]) == 16
+    assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
 
     from g3dr.cli import main
 
