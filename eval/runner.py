@@ -429,6 +429,8 @@ class Evaluator:
             if tracker is not None:
                 log.info("%s: uploading the finished results in %s (an earlier upload failed)", ref.label, out_dir)
                 run_id = self._log_run(tracker, ref, parent_run_id, params, tags, saved["metrics"], out_dir)
+                if ref.training_run_id:
+                    tracker.log_to_training_run(ref.training_run_id, saved["metrics"], ref.step)
             return Outcome("uploaded", ref, ehash, run_id=run_id, results=dict(saved.get("metrics", {})),
                            eval_dir=out_dir)
 
@@ -462,6 +464,8 @@ class Evaluator:
             except BaseException:
                 tracker.end_run_quietly(run_id, "FAILED")
                 raise
+            if ref.training_run_id:
+                tracker.log_to_training_run(ref.training_run_id, results, ref.step)
             log.info("%s: %s", ref.label, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
         return Outcome("evaluated", ref, ehash, run_id=run_id, results=results, eval_dir=out_dir)
 

@@ -126,6 +126,20 @@ class EvalTracker:
         run = self._call(lambda: self.client.get_run(run_id), f"read run {run_id}")
         return dict(run.data.metrics)
 
+    def log_to_training_run(self, training_run_id: str, metrics: Mapping[str, float], step: int,
+                            prefix: str = "eval/") -> bool:
+        """Also record ``metrics`` in the training run they came from, at the checkpoint's ``step`` (as
+        ``eval/<name>``), so FID, NFS... against step is one chart of that run. False (nothing logged) when
+        this store does not hold the run (the training logged elsewhere)."""
+        try:
+            self.client.get_run(training_run_id)
+        except Exception as err:  # noqa: BLE001 - not in this store: the eval runs alone carry the numbers
+            log.info("training run %s is not in %s (%s); its eval metrics stay in the eval runs", training_run_id,
+                     self.uri, type(err).__name__)
+            return False
+        self.log_metrics(training_run_id, {f"{prefix}{k}": v for k, v in metrics.items()}, step=step)
+        return True
+
     # -- runs -------------------------------------------------------------------------------------
 
     def start_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:

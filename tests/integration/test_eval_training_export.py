@@ -62,6 +62,9 @@ def test_sweep_exports_and_evaluates_training_checkpoints(tmp_path, repo_root, c
     assert {tags["g3dr.dataset_hash"]} == {r.data.params["dataset_manifest_hash"] for r in evals}
     assert len(tags["g3dr.config_hash"]) == 16
     assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
+    # the eval results also land in the training run at each checkpoint's step: metric against step is one chart
+    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "eval/nfs/s1")}
+    assert history == {o.checkpoint.step: o.results["nfs/s1"] for o in report.outcomes}
 
     from g3dr.cli import main
 
