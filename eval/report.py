@@ -169,15 +169,20 @@ def plot_metrics(results: Mapping[str, float], scales: Sequence[float], path: st
 
 
 def save_grid(images, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0), nrow: int = 8) -> Path:
-    """Save ``images`` ``(K, C, H, W)`` (C = 1 or 3, a torch tensor) mapped from ``value_range`` as a PNG grid."""
+    """Save ``images`` ``(K, C, H, W)`` (a torch tensor) as a PNG grid: C = 3 colour mapped from ``value_range``;
+    C = 1 depth over ``value_range = (near, far)`` in the depth colours used everywhere (near bright,
+    :func:`g3dr.assets.video.colorize_depth`)."""
     import torch
     from PIL import Image
     from torchvision.utils import make_grid
 
     lo, hi = value_range
-    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
+    if images.shape[1] == 1:
+        from g3dr.assets.video import colorize_depth
+
+        x = torch.from_numpy(colorize_depth(images, lo, hi)).permute(0, 3, 1, 2).float() / 255
+    else:
+        x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     grid = make_grid(x, nrow=min(nrow, x.shape[0]), padding=2, pad_value=1.0)
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path = Path(path)

@@ -185,7 +185,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
+    def log_image(self, image: Any, key: str, step: int) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -285,11 +285,12 @@ class MlflowTracker(NullTracker):
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
-        """``image``: uint8 numpy array (H, W, 3) or a PIL image, stored as the artifact ``artifact_file``."""
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """``image``: uint8 numpy array (H, W, 3) or a PIL image, logged as MLflow's image ``key`` at ``step``
+        (the UI's image panel then has a step slider)."""
         if not self.active:
             return
-        self._call("log image", lambda: self.client.log_image(self.run_id, image, artifact_file=artifact_file))
+        self._call("log image", lambda: self.client.log_image(self.run_id, image, key=key, step=int(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active:

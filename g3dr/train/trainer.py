@@ -249,12 +249,20 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+GRID_COLUMNS = ("input", "canonical", "novel -yaw", "novel +yaw", "depth", "pseudo-depth")
+"""The columns of the training grid, as labelled in its header (short forms where tiles are narrow)."""
+_GRID_SHORT = ("input", "canon", "nov-", "nov+", "depth", "prior")
+
+
 def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype: torch.dtype, n: int = 4) -> Any:
-    """uint8 (H, W, 3) grid, one row per sample: input, canonical render, two novel renders (yaw at the edges of
-    the novel range), canonical depth, pseudo-depth. Uses a forked RNG, so training randomness is untouched."""
+    """uint8 (H, W, 3) grid under a header naming its columns (:data:`GRID_COLUMNS`), one row per sample:
+    input, canonical render, two novel renders (yaw at the edges of the novel range), canonical depth,
+    pseudo-depth. Depth is coloured as everywhere else (:func:`g3dr.assets.video.colorize_depth`: near
+    bright) over the batch's pseudo-depth range. Uses a forked RNG, so training randomness is untouched."""
     import numpy as np
     from torchvision.utils import make_grid
 
+    from g3dr.assets.video import colorize_depth
     from g3dr.render.cameras import camera_to_world_from_angles
 
     cam = cfg.camera
@@ -264,21 +272,36 @@ def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype
     spread = math.pi / cam.novel_yaw_den_end
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         planes = model.make_planes(rgb.to(dtype), depth.to(dtype))
-        tiles = [rgb.float()]
+        tiles = [rgb.float().cpu()]
         depths = []
         for yaw_offset in (0.0, -spread, spread):
             yaw = torch.full((b,), cam.canonical_yaw + yaw_offset, device=dev)
             pitch = torch.full((b,), cam.canonical_pitch, device=dev)
             c2w = camera_to_world_from_angles(yaw, pitch, cam.radius)  # geometry stays float32
             out = model.render(planes, c2w, canonical=yaw_offset == 0.0, depth=depth.float())
-            tiles.append(out["rgb"].float())
+            tiles.append(out["rgb"].float().cpu())
             depths.append(out["depth"].float())
         lo, hi = float(depth.min()), float(depth.max()) + 1e-6
         for d in (depths[0], depth.float()):
-            tiles.append(((d - lo) / (hi - lo) * 2 - 1).clamp(-1, 1).expand(-1, 3, -1, -1))
+            coloured = torch.from_numpy(colorize_depth(d, lo, hi)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            tiles.append(coloured)
     rows = torch.stack(tiles, dim=1).flatten(0, 1)  # sample-major: one row of len(tiles) tiles per sample
     grid = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=len(tiles), padding=1)
-    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    body = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return _with_header(body, GRID_COLUMNS, tile=rgb.shape[-1] + 1)
+
+
+def _with_header(body: Any, labels: tuple[str, ...], tile: int) -> Any:
+    """``body`` (H, W, 3) uint8 under a white strip with one label per ``tile``-wide column."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    header = Image.new("RGB", (body.shape[1], 12), "white")
+    draw = ImageDraw.Draw(header)
+    narrow = max(len(label) for label in labels) * 6 + 4 > tile  # the default font is ~6 px a character
+    for i, label in enumerate(_GRID_SHORT if narrow and len(labels) == len(_GRID_SHORT) else labels):
+        draw.text((i * tile + 2, 1), label, fill="black")
+    return np.concatenate([np.asarray(header), body], axis=0)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
@@ -645,7 +668,7 @@ def train(cfg: Config, resume: str | None = None,
                 window, window_start, window_steps, window_wait = {}, time.time(), 0, 0.0
             if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
                 grid = image_grid(engine.module, cfg, batch, dtype)
-                tracker.log_image(grid, f"samples/step-{step:08d}.png")
+                tracker.log_image(grid, key="samples", step=step)
             # One collective per step: a stop signal on any rank, and the run folder still there (rank 0 looks).
             stopping, gone = _any_rank_flags([stop.received is not None,
                                               dist.is_main and not _run_dir_intact(run_dir, root)], device)

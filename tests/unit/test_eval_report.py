@@ -49,6 +49,11 @@ def test_plot_and_grids(tmp_path):
     rgb = torch.linspace(-1, 1, 4 * 3 * 8 * 8).view(4, 3, 8, 8)
     grid = Image.open(save_grid(rgb, tmp_path / "g.png", nrow=2))
     assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    from g3dr.assets.video import colorize_depth
+
     depth = torch.full((2, 1, 8, 8), 6.0)
-    grey = Image.open(save_grid(depth, tmp_path / "d.png", value_range=(4.0, 6.0)))
-    assert grey.getpixel((5, 5)) == (255, 255, 255)
+    depth[1] = 4.0
+    coloured = Image.open(save_grid(depth, tmp_path / "d.png", value_range=(4.0, 6.0)))
+    # the depth colours of the videos: far dark purple, near bright yellow
+    far, near = (tuple(int(c) for c in colorize_depth(torch.full((1, 1, 1), v), 4.0, 6.0)[0, 0, 0]) for v in (6.0, 4.0))
+    assert coloured.getpixel((5, 5)) == far and coloured.getpixel((8 + 2 + 5, 5)) == near and sum(near) > sum(far)
