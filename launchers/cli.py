@@ -18,6 +18,17 @@ import sys
 from pathlib import Path
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _launch_arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("launch options")
@@ -34,6 +45,14 @@ def _launch_arguments() -> argparse.ArgumentParser:
     g.add_argument("--account", default=None)
     g.add_argument("--qos", default=None)
     g.add_argument("--constraint", default=None, help="node feature constraint (e.g. h100)")
+    g.add_argument("--exclude", default=None, metavar="NODES", help="nodes to leave out (node[01-04],node17)")
+    g.add_argument("--comment", default=None, help="sbatch --comment")
+    g.add_argument("--mail-user", default=None, metavar="ADDRESS", help="sbatch --mail-user")
+    g.add_argument("--mail-type", default=None, metavar="TYPES", help="sbatch --mail-type (e.g. END,FAIL)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option by its long name, repeatable (--sbatch reservation=r1)")
+    g.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="a shell line run before the tasks start, repeatable (--setup 'module load cuda/12.4')")
     g.add_argument("--signal-delay-s", type=int, default=120,
                    help="USR2 this many seconds before the time limit: the job checkpoints and requeues itself")
     g.add_argument("--max-requeues", type=int, default=50,
@@ -59,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Submit g3dr jobs through submitit (SLURM or this machine).")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
-    train = kinds.add_parser("train", parents=[launch], help="one training job: nodes x tasks ranks",
+    train = kinds.add_parser("train", parents=[launch],
+                             formatter_class=_DefaultsFormatter, help="one training job: nodes x tasks ranks",
                              description="Submit `g3dr train` as one job; every task is one rank. The job "
                                          "requeues itself on preemption or time limit and resumes from run_dir.")
     add_config_arguments(train)
@@ -67,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     prep = kinds.add_parser("prep", help="data preparation arrays")
     prep_kinds = prep.add_subparsers(dest="prep_kind", metavar="ACTION", required=True)
-    shards = prep_kinds.add_parser("shards", parents=[launch], help="an array of `g3dr prep shards` + merge/validate",
+    shards = prep_kinds.add_parser("shards", parents=[launch], formatter_class=_DefaultsFormatter,
+                                   help="an array of `g3dr prep shards` + merge/validate",
                                    description="A job array over --shard-index/--num-shard-jobs, then one job "
                                                "(after all succeed) that writes the manifest and validates.")
     shards.add_argument("--num-shard-jobs", type=int, required=True, help="array size")
@@ -75,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="arguments of `g3dr prep shards` after --, without --shard-index/--num-shard-jobs")
     shards.set_defaults(handler=run_prep_shards)
 
-    ev = kinds.add_parser("eval", parents=[launch], help="an array of `g3dr eval` over checkpoints (x metrics)",
+    ev = kinds.add_parser("eval", parents=[launch], formatter_class=_DefaultsFormatter,
+                          help="an array of `g3dr eval` over checkpoints (x metrics)",
                           description="A job array: one `g3dr eval --checkpoint CK [--metrics M] EVAL-ARGS` per "
                                       "checkpoint, or per checkpoint and metric with --metrics. Each job may be "
                                       "multi-rank (--tasks-per-node/--gpus-per-node).")
@@ -94,7 +116,34 @@ def _options(args: argparse.Namespace, kind: str):
         job_name=args.job_name or f"g3dr-{kind}", partition=args.partition, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         time_min=args.time, mem_gb=args.mem_gb, account=args.account, qos=args.qos, constraint=args.constraint,
-        signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues)
+        signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, exclude=args.exclude,
+        comment=args.comment, mail_user=args.mail_user, mail_type=args.mail_type, setup=tuple(args.setup),
+        extra=_sbatch_pairs(args.sbatch))
+
+
+def _sbatch_pairs(items: list[str]) -> dict[str, str]:
+    """``--sbatch KEY=VALUE`` options as submitit's ``additional_parameters`` (dashes in KEY allowed)."""
+    from g3dr.errors import ConfigError
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--sbatch {item!r}: expected KEY=VALUE (an sbatch long option, e.g. reservation=r1)")
+        pairs[key] = value
+    return pairs
+
+
+def check_cpus(cpus_per_task: int, num_workers: int, executor: str) -> None:
+    """A SLURM task runs the trainer and ``data.num_workers`` loader processes: fewer CPUs than that starves the
+    data loader (the workers share the cores the scheduler gave). A ConfigError before submitting."""
+    from g3dr.errors import ConfigError
+
+    if executor == "slurm" and cpus_per_task < num_workers + 1:
+        raise ConfigError(f"--cpus-per-task {cpus_per_task} is less than data.num_workers + 1 = {num_workers + 1} "
+                          f"(the loader's workers and the trainer); pass --cpus-per-task {num_workers + 1} or more, "
+                          "or lower data.num_workers")
 
 
 def check_g3dr_arguments(argv: list[str]) -> None:
@@ -145,6 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
     options = _options(args, "train")
     cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
     cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
+    check_cpus(options.cpus_per_task, cfg.data.num_workers, executor)
     if not args.skip_weights_check:
         from g3dr.weights import verify_for
 

@@ -58,6 +58,14 @@ class LaunchOptions:
     array_parallelism: int = 256
     dependency: str | None = None
     """A SLURM dependency (``afterok:123``); set by :func:`submit_jobs` callers chaining jobs."""
+    exclude: str | None = None
+    """Nodes to leave out (``node[01-04],node17``)."""
+    comment: str | None = None
+    mail_user: str | None = None
+    mail_type: str | None = None
+    """``END,FAIL`` etc.; with ``mail_user``."""
+    setup: tuple[str, ...] = ()
+    """Shell lines run in the job script before the tasks start (``module load cuda/12.4``, ``export X=1``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More sbatch options by their long name (``{"reservation": "r1"}``)."""
 
@@ -100,9 +108,13 @@ def slurm_parameters(options: LaunchOptions) -> dict[str, Any]:
     if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node
     for key, value in (("partition", options.partition), ("account", options.account), ("qos", options.qos),
-                       ("constraint", options.constraint), ("dependency", options.dependency)):
+                       ("constraint", options.constraint), ("dependency", options.dependency),
+                       ("exclude", options.exclude), ("comment", options.comment), ("mail_user", options.mail_user),
+                       ("mail_type", options.mail_type)):
         if value:
             params[key] = value
+    if options.setup:
+        params["setup"] = list(options.setup)
     if options.mem_gb is not None:
         params["mem"] = f"{options.mem_gb}GB"
     if options.extra:

@@ -230,3 +230,39 @@ def test_a_failed_task_ends_the_others_instead_of_a_collective_timeout(cluster, 
     assert "JobState=FAILED" in state, f"after {took:.0f} s (rank 0 would block for 600 s):\n{state}"
     errors = "".join(p.read_text() for p in (tmp_path / job.job_id).glob("*_log.err"))
     assert "rank 1 stops on bad data" in errors
+
+
+class SetupSeen(LaunchedJob):
+    """Reports what the job script's setup lines exported."""
+
+    name = "setup-seen"
+
+    def run(self, rdv):
+        return os.environ.get("G3DR_SETUP_SEEN", "")
+
+
+def test_operator_sbatch_options_and_setup_lines(cluster, tmp_path, cancel_on_exit, capsys, tiny_config_path):
+    """``g3dr submit`` passes an operator's options through: exclude, comment, mail, any --sbatch KEY=VALUE, and
+    setup lines that run before the tasks (seen by a real job); too few CPUs for the loader is refused."""
+    from g3dr.cli import main
+
+    argv = ["submit", "train", "--executor", "slurm", "--dry-run", "--skip-weights-check", "--config",
+            str(tiny_config_path), f"run_dir={tmp_path / 'run'}", "--exclude", "node[01-04]", "--comment", "g3dr test",
+            "--mail-user", "ops@example.org", "--mail-type", "END,FAIL", "--sbatch", "reservation=r1",
+            "--sbatch", "begin=now+1hour", "--setup", "module load cuda/12.4", "--setup", "export X=1"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out.splitlines()
+    for line in ("#SBATCH --exclude='node[01-04]'", "#SBATCH --comment='g3dr test'", "#SBATCH --mail-user=ops@example.org",
+                 "#SBATCH --mail-type=END,FAIL", "#SBATCH --reservation=r1", "#SBATCH --begin=now+1hour",
+                 "module load cuda/12.4", "export X=1"):
+        assert line in script, f"{line!r} missing from:\n" + "\n".join(script)
+    assert script.index("export X=1") < next(i for i, x in enumerate(script) if x.startswith("srun"))
+
+    assert main([*argv[:8], "data.num_workers=4", "--cpus-per-task", "2"]) == 2
+    assert "--cpus-per-task 2 is less than data.num_workers + 1 = 5" in capsys.readouterr().err
+
+    opts = LaunchOptions(job_name="g3dr-setup", time_min=5, comment="g3dr-setup-test",
+                         setup=("export G3DR_SETUP_SEEN=from-setup",))
+    [job] = submit_jobs([SetupSeen()], "slurm", tmp_path / "%j", opts)
+    cancel_on_exit.append(job.job_id)
+    assert wait_jobs([job], timeout_s=300, poll_s=1.0)[0] == "from-setup"
