@@ -83,6 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              description="Submit `g3dr train` as one job; every task is one rank. The job "
                                          "requeues itself on preemption or time limit and resumes from run_dir.")
     add_config_arguments(train)
+    train.add_argument("--eval", action="store_true",
+                       help="also queue `g3dr eval --sweep RUN_DIR` as one job that starts when the training job "
+                            "ends (however it ends; after every requeue): every checkpoint gets evaluated")
+    train.add_argument("--eval-args", default="", metavar="ARGS",
+                       help="with --eval: more `g3dr eval` arguments, one string (e.g. '--metrics nfs,da')")
     train.set_defaults(handler=run_train)
 
     prep = kinds.add_parser("prep", help="data preparation arrays")
@@ -101,7 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           description="A job array: one `g3dr eval --checkpoint CK [--metrics M] EVAL-ARGS` per "
                                       "checkpoint, or per checkpoint and metric with --metrics. Each job may be "
                                       "multi-rank (--tasks-per-node/--gpus-per-node).")
-    ev.add_argument("--checkpoints", nargs="+", required=True, metavar="CK", help="f_trigen .safetensors files")
+    target = ev.add_mutually_exclusive_group(required=True)
+    target.add_argument("--checkpoints", nargs="+", metavar="CK", help="f_trigen .safetensors files")
+    target.add_argument("--sweep", metavar="DIR",
+                        help="one job: `g3dr eval --sweep DIR` (every checkpoint under DIR without a finished run)")
+    ev.add_argument("--watch", action="store_true",
+                    help="with --sweep: keep polling for new checkpoints; the job requeues itself at its time limit "
+                         "(finished evaluations are skipped, an interrupted one is redone)")
     ev.add_argument("--metrics", default="", metavar="LIST",
                     help="comma list (fid,is,nfs,da,gt_views): one array job per checkpoint and metric")
     ev.add_argument("eval_args", nargs="*", metavar="-- ARGS",
@@ -203,11 +214,51 @@ def run_train(args: argparse.Namespace) -> int:
     check_g3dr_arguments(list(job.steps[0]))
     # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
     folder = Path(args.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
+    sweep = None
+    if args.eval:
+        import shlex
+
+        sweep = sweep_job(str(Path(cfg.run_dir).resolve()), shlex.split(args.eval_args), watch=False)
+        check_g3dr_arguments(list(sweep.steps[0]))
     out = submit_jobs([job], executor, folder, options, dry_run=args.dry_run)
+    if sweep is not None and executor == "local" and not args.dry_run:
+        # No scheduler to hold the sweep back: run it here once the training has ended.
+        code = _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
+        from dataclasses import replace
+
+        eval_out = submit_jobs([sweep], executor, folder, replace(options, job_name=f"{options.job_name}-eval",
+                                                                  tasks_per_node=0), dry_run=False)
+        return max(code, _finish(args, executor, eval_out, f"eval sweep of {cfg.run_dir}"))
+    if sweep is not None:
+        # One process evaluates (GPUs: one), after the training job ends however it ends (afterany).
+        from dataclasses import replace
+
+        after = "afterany:{}".format("$TRAIN_JOB_ID" if args.dry_run else out[0].job_id)
+        eval_options = replace(options, job_name=f"{options.job_name}-eval", nodes=1, tasks_per_node=0,
+                               gpus_per_node=min(options.gpus_per_node, 1), dependency=after)
+        eval_out = submit_jobs([sweep], executor, folder, eval_options, dry_run=args.dry_run)
+        if args.dry_run:
+            out += "\n# then, after the training job (--eval):\n" + eval_out
+        else:
+            for j in eval_out:
+                print(f"eval sweep: {executor} job {j.job_id} (after {out[0].job_id})  logs: {j.paths.folder}")
     if args.dry_run:
         sys.stdout.write(out)
         return 0
     return _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
+
+
+def sweep_job(directory: str, eval_args: list[str], watch: bool):
+    """One :class:`CommandJob` running ``g3dr eval --sweep DIR [--watch] EVAL_ARGS`` (idempotent, so a requeue
+    re-runs it safely: finished checkpoints are skipped)."""
+    from g3dr.launchers.jobs import CommandJob
+
+    from g3dr.errors import ConfigError
+
+    if any(a.startswith(("--checkpoint", "--sweep", "--watch")) for a in eval_args):
+        raise ConfigError("the eval arguments of a sweep job must not name --checkpoint, --sweep or --watch")
+    return CommandJob([["eval", "--sweep", directory, *(["--watch"] if watch else []), "--no-progress", *eval_args]],
+                      name="eval-sweep")
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -298,6 +349,23 @@ def run_eval(args: argparse.Namespace) -> int:
     from g3dr.errors import ConfigError
     from g3dr.launchers.submit import submit_jobs
 
+    if args.sweep:
+        if not Path(args.sweep).is_dir():
+            raise ConfigError(f"--sweep {args.sweep}: not a directory")
+        if args.metrics:
+            args.eval_args = ["--metrics", args.metrics, *args.eval_args]
+        job = sweep_job(str(Path(args.sweep).resolve()), list(args.eval_args), watch=args.watch)
+        check_g3dr_arguments(list(job.steps[0]))
+        executor = _executor(args)
+        options = _options(args, "eval")
+        folder = Path(args.log_dir or Path(args.sweep) / "eval-slurm").resolve() / "%j"
+        out = submit_jobs([job], executor, folder, options, dry_run=args.dry_run)
+        if args.dry_run:
+            sys.stdout.write(out)
+            return 0
+        return _finish(args, executor, out, f"eval sweep of {args.sweep}{' (watching)' if args.watch else ''}")
+    if args.watch:
+        raise ConfigError("--watch needs --sweep DIR")
     if any(a.startswith(("--checkpoint", "--sweep", "--metrics")) for a in args.eval_args):
         raise ConfigError("give --checkpoints and --metrics to `g3dr submit eval`, not after --: the launcher "
                           "sets them per array job")

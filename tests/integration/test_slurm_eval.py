@@ -57,3 +57,38 @@ def test_eval_array_over_checkpoints_and_metrics(cluster, helper_module, tmp_pat
         assert fields[-1].startswith("nfs/") and "da/" not in fields[-1], line  # only the metric asked for
         seen.add(Path(fields[1]).name)
     assert seen == {"step-3.safetensors", "step-6.safetensors"}
+
+
+def test_a_watching_sweep_runs_as_a_job(cluster, helper_module, tmp_path):
+    """``g3dr submit eval --sweep DIR --watch``: one job polls DIR, evaluates a checkpoint that appears while it
+    runs, and ends cleanly when cancelled (SIGTERM)."""
+    from g3dr.data.loader import ensure_synthetic
+
+    fx = helper_module("eval_fixtures")
+    cfg = fx.tiny_config(tmp_path)
+    ensure_synthetic(cfg)
+    run = tmp_path / "run"
+    fx.make_checkpoint(cfg, run / "step-3.safetensors", step=3, seed=3)
+    out = subprocess.run(
+        [str(G3DR), "submit", "eval", "--sweep", str(run), "--watch", "--metrics", "nfs", "--time", "10",
+         "--log-dir", str(tmp_path / "logs"), "--", "--poll-seconds", "1", "--sigma-scales", "1",
+         "--num-samples", "4", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (job_id,) = re.findall(r"slurm job (\d+)", out.stdout)
+    try:
+        deadline = time.monotonic() + 400
+
+        def evaluated() -> set[str]:
+            return {p.parent.name.split("-step")[0] for p in (run / "eval").glob("*/results.json")}
+
+        while "step-3" not in evaluated():
+            assert time.monotonic() < deadline, "the watching sweep did not evaluate step-3"
+            time.sleep(1)
+        fx.make_checkpoint(cfg, run / "step-6.safetensors", step=6, seed=6)  # appears while the job watches
+        while "step-6" not in evaluated():
+            assert time.monotonic() < deadline, "the watching sweep did not pick up step-6"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*/*_log.*"))
+    assert "eval --sweep" in log and "--watch" in log

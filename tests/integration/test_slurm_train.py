@@ -40,7 +40,8 @@ def _history(root: Path) -> tuple[set[str], dict[int, float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if "g3dr.kind" not in r.data.tags]  # training runs (eval runs carry g3dr.kind)
     losses: dict[int, float] = {}
     for run in runs:
         for m in sorted(client.get_metric_history(run.info.run_id, "loss/total"), key=lambda m: m.timestamp):
@@ -59,12 +60,26 @@ def uninterrupted(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("train") / "straight"
     start = time.monotonic()
     out = subprocess.run([str(G3DR), "submit", "train", "--partition", "multi", "--nodes", "2", "--time", "10",
-                          "--wait", "--config", str(REPO / "configs" / "tiny.yaml"), *_overrides(root)],
+                          "--wait", "--eval", "--eval-args", "--metrics nfs,da --sigma-scales 1 --num-samples 2",
+                          "--config", str(REPO / "configs" / "tiny.yaml"), *_overrides(root)],
                          capture_output=True, text=True, timeout=800)
     elapsed = time.monotonic() - start
     assert out.returncode == 0, out.stdout + out.stderr + _logs(root / "run")
     print(f"uninterrupted two-node tiny training ({STEPS} steps) via SLURM: {elapsed:.1f}s")
+    (root / "submit.out").write_text(out.stdout)
     return root
+
+
+def test_train_eval_queues_a_sweep_after_the_training(uninterrupted):
+    """``--eval``: a sweep job that waits for the training job (afterany) and then evaluates its checkpoints."""
+    (eval_job,) = re.findall(r"eval sweep: slurm job (\d+) \(after (\d+)\)", (uninterrupted / "submit.out").read_text())
+    deadline = time.monotonic() + 600
+    while subprocess.run(["squeue", "-h", "-j", eval_job[0]], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the eval sweep job did not finish"
+        time.sleep(2)
+    results = sorted((uninterrupted / "run" / "eval").glob("*/results.json"))
+    steps = sorted(int(p.parent.name.split("-step")[1].split("-")[0]) for p in results)
+    assert steps and max(steps) == STEPS, (steps, _logs(uninterrupted / "run"))
 
 
 def test_tiny_config_trains_as_two_task_job(uninterrupted):
