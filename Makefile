@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # so two checkouts on one machine do not rebuild each other's copy.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: $(STAMP)
 	@echo "  evaluation    $(DEMO_DIR)/eval (step 0 and the last step, side by side above: NFS, depth accuracy, and PSNR / depth accuracy against the 2 exact novel views per sample, at sigma scales 1 and 50)"
 	@echo "  videos        $(DEMO_DIR)/videos/*.mp4 (novel-view circle: RGB | depth)"
 	@echo "  MLflow store  sqlite:///$(DEMO_DIR)/mlflow.db (view: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/mlflow.db)"
+
+# The first run on a GPU machine (at most 8 minutes; one JSON line, outputs/gpu-check/report.{json,md}).
+gpu-check: $(STAMP)
+	$(VENV)/bin/g3dr bench gpu-check --out outputs/gpu-check
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
