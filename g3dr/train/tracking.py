@@ -17,6 +17,8 @@ first, and :func:`is_lock_error` recognises SQLite's transient "database is lock
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -214,6 +216,9 @@ class MlflowTracker(NullTracker):
         self.calls = 0
         self.client = None
         self.run_id = None
+        self._lock = threading.Lock()  # one MLflow call at a time (the worker and the training thread)
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
         self._start(experiment, run_name, run_id, artifact_location)
 
     def _start(self, experiment: str, run_name: str, run_id: str | None, artifact_location: str | None) -> None:
@@ -241,6 +246,10 @@ class MlflowTracker(NullTracker):
             log.info("MLflow run %s at %s", self.run_id, self.uri)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            return self._call_locked(what, fn)
+
+    def _call_locked(self, what: str, fn: Callable[[], Any]) -> Any:
         self.calls += 1
         # After repeated failures, try only every 20th call so a dead store does not slow training down.
         if self.failures >= 3 and self.calls % 20:
@@ -277,13 +286,44 @@ class MlflowTracker(NullTracker):
             self._call("log params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued for a background thread: a slow or failing tracking server never stalls a training step.
+        :meth:`close` (and :meth:`flush`) wait for what is queued, in order."""
         if not self.active or not metrics:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._drain, name="g3dr-mlflow", daemon=True)
+            self._worker.start()
+        self._queue.put(items)
+        if self._queue.qsize() in (100, 1000, 10000):
+            log.warning("MLflow: %d metric batches waiting for %s (the store is slower than training logs)",
+                        self._queue.qsize(), self.uri)
+
+    def _drain(self) -> None:
+        while True:
+            items = self._queue.get()
+            try:
+                if items is None:
+                    return
+                self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Wait until every queued metric batch was sent (or dropped after retries); False on timeout."""
+        if self._worker is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._queue.unfinished_tasks:
+            log.warning("MLflow: %d metric batches still unsent after %.0f s; giving up on them",
+                        self._queue.unfinished_tasks, timeout_s)
+            return False
+        return True
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """``image``: uint8 numpy array (H, W, 3) or a PIL image, logged as MLflow's image ``key`` at ``step``
@@ -310,6 +350,11 @@ class MlflowTracker(NullTracker):
     def close(self, status: str = "FINISHED") -> None:
         if not self.active:
             return
+        self.flush(timeout_s=60.0)
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=5)
+            self._worker = None
         self._call("end run", lambda: self.client.set_terminated(self.run_id, status=status))
 
 

@@ -62,3 +62,30 @@ def test_dead_tracking_uri_never_raises(kind, tmp_path, caplog):
     tracker.close()
     assert time.time() - started < 60
     assert "unavailable" in caplog.text
+
+
+def test_a_slow_store_never_stalls_logging_and_loses_nothing(tmp_path):
+    """Metrics go through a background queue: log_metrics returns while the store is still busy with the
+    first batch (it is held until the test releases it), and close() delivers every batch in order."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path}/run"])
+    tracker = build_tracker(cfg, is_main=True)
+    release = threading.Event()
+    real = tracker.client.log_batch
+
+    def slow_log_batch(run_id, metrics=(), **kw):
+        if metrics:
+            assert release.wait(timeout=60), "the test never released the store"
+        return real(run_id, metrics=metrics, **kw)
+
+    tracker.client.log_batch = slow_log_batch
+    for step in range(1, 6):
+        tracker.log_metrics({"loss/total": 1.0 / step}, step=step)  # would block forever if synchronous
+    assert not release.is_set()
+    release.set()
+    tracker.close()
+    history = MlflowClient(tracking_uri(cfg)).get_metric_history(tracker.run_id, "loss/total")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
