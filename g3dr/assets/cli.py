@@ -34,6 +34,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="mesh: keep only the K largest connected components (drops floaters; default: all)")
 
 
+def asset_options(args: argparse.Namespace):
+    """The :class:`AssetOptions` of the asset-output flags (``_add_asset_outputs``)."""
+    from g3dr.assets.export import AssetOptions
+
+    return AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
+                        mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
+                        resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed,
+                        keep_components=args.keep_components, sheet=args.sheet)
+
+
 def _add_asset_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", action="store_true", help="write the canonical render as NAME.png")
     parser.add_argument("--npz", action="store_true",
@@ -42,6 +52,9 @@ def _add_asset_outputs(parser: argparse.ArgumentParser) -> None:
                         help="write the circular video (RGB | colourised depth) as NAME.mp4 / NAME.gif (repeatable)")
     parser.add_argument("--mesh", action="append", default=[], choices=["ply", "glb", "obj"],
                         help="write the mesh as NAME.ply / .glb / .obj (repeatable)")
+    parser.add_argument("--sheet", action="store_true",
+                        help="write a labelled contact sheet NAME.sheet.png: input, canonical render, 4 novel views, "
+                             "depth, mesh")
     parser.add_argument("--frames", type=int, default=128, help="video frames (default 128)")
     parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40)")
     parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
@@ -132,16 +145,13 @@ def run_batch(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from g3dr.assets.export import AssetOptions, export_assets
+    from g3dr.assets.export import export_assets
     from g3dr.assets.inputs import Rejected, inputs_from_folder, inputs_from_shards, rgbd_from_sample
     from g3dr.errors import DataError
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.assets")
-    options = AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
-                           mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
-                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed,
-                           keep_components=args.keep_components)
+    options = asset_options(args)
     options.check()
     if args.input and Path(args.out).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")
@@ -165,7 +175,7 @@ def run_batch(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 planes = model.make_planes(rgb.to(device), depth.to(device))
             try:
-                export_assets(model, planes, out / raw.key, options)
+                export_assets(model, planes, out / raw.key, options, source=rgb)
             except DataError as err:  # e.g. nothing above the mesh threshold
                 raise Rejected("export_failed", str(err)) from None
             written += 1

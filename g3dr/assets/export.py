@@ -41,14 +41,16 @@ class AssetOptions:
     """Mesh iso-level on the activated density (see :mod:`g3dr.assets.mesh`)."""
     keep_components: int | None = None
     """Keep only this many largest connected mesh components (drops floaters); None keeps all."""
+    sheet: bool = False
+    """A labelled contact sheet ``NAME.sheet.png``: input, canonical render, 4 novel views, depth, mesh."""
     seed: int = 0
 
     def check(self) -> None:
         from g3dr.assets.mesh import MESH_FORMATS
         from g3dr.assets.video import VIDEO_FORMATS
 
-        if not (self.png or self.npz or self.video or self.mesh):
-            raise ConfigError("nothing to write: ask for at least one of --png, --npz, --video, --mesh")
+        if not (self.png or self.npz or self.video or self.mesh or self.sheet):
+            raise ConfigError("nothing to write: ask for at least one of --png, --npz, --video, --mesh, --sheet")
         for suffix in self.video:
             if suffix not in VIDEO_FORMATS:
                 raise ConfigError(f"--video format {suffix} is not one of {', '.join(VIDEO_FORMATS)}")
@@ -64,8 +66,9 @@ class AssetOptions:
 
 
 def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: AssetOptions,
-                  progress: bool = False) -> list[Path]:
+                  progress: bool = False, source: torch.Tensor | None = None) -> list[Path]:
     """Write the requested assets of ``planes`` (1, 3, C, H, W) to ``out_stem`` + suffix; returns the paths.
+    ``source``: the input image (1, 3, R, R) in [-1, 1], the first column of the contact sheet.
 
     Raises :class:`~g3dr.errors.DataError` (e.g. no density above the mesh threshold) before writing anything.
     """
@@ -104,13 +107,15 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
                             box_warp=cfg.renderer.box_warp, keep_components=options.keep_components,
                             progress=progress)
         pending += [(suffix, mesh) for suffix in options.mesh]
+    if options.sheet:
+        pending.append((".sheet.png", _sheet(model, planes, options, resolution, generator, source)))
 
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, value in pending:
         path = out_stem.with_name(out_stem.name + suffix)
-        if suffix == ".png":
+        if suffix in (".png", ".sheet.png"):
             Image.fromarray(value).save(path)
         elif suffix == ".npz":
             np.savez(path, **value)
@@ -120,3 +125,38 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
             write_mesh(value, path)
         written.append(path)
     return written
+
+
+def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, generator: torch.Generator,
+           source: torch.Tensor | None) -> np.ndarray:
+    """The contact sheet (:mod:`g3dr.assets.sheet`): 4 novel views evenly along the video trajectory; the mesh
+    tile says "no surface" when nothing is above the threshold (a sheet is a picture, not a mesh export)."""
+    from g3dr.assets.mesh import TriplaneField, extract_mesh
+    from g3dr.assets.sheet import contact_sheet, mesh_picture
+    from g3dr.assets.video import colorize_depth
+    from g3dr.errors import DataError
+    from g3dr.models.render_cli import render_angles
+    from g3dr.render import video_trajectory
+
+    cfg = model.cfg
+    cam = cfg.camera
+
+    def uint8(rgb: torch.Tensor) -> np.ndarray:
+        return ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+    canonical = render_angles(model, planes, torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch]),
+                              resolution=resolution, generator=generator)
+    yaw, pitch = video_trajectory(8, cam)
+    novel = render_angles(model, planes, yaw[1::2], pitch[1::2], resolution=resolution, generator=generator)
+    half = cfg.renderer.box_warp / 2
+    depth = colorize_depth(canonical["depth"], cam.radius - half, cam.radius + half)[0]
+    try:
+        mesh = extract_mesh(TriplaneField(planes, model.decoder, model.renderer), resolution=min(options.grid, 96),
+                            threshold=options.threshold, box_warp=cfg.renderer.box_warp,
+                            keep_components=options.keep_components)
+        mesh_tile = mesh_picture(mesh.vertices, mesh.faces, mesh.colors, size=max(resolution, 96))
+    except DataError:
+        mesh_tile = None
+    source_tile = uint8(source[0]) if source is not None else np.full_like(uint8(canonical["rgb"][0]), 255)
+    return contact_sheet(source_tile, uint8(canonical["rgb"][0]), [uint8(x) for x in novel["rgb"]], depth, mesh_tile)
+

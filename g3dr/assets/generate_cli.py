@@ -114,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from g3dr.assets.export import AssetOptions, export_assets
+    from g3dr.assets.export import export_assets
     from g3dr.assets.inputs import input_from_files, rgbd_from_sample
     from g3dr.data.depth_codec import encode_u16_png
     from g3dr.log import get_logger
@@ -122,10 +122,9 @@ def run_generate(args: argparse.Namespace) -> int:
     log = get_logger("g3dr.assets")
     if args.num < 1 or args.steps < 1:
         raise ConfigError(f"--num and --steps must be >= 1, got {args.num} and {args.steps}")
-    options = AssetOptions(png=args.png, npz=args.npz, video=[f".{v}" for v in dict.fromkeys(args.video)],
-                           mesh=[f".{m}" for m in dict.fromkeys(args.mesh)], frames=args.frames, fps=args.fps,
-                           resolution=args.resolution, grid=args.grid, threshold=args.threshold, seed=args.seed,
-                           keep_components=args.keep_components)
+    from g3dr.assets.cli import asset_options
+
+    options = asset_options(args)
     if args.checkpoint:
         options.check()
     elif options.png or options.npz or options.video or options.mesh:
@@ -161,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
             rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
             with torch.no_grad():
                 planes = model.make_planes(rgb.to(device), depth.to(device))
-            written += [str(p) for p in export_assets(model, planes, out / name, options)]
+            written += [str(p) for p in export_assets(model, planes, out / name, options, source=rgb)]
     (out / "generate.json").write_text(json.dumps({"prompt": prompt, "num": args.num, "steps": args.steps,
                                                    "guidance": args.guidance, "seed": args.seed,
                                                    "pipeline": str(args.pipeline), "images": names,

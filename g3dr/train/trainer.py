@@ -288,20 +288,9 @@ def image_grid(model: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype
     rows = torch.stack(tiles, dim=1).flatten(0, 1)  # sample-major: one row of len(tiles) tiles per sample
     grid = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=len(tiles), padding=1)
     body = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return _with_header(body, GRID_COLUMNS, tile=rgb.shape[-1] + 1)
+    from g3dr.assets.sheet import with_header
 
-
-def _with_header(body: Any, labels: tuple[str, ...], tile: int) -> Any:
-    """``body`` (H, W, 3) uint8 under a white strip with one label per ``tile``-wide column."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    header = Image.new("RGB", (body.shape[1], 12), "white")
-    draw = ImageDraw.Draw(header)
-    narrow = max(len(label) for label in labels) * 6 + 4 > tile  # the default font is ~6 px a character
-    for i, label in enumerate(_GRID_SHORT if narrow and len(labels) == len(_GRID_SHORT) else labels):
-        draw.text((i * tile + 2, 1), label, fill="black")
-    return np.concatenate([np.asarray(header), body], axis=0)
+    return with_header(body, GRID_COLUMNS, tile=rgb.shape[-1] + 1, short=_GRID_SHORT)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:

@@ -212,3 +212,22 @@ def test_batch_on_the_release_samples(checkpoint, release_samples, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"] == len(images) == summary["written"] >= 2 and summary["rejected"] == 0
     assert sorted(p.relative_to(out).with_suffix("").as_posix() for p in out.rglob("*.png")) == sorted(images)
+
+
+def test_batch_sheet_is_one_labelled_picture_per_input(checkpoint, folder, tmp_path):
+    out = tmp_path / "out"
+    assert batch(checkpoint, out, "--input", str(folder), "--sheet", "--resolution", "48", "--grid", "24") == 0
+    sheet = np.asarray(Image.open(out / "a.sheet.png"))
+    tile = 48 + 2  # 8 tiles with a 2 px gap: input, canonical, 4 novel views, depth, mesh
+    assert sheet.shape == (12 + 48, 8 * tile - 2, 3)
+    header, body = sheet[:12], sheet[12:].astype(int)
+    assert (header == 255).mean() > 0.6 and (header < 128).any()  # labels on white
+    from g3dr.assets.inputs import input_from_files, rgbd_from_sample
+
+    # the first column is what the model saw (the input at data.resolution, 32 px), shown at the sheet's size
+    rgb, _ = rgbd_from_sample(input_from_files(folder / "a.jpg", folder / "a_depth.png"), 32, 2.0, 4.0)
+    seen = ((rgb[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    expected = np.asarray(Image.fromarray(seen).resize((48, 48), Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(body[:, :48] - expected).max() <= 1
+    novel = [body[:, (2 + i) * tile:(2 + i) * tile + 48] for i in range(4)]
+    assert any(np.abs(novel[0] - v).mean() > 0.5 for v in novel[1:])  # four different cameras
