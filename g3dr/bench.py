@@ -16,6 +16,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "g3dr.render.bench",
     "g3dr.train.bench",
     "g3dr.gpu_check",
+    "g3dr.bench_chart",
 )
 
 
