@@ -42,12 +42,18 @@ def test_sigterm_checkpoints_then_resume_auto_finishes(tmp_path, repo_root):
     assert saved is not None and 1 <= ckpt.step_of(saved) < 500
     assert not (run_dir / "f_trigen.safetensors").exists()  # no export of an unfinished run
 
-    done = subprocess.run([*args[:-3], "train.total_steps=" + str(ckpt.step_of(saved) + 2),
-                           "train.checkpoint_every=1000", "train.image_every=0", "--resume", "auto"],
+    done = subprocess.run([str(Path(sys.executable).parent / "g3dr"), "--log-level", "INFO", *args[1:-3],
+                           "train.total_steps=" + str(ckpt.step_of(saved) + 2), "train.checkpoint_every=1000",
+                           "train.image_every=0", "logging.level=WARNING", "--resume", "auto"],
                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from {saved}" in done.stderr
+    assert f"resumed from {saved}" in done.stderr  # an INFO line: --log-level wins over logging.level=WARNING
     assert "\r" not in done.stderr and "step/s" not in done.stderr  # stderr is a pipe: no progress bar in a log
+    # one plain line per logging window (tiny: every step), what an operator reads in a SLURM log
+    last = ckpt.step_of(saved) + 2
+    line = next(x for x in done.stderr.splitlines() if f"g3dr.train: step {last}/{last} | " in x)
+    for field in ("total ", "| lr ", "| grad_norm ", "samples/s", "| data_wait ", "| peak_mem ", "| eta 0m00s"):
+        assert field in line, line
     final = ckpt.find_latest(run_dir / "checkpoints")
     assert ckpt.step_of(final) == ckpt.step_of(saved) + 2
     assert (run_dir / "f_trigen.safetensors").is_file()
