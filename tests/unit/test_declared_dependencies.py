@@ -17,7 +17,7 @@ NOT_OURS_TO_DECLARE = {
 REFERENCE_PARITY = "eval/reference_parity.py"
 """Imports the paper's and EG3D's own code from checkouts named by environment variables (not packages)."""
 IMPORT_TO_DIST = {"PIL": "pillow", "yaml": "pyyaml", "open_clip": "open_clip_torch", "skimage": "scikit-image",
-                  "imageio_ffmpeg": "imageio-ffmpeg"}
+                  "imageio_ffmpeg": "imageio-ffmpeg", "mpl_toolkits": "matplotlib"}
 
 
 def _declared() -> set[str]:
