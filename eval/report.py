@@ -100,7 +100,8 @@ def _fmt(value: object, csv_mode: bool = False) -> str:
 
 _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_std": "IS std", "nfs": "NFS ↑",
             "da": "DA ↓", "psnr_canonical": "PSNR canonical ↑", "psnr_novel": "PSNR novel ↑",
-            "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour", "paper_fid": "paper FID", "paper_is": "paper IS", "paper_nfs": "paper NFS"}
+            "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour", "paper_fid": "paper FID",
+            "paper_is": "paper IS", "paper_nfs": "paper NFS"}
 
 
 def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_splits: int | None = None,

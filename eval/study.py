@@ -45,13 +45,15 @@ STUDY_METRICS = ("psnr_novel", "da_novel", "nfs", "psnr_canonical")
 LOWER_IS_BETTER = {"psnr_novel": False, "da_novel": True, "nfs": False, "psnr_canonical": False}
 FLAT = "psnr_novel_flat"
 """The no-model baseline (each view in the input's mean colour): one column, the same for every variant."""
-HEADERS = {"psnr_novel": "PSNR novel ↑", "da_novel": "DA novel ↓", "nfs": "NFS ↑", "psnr_canonical": "PSNR canon. ↑",
+HEADERS = {"psnr_novel": "PSNR novel ↑", "da_novel": "DA novel ↓", "nfs": "NFS ↑",
+           "psnr_canonical": "PSNR canon. ↑",
            FLAT: "flat colour: PSNR novel"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("study", help="reproducible studies of the method on synthetic data with ground truth",
-                                   description="Studies that train several variants and compare them against ground truth.")
+    parser = subparsers.add_parser(
+        "study", help="reproducible studies of the method on synthetic data with ground truth",
+        description="Studies that train several variants and compare them against ground truth.")
     studies = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
     s1 = studies.add_parser(
         "table-s1", help="Table S1: the three geometry supervisions against sigma scale, with exact novel views",
@@ -125,7 +127,8 @@ def write_eval_set(cfg, out: Path, n: int, views: int, progress: bool) -> Path:
     if record.is_file():
         have = json.loads(record.read_text())
         if have != want:
-            raise ConfigError(f"{folder} holds another eval set ({have}, wanted {want}); use another --out or delete it")
+            raise ConfigError(f"{folder} holds another eval set ({have}, wanted {want}); "
+                              "use another --out or delete it")
         return folder
     spec = ViewSpec(count=views, cameras="sampled", camera=cfg.camera, box_half=cfg.renderer.box_warp / 2)
     write_synthetic_shards(str(folder), n, (cfg.data.resolution,), seed=want["seed"], shard_size=max(n, 1),
@@ -225,7 +228,8 @@ def table_csv(rows: Sequence[Mapping[str, object]]) -> str:
     return out.getvalue()
 
 
-def plot(results: Mapping[str, Mapping[str, float]], scales: Sequence[float], variants: Sequence[str], path: Path) -> Path:
+def plot(results: Mapping[str, Mapping[str, float]], scales: Sequence[float], variants: Sequence[str],
+         path: Path) -> Path:
     """One panel per metric against sigma scale (log axis), a line per variant; the initialisation dashed."""
     import matplotlib
 
@@ -307,7 +311,8 @@ def run_table_s1(args: argparse.Namespace) -> int:
                                 "views": str(args.views), "eval_samples": str(n_eval),
                                 "total_steps": str(cfg.train.total_steps), "config": str(config_file)})
     overrides = ("data.source=shards", f"data.shards={eval_data}", "eval.metrics=[nfs, da, gt_views]",
-                 f"eval.sigma_scales=[{', '.join(map(str, scales))}]", f"eval.num_samples={n_eval}", "eval.fid_samples=0")
+                 f"eval.sigma_scales=[{', '.join(map(str, scales))}]", f"eval.num_samples={n_eval}",
+                 "eval.fid_samples=0")
     evaluator = Evaluator(EvalOptions(overrides=overrides, out_dir=out / "eval", mlflow_uri=uri,
                                       experiment=args.experiment, progress=progress), resolve_dist_env())
     try:

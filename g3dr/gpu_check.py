@@ -11,7 +11,8 @@ child process with what is left of the budget; a failing or timed-out step is re
 3. ``kernel_rates``: the fused renderer's achieved FLOP/s and bytes/s from an analytic count
    (:func:`renderer_work`) over its measured forward + backward time, as fractions of the two ceilings.
 4. ``train_tiny`` and ``train_paper``: ``g3dr train`` under ``torchrun`` (world size 1; NCCL on CUDA) for a few
-   bf16 steps (fp32 on the CPU, which has no bf16 renderer kernels) of ``configs/tiny.yaml`` and of ``configs/imagenet128.yaml`` (synthetic 128 px data; critics
+   bf16 steps (fp32 on the CPU, which has no bf16 renderer kernels) of ``configs/tiny.yaml`` and of
+   ``configs/imagenet128.yaml`` (synthetic 128 px data; critics
    ``random``, since no weight files are here: the step cost of the real CLIP / VGG is ``g3dr bench step``'s):
    steps/s, samples/s and peak memory from the run's MLflow metrics.
 5. ``eval``: ``g3dr eval`` of the tiny run's export on the device (NFS and DA): wall seconds.
@@ -236,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         steps.run("kernel_rates", rates)
     n = args.train_steps
     tiny = steps.run("train_tiny", lambda: _train(steps, out, "train_tiny", REPO_CONFIGS / "tiny.yaml", device, [], n))
-    paper_overrides = ["data.source=synthetic", "data.shards=", "data.synthetic_size=64", "loss.critics=random", "data.num_workers=2",
+    paper_overrides = ["data.source=synthetic", "data.shards=", "data.synthetic_size=64", "loss.critics=random",
+                       "data.num_workers=2",
                        "train.micro_batch_size=8", "train.global_batch_size=8", "logging.mlflow_uri="]
     if device == "cpu":  # toy size: the script, not the figures
         paper_overrides += ["data.resolution=32", "renderer.plane_resolutions=[32, 16, 8]", "renderer.num_coarse=8",

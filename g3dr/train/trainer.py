@@ -674,8 +674,8 @@ def train(cfg: Config, resume: str | None = None,
                 break
         result.param_digest = _check_replicas_agree(engine.module)
         if export and not result.preempted and dist.is_main and result.checkpoint is not None:
-            result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME,  # names its run
-                                            extra_metadata={"mlflow_run_id": tracker.run_id} if tracker.run_id else None)
+            named = {"mlflow_run_id": tracker.run_id} if tracker.run_id else None  # its evals link to this run
+            result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME, extra_metadata=named)
             log.info("exported f_trigen (fp32) to %s", result.export)
     except BaseException:
         status = "FAILED"
