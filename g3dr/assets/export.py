@@ -76,7 +76,7 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
 
     from g3dr.assets.mesh import TriplaneField, extract_mesh, write_mesh
     from g3dr.assets.video import frames_from_images, write_video
-    from g3dr.models.render_cli import render_angles
+    from g3dr.models.render_cli import render_angles, uint8_rgb
     from g3dr.render import video_trajectory
 
     cfg = model.cfg
@@ -86,12 +86,12 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
     generator = torch.Generator(device=device).manual_seed(options.seed)
     pending: list[tuple[str, object]] = []
 
-    if options.png or options.npz:
+    view = mesh = None
+    if options.png or options.npz or options.sheet:
         yaw, pitch = torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch])
         view = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator)
         if options.png:
-            rgb8 = ((view["rgb"][0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            pending.append((".png", rgb8))
+            pending.append((".png", uint8_rgb(view["rgb"])[0]))
         if options.npz:
             pending.append((".npz", {k: view[k][0].numpy().astype(np.float32) for k in ("rgb", "depth", "weight_sum")}))
     if options.video:
@@ -108,7 +108,7 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
                             progress=progress)
         pending += [(suffix, mesh) for suffix in options.mesh]
     if options.sheet:
-        pending.append((".sheet.png", _sheet(model, planes, options, resolution, generator, source)))
+        pending.append((".sheet.png", _sheet(model, planes, options, resolution, generator, source, view, mesh)))
 
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
@@ -128,35 +128,32 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
 
 
 def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, generator: torch.Generator,
-           source: torch.Tensor | None) -> np.ndarray:
-    """The contact sheet (:mod:`g3dr.assets.sheet`): 4 novel views evenly along the video trajectory; the mesh
-    tile says "no surface" when nothing is above the threshold (a sheet is a picture, not a mesh export)."""
+           source: torch.Tensor | None, canonical: dict[str, torch.Tensor], mesh=None) -> np.ndarray:
+    """The contact sheet (:mod:`g3dr.assets.sheet`) from the canonical render (and the mesh, when one was
+    extracted for ``--mesh``): 4 novel views evenly along the video trajectory; the mesh tile says "no surface"
+    when nothing is above the threshold (a sheet is a picture, not a mesh export; logged)."""
     from g3dr.assets.mesh import TriplaneField, extract_mesh
     from g3dr.assets.sheet import contact_sheet, mesh_picture
     from g3dr.assets.video import colorize_depth
     from g3dr.errors import DataError
-    from g3dr.models.render_cli import render_angles
+    from g3dr.log import get_logger
+    from g3dr.models.render_cli import render_angles, uint8_rgb
     from g3dr.render import video_trajectory
 
     cfg = model.cfg
     cam = cfg.camera
-
-    def uint8(rgb: torch.Tensor) -> np.ndarray:
-        return ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-    canonical = render_angles(model, planes, torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch]),
-                              resolution=resolution, generator=generator)
     yaw, pitch = video_trajectory(8, cam)
     novel = render_angles(model, planes, yaw[1::2], pitch[1::2], resolution=resolution, generator=generator)
     half = cfg.renderer.box_warp / 2
     depth = colorize_depth(canonical["depth"], cam.radius - half, cam.radius + half)[0]
-    try:
-        mesh = extract_mesh(TriplaneField(planes, model.decoder, model.renderer), resolution=min(options.grid, 96),
-                            threshold=options.threshold, box_warp=cfg.renderer.box_warp,
-                            keep_components=options.keep_components)
-        mesh_tile = mesh_picture(mesh.vertices, mesh.faces, mesh.colors, size=max(resolution, 96))
-    except DataError:
-        mesh_tile = None
-    source_tile = uint8(source[0]) if source is not None else np.full_like(uint8(canonical["rgb"][0]), 255)
-    return contact_sheet(source_tile, uint8(canonical["rgb"][0]), [uint8(x) for x in novel["rgb"]], depth, mesh_tile)
-
+    if mesh is None:
+        try:
+            mesh = extract_mesh(TriplaneField(planes, model.decoder, model.renderer), resolution=min(options.grid, 96),
+                                threshold=options.threshold, box_warp=cfg.renderer.box_warp,
+                                keep_components=options.keep_components)
+        except DataError as err:
+            get_logger("g3dr.assets").info("contact sheet: no mesh tile (%s)", err)
+    mesh_tile = mesh_picture(mesh.vertices, mesh.faces, mesh.colors, size=max(resolution, 96)) if mesh else None
+    canonical_rgb = uint8_rgb(canonical["rgb"])[0]
+    source_tile = uint8_rgb(source.cpu())[0] if source is not None else np.full_like(canonical_rgb, 255)
+    return contact_sheet(source_tile, canonical_rgb, list(uint8_rgb(novel["rgb"])), depth, mesh_tile)

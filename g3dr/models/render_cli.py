@@ -132,7 +132,8 @@ def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, gen
     return {key: torch.cat(values) for key, values in outputs.items()}
 
 
-def _uint8_rgb(rgb):
+def uint8_rgb(rgb):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, as every saved picture is written."""
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
@@ -247,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("wrote %s", args.save_npz)
     if args.png:
         with writing(args.png, "--png"):
-            Image.fromarray(_uint8_rgb(images["rgb"])[0]).save(args.png)
+            Image.fromarray(uint8_rgb(images["rgb"])[0]).save(args.png)
         log.info("wrote %s", args.png)
     print(f"rendered {yaw.shape[0]} view(s) at {resolution}x{resolution} from {args.checkpoint} (step {meta['step']}): "
           f"mean weight_sum {images['weight_sum'].mean().item():.4f}, mean depth {images['depth'].mean().item():.4f}")
