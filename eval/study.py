@@ -105,15 +105,9 @@ def study_config(config: str, overrides: Sequence[str], out: Path, steps: int | 
 def _changed_keys(stored_file: Path, cfg) -> list[str]:
     """Dotted keys whose resolved values differ between a stored study config and ``cfg``. The stored file
     is read with today's defaults, so a key added to the config since it was written is not a change."""
-    from g3dr.config import config_to_dict, load_config
+    from g3dr.config import flatten_config, load_config
 
-    def flat(d: Mapping, prefix: str = "") -> dict[str, object]:
-        items: dict[str, object] = {}
-        for k, v in d.items():
-            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-        return items
-
-    old, new = flat(config_to_dict(load_config(stored_file))), flat(config_to_dict(cfg))
+    old, new = flatten_config(load_config(stored_file)), flatten_config(cfg)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 

@@ -43,11 +43,11 @@ class LaunchedJob:
         return max(self.requeues, rdv.restarts)
 
     def __call__(self) -> Any:
-        from g3dr.log import setup_logging
+        from g3dr.log import requested_level, setup_logging
 
         rdv = rendezvous_from_env(os.environ)
         os.environ.update(rdv.env())
-        setup_logging(getattr(self, "log_level", None) or os.environ.get("G3DR_LOG_LEVEL") or "INFO")
+        setup_logging(getattr(self, "log_level", None) or requested_level() or "INFO")
         log.info("%s: task %d/%d (local %d) on %s, job %s (%s), master %s:%d, requeue count %d",
                  self.name, rdv.rank, rdv.world_size, rdv.local_rank, socket.gethostname(), rdv.job_id, rdv.source,
                  rdv.master_addr, rdv.master_port, self.requeue_count(rdv))

@@ -74,7 +74,9 @@ def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
     return str(folder)
 
 
-def _urls(cfg: Config, shards: Any = None) -> list[str]:
+def data_urls(cfg: Config, shards: Any = None) -> list[str]:
+    """The shard URLs of ``cfg``'s data (``shards`` instead, when given); the synthetic set is written first if
+    absent (:func:`ensure_synthetic`). A pattern matching no file is a DataError saying so."""
     if shards is not None:
         return expand_existing_shard_urls(shards)
     if cfg.data.source == "synthetic":
@@ -235,7 +237,7 @@ def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
     Epoch length per rank: ``data.epoch_length`` samples, or (when 0) the manifest's sample count
     divided by the world size; every rank runs the same number of batches per epoch.
     """
-    urls = _urls(cfg)
+    urls = data_urls(cfg)
     batch = cfg.train.micro_batch_size
     if cfg.data.epoch_length > 0:
         per_rank = cfg.data.epoch_length
@@ -269,7 +271,7 @@ def build_eval_loader(cfg: Config, dist: DistEnv, shards: Any = None, batch_size
     ``data.resolution``. ``view_resolution`` > 0: batches also carry the novel views the samples store, at
     exactly that resolution (``batch["views"]``, see :mod:`g3dr.data.pipeline`).
     """
-    urls = _urls(cfg, shards)
+    urls = data_urls(cfg, shards)
     workers = cfg.data.num_workers if num_workers is None else num_workers
     workers = plan_exact_workers(len(urls), dist.world_size, workers, cfg.data.eval_few_shards)
     stream = ShardStream(urls=urls, mode="eval", resolution=resolution or cfg.data.resolution,

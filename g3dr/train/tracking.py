@@ -162,14 +162,12 @@ def _git_state() -> tuple[str, str]:
 
 def _dataset_hash(cfg: Config) -> str:
     """The content hash of the training shards (their manifests), as the eval keys its runs."""
-    from g3dr.data.pipeline import expand_existing_shard_urls, expand_shard_urls
+    from g3dr.data.loader import data_urls
     from g3dr.errors import G3DRError
     from g3dr.metrics.dataset_stats import dataset_content_hash
 
     try:
-        urls = (expand_shard_urls(cfg.data.synthetic_dir) if cfg.data.source == "synthetic"
-                else expand_existing_shard_urls(cfg.data.shards))
-        return dataset_content_hash(urls)
+        return dataset_content_hash(data_urls(cfg))
     except (G3DRError, OSError, ValueError) as err:
         log.info("run tags: no dataset hash (%s)", err)
         return "unknown"
