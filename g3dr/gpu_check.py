@@ -181,7 +181,9 @@ def _train(steps: _Steps, out: Path, name: str, config: Path, device: str, overr
            f"train.total_steps={n}", f"train.log_every={max(1, n // 2)}", "train.checkpoint_every=100000",
            "train.image_every=0", f"train.precision={'bf16' if device == 'cuda' else 'fp32'}",
            f"data.synthetic_dir={out / ('synth-' + name)}",
-           f"distributed.backend={'nccl' if device == 'cuda' else 'gloo'}", *overrides, "--no-progress"]
+           f"distributed.backend={'nccl' if device == 'cuda' else 'gloo'}", *overrides,
+           # its own store, read below (not a team's $MLFLOW_TRACKING_URI, nor the preset's)
+           f"logging.mlflow_uri=sqlite:///{run_dir / 'mlflow.db'}", "--no-progress"]
     start = time.monotonic()
     steps.command(cmd, out / f"{name}.log")
     wall = time.monotonic() - start
@@ -239,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     tiny = steps.run("train_tiny", lambda: _train(steps, out, "train_tiny", REPO_CONFIGS / "tiny.yaml", device, [], n))
     paper_overrides = ["data.source=synthetic", "data.shards=", "data.synthetic_size=64", "loss.critics=random",
                        "data.num_workers=2",
-                       "train.micro_batch_size=8", "train.global_batch_size=8", "logging.mlflow_uri="]
+                       "train.micro_batch_size=8", "train.global_batch_size=8"]
     if device == "cpu":  # toy size: the script, not the figures
         paper_overrides += ["data.resolution=32", "renderer.plane_resolutions=[32, 16, 8]", "renderer.num_coarse=8",
                             "renderer.num_fine=8", "model.base_width=16", "model.channel_mults=[1, 2]",
