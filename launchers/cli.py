@@ -217,26 +217,23 @@ def run_train(args: argparse.Namespace) -> int:
     sweep = None
     if args.eval:
         import shlex
+        from dataclasses import replace
 
         sweep = sweep_job(str(Path(cfg.run_dir).resolve()), shlex.split(args.eval_args), watch=False)
         check_g3dr_arguments(list(sweep.steps[0]))
+        # One process evaluates (GPUs: one), after the training job has ended, however it ended.
+        eval_options = replace(options, job_name=f"{options.job_name}-eval", nodes=1, tasks_per_node=0,
+                               gpus_per_node=min(options.gpus_per_node, 1))
     out = submit_jobs([job], executor, folder, options, dry_run=args.dry_run)
     if sweep is not None and executor == "local" and not args.dry_run:
-        # No scheduler to hold the sweep back: run it here once the training has ended.
+        # No scheduler to hold the sweep back: run it here once the training has returned.
         code = _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
-        from dataclasses import replace
-
-        eval_out = submit_jobs([sweep], executor, folder, replace(options, job_name=f"{options.job_name}-eval",
-                                                                  tasks_per_node=0), dry_run=False)
+        eval_out = submit_jobs([sweep], executor, folder, eval_options, dry_run=False)
         return max(code, _finish(args, executor, eval_out, f"eval sweep of {cfg.run_dir}"))
     if sweep is not None:
-        # One process evaluates (GPUs: one), after the training job ends however it ends (afterany).
-        from dataclasses import replace
-
         after = "afterany:{}".format("$TRAIN_JOB_ID" if args.dry_run else out[0].job_id)
-        eval_options = replace(options, job_name=f"{options.job_name}-eval", nodes=1, tasks_per_node=0,
-                               gpus_per_node=min(options.gpus_per_node, 1), dependency=after)
-        eval_out = submit_jobs([sweep], executor, folder, eval_options, dry_run=args.dry_run)
+        eval_out = submit_jobs([sweep], executor, folder, replace(eval_options, dependency=after),
+                               dry_run=args.dry_run)
         if args.dry_run:
             out += "\n# then, after the training job (--eval):\n" + eval_out
         else:
