@@ -144,7 +144,7 @@ def test_clear_errors_for_missing_partition_and_too_many_nodes(cluster, tmp_path
 def test_two_task_job_runs_and_agrees_on_rendezvous(cluster, tmp_path, cancel_on_exit):
     start = time.monotonic()
     [job] = submit_jobs([WhoAmI()], "slurm", tmp_path / "%j", LaunchOptions(job_name="g3dr-whoami", tasks_per_node=2,
-                                                                             time_min=2))
+                                                                             time_min=10))
     cancel_on_exit.append(job.job_id)
     [results] = wait_jobs([job], timeout_s=600, poll_s=0.5)  # the cluster may be busy
     print(f"two-task job {job.job_id}: {time.monotonic() - start:.1f}s from submit to results")

@@ -154,7 +154,11 @@ def test_a_run_folder_deleted_during_training_stops_with_a_clear_error(tmp_path)
 
     def delete_after_the_second_batch(i):  # called when step 3 asks for its batch
         if i == 1:
-            shutil.rmtree(run_dir)
+            # Moved away first, in one step: the run's MLflow queue may still be writing mlflow.db's journal into
+            # it, and a plain rmtree racing that write fails with "directory not empty" (seen in CI).
+            gone = tmp_path / "deleted-run"
+            run_dir.rename(gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     cfg = _cfg(tmp_path, "run", "train.total_steps=6", "train.checkpoint_every=4")
     with pytest.raises(OutputError, match=r"the run folder .*run was deleted or moved during training \(config.yaml or "
