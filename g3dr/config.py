@@ -628,6 +628,37 @@ class EvalConfig:
 
 
 @dataclass
+class SRConfig:
+    """The super-resolution stage on the rendered RGB (paper S.6; an RCAN, ``g3dr/models/sr.py``, docs/models.md).
+
+    The architecture fields describe a network trained from scratch; a weights file carries its own
+    architecture, which wins when it is loaded.
+    """
+
+    checkpoint: str = ""
+    """Super-resolution weights (``.safetensors`` from ``g3dr import-official --sr`` or ``g3dr train-sr``, or an
+    RCAN ``.pth``). Empty: no super-resolution; renders, batches and videos stay at the geometry's resolution."""
+    scale: int = 2
+    """Upscaling factor (128 -> 256 px: 2). RCAN's upsampler supports 2, 3, 4 and 8."""
+    n_resgroups: int = 10
+    """Residual groups (RCAN: 10)."""
+    n_resblocks: int = 20
+    """Residual channel-attention blocks per group (RCAN: 20)."""
+    n_feats: int = 64
+    """Feature channels (RCAN: 64)."""
+    reduction: int = 16
+    """Channel-attention squeeze ratio: the attention bottleneck has ``n_feats // reduction`` channels (RCAN: 16)."""
+
+    def __post_init__(self) -> None:
+        _check(self.scale in (2, 3, 4, 8), "scale", f"must be one of 2, 3, 4, 8 (RCAN's upsampler), got {self.scale}")
+        _check(self.n_resgroups >= 1, "n_resgroups", f"must be >= 1, got {self.n_resgroups}")
+        _check(self.n_resblocks >= 1, "n_resblocks", f"must be >= 1, got {self.n_resblocks}")
+        _check(self.n_feats >= 1, "n_feats", f"must be >= 1, got {self.n_feats}")
+        _check(1 <= self.reduction <= self.n_feats and self.n_feats % self.reduction == 0, "reduction",
+               f"must divide sr.n_feats ({self.n_feats}), got {self.reduction}")
+
+
+@dataclass
 class Config:
     """The whole run. Sections are validated on their own, then together here."""
 
@@ -643,6 +674,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
     weights_lock: str = ""
     """Lock file pinning the sha256 of the weight files (``g3dr weights verify --write-lock FILE``); every job
     checks the files it needs against it before starting. Empty: the built-in registry's hashes only."""
