@@ -239,3 +239,54 @@ def test_config_section(tiny_config_path):
         load_config(tiny_config_path, ["sr.reduction=3"])
     with pytest.raises(ConfigError, match=r"sr\.scale: must be one of 2, 3, 4, 8"):
         load_config(tiny_config_path, ["sr.scale=5"])
+
+
+# ----------------------------------------------------------------------------- g3dr import-official --sr
+
+
+@pytest.mark.parametrize("arch", FOREIGN, ids=["x2-2g16f", "x4-1g8f"])
+def test_import_official_sr(tmp_path, capsys, arch):
+    from g3dr.cli import main
+
+    net = random_rcan(seed=2, **arch)
+    torch.save({"params_ema": net.state_dict()}, tmp_path / "RCAN.pth")
+    dst = tmp_path / "out" / "sr.safetensors"
+    assert main(["import-official", "--sr", str(tmp_path / "RCAN.pth"), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert (f"detected RCAN x{arch['scale']}: {arch['n_resgroups']} residual groups x {arch['n_resblocks']} blocks, "
+            f"{arch['n_feats']} features, channel-attention reduction {arch['reduction']}") in out
+    printed = json.loads(out.split("architecture: ", 1)[1].splitlines()[0])
+    assert {k: printed[k] for k in arch} == arch and printed["rgb_range"] == 255
+    state, meta = read_state_dict(dst)
+    assert meta["source"] == "import-official" and meta["imported_from"] == "RCAN.pth"
+    assert len(meta["imported_sha256"]) == 64
+    model = load_sr(dst)
+    assert model.source == "import-official" and model.architecture == printed
+    x = rgb(b=1, h=6, w=6, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_sr(net, x), rtol=0, atol=1e-6)
+
+
+def test_import_official_sr_errors(tmp_path, capsys):
+    from spandrel.architectures.Compact import Compact
+
+    from g3dr.cli import main
+
+    torch.save(Compact(num_feat=8, num_conv=2, upscale=2).state_dict(), tmp_path / "compact.pth")
+    dst = tmp_path / "sr.safetensors"
+    assert main(["import-official", "--sr", str(tmp_path / "compact.pth"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "compact.pth are not an RCAN state dict: spandrel detects a Compact" in err and "Traceback" not in err
+    assert not dst.exists()
+    net = random_rcan(**FOREIGN[0])
+    torch.save(net.state_dict(), tmp_path / "rcan.pth")
+    assert main(["import-official", "--sr", str(tmp_path / "rcan.pth"), str(tmp_path / "sr.pth")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert main(["import-official", "--sr", str(tmp_path / "rcan.pth"), str(dst), "model.base_width=8"]) == 2
+    assert "with --sr give FILE and one output" in capsys.readouterr().err
+    assert main(["import-official", "--sr", str(tmp_path / "rcan.pth"), "--allow-pickle", str(dst)]) == 2
+    assert "--allow-pickle does not apply to --sr" in capsys.readouterr().err
+    assert main(["import-official", "--sr", str(tmp_path / "missing.pth"), str(dst)]) == 2
+    assert "missing.pth do not exist" in capsys.readouterr().err
+    assert main(["import-official", str(tmp_path / "rcan.pth")]) == 2
+    assert "give SRC DST" in capsys.readouterr().err
