@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from g3dr.errors import ConfigError
-from g3dr.models.render_cli import load_model
+from g3dr.models.render_cli import add_sr_arguments, describe_sizes, load_model, load_sr_option
 
 _CKPT_HELP = "f_trigen .safetensors checkpoint (ours; convert the reference's with 'g3dr import-official')"
 _DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards --depth-model'), used for images "
@@ -59,6 +59,7 @@ def _add_asset_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40)")
     parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the renderer's random sampling")
+    add_sr_arguments(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -156,6 +157,9 @@ def run_batch(args: argparse.Namespace) -> int:
     if args.input and Path(args.out).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")
     model, cfg, meta, device = load_model(args)
+    sr = load_sr_option(args, cfg, device)
+    resolution = options.resolution or cfg.data.resolution
+    log.info("%s", describe_sizes(sr, resolution))
     inputs = inputs_from_folder(args.input) if args.input else inputs_from_shards(args.shards)
     total = len(inputs) if isinstance(inputs, list) else None
     filler = _depth_filler(args)
@@ -175,7 +179,7 @@ def run_batch(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 planes = model.make_planes(rgb.to(device), depth.to(device))
             try:
-                export_assets(model, planes, out / raw.key, options, source=rgb)
+                export_assets(model, planes, out / raw.key, options, source=rgb, sr=sr)
             except DataError as err:  # e.g. nothing above the mesh threshold
                 raise Rejected("export_failed", str(err)) from None
             written += 1
@@ -187,6 +191,9 @@ def run_batch(args: argparse.Namespace) -> int:
     summary = {"checkpoint": str(args.checkpoint), "step": meta.get("step"), "inputs": inputs_count,
                "written": written, "rejected": sum(rejected.values()), "rejected_by_reason": dict(rejected),
                "rejected_items": rejected_items, "outputs": _output_names(options),
+               "rgb_resolution": resolution * (sr.scale if sr is not None else 1), "depth_resolution": resolution,
+               "super_resolution": None if sr is None else {"weights": sr.path, "source": sr.source,
+                                                            "architecture": sr.architecture},
                "seconds": round(time.time() - started, 3)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(f"batch: {inputs_count} inputs, {written} written, {summary['rejected']} rejected "

@@ -2,8 +2,10 @@
 
 :func:`export_assets` takes the triplane of one RGB-D input and writes the requested files under one
 stem; all renders go through :func:`g3dr.models.render_cli.render_angles` (the ``g3dr render`` path),
-videos through :mod:`g3dr.assets.video`, meshes through :mod:`g3dr.assets.mesh`. Results are computed
-in memory first and written at the end, so a failing input leaves no partial files.
+videos through :mod:`g3dr.assets.video`, meshes through :mod:`g3dr.assets.mesh`. An optional
+super-resolution network (:mod:`g3dr.models.sr`) upscales every RGB picture; depth keeps the geometry's
+resolution. Results are computed in memory first and written at the end, so a failing input leaves no
+partial files.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ class AssetOptions:
 
 
 def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: AssetOptions,
-                  progress: bool = False, source: torch.Tensor | None = None) -> list[Path]:
+                  progress: bool = False, source: torch.Tensor | None = None, sr=None) -> list[Path]:
     """Write the requested assets of ``planes`` (1, 3, C, H, W) to ``out_stem`` + suffix; returns the paths.
     ``source``: the input image (1, 3, R, R) in [-1, 1], the first column of the contact sheet.
+    ``sr``: a :class:`~g3dr.models.sr.SuperResolution` (on the model's device) that upscales every RGB picture
+    (png, npz ``rgb`` with the render kept as ``rgb_render``, videos, the sheet's renders); depth stays at R.
 
     Raises :class:`~g3dr.errors.DataError` (e.g. no density above the mesh threshold) before writing anything.
     """
@@ -89,15 +93,16 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
     view = mesh = None
     if options.png or options.npz or options.sheet:
         yaw, pitch = torch.tensor([cam.canonical_yaw]), torch.tensor([cam.canonical_pitch])
-        view = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator)
+        view = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator, sr=sr)
         if options.png:
             pending.append((".png", uint8_rgb(view["rgb"])[0]))
         if options.npz:
-            pending.append((".npz", {k: view[k][0].numpy().astype(np.float32) for k in ("rgb", "depth", "weight_sum")}))
+            keys = [k for k in ("rgb", "depth", "weight_sum", "rgb_render") if k in view]
+            pending.append((".npz", {k: view[k][0].numpy().astype(np.float32) for k in keys}))
     if options.video:
         yaw, pitch = video_trajectory(options.frames, cam)
         images = render_angles(model, planes, yaw, pitch, resolution=resolution, generator=generator,
-                               progress=progress)
+                               progress=progress, sr=sr)
         half = cfg.renderer.box_warp / 2
         frames = frames_from_images(images["rgb"], images["depth"], cam.radius - half, cam.radius + half)
         pending += [(suffix, frames) for suffix in options.video]
@@ -108,7 +113,7 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
                             progress=progress)
         pending += [(suffix, mesh) for suffix in options.mesh]
     if options.sheet:
-        pending.append((".sheet.png", _sheet(model, planes, options, resolution, generator, source, view, mesh)))
+        pending.append((".sheet.png", _sheet(model, planes, options, resolution, generator, source, view, mesh, sr)))
 
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +133,11 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
 
 
 def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, generator: torch.Generator,
-           source: torch.Tensor | None, canonical: dict[str, torch.Tensor], mesh=None) -> np.ndarray:
+           source: torch.Tensor | None, canonical: dict[str, torch.Tensor], mesh=None, sr=None) -> np.ndarray:
     """The contact sheet (:mod:`g3dr.assets.sheet`) from the canonical render (and the mesh, when one was
     extracted for ``--mesh``): 4 novel views evenly along the video trajectory; the mesh tile says "no surface"
-    when nothing is above the threshold (a sheet is a picture, not a mesh export; logged)."""
+    when nothing is above the threshold (a sheet is a picture, not a mesh export; logged). With ``sr`` the renders
+    are upscaled and the depth tile shows the geometry's depth by pixel repetition."""
     from g3dr.assets.mesh import TriplaneField, extract_mesh
     from g3dr.assets.sheet import contact_sheet, mesh_picture
     from g3dr.assets.video import colorize_depth
@@ -143,9 +149,11 @@ def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, 
     cfg = model.cfg
     cam = cfg.camera
     yaw, pitch = video_trajectory(8, cam)
-    novel = render_angles(model, planes, yaw[1::2], pitch[1::2], resolution=resolution, generator=generator)
+    novel = render_angles(model, planes, yaw[1::2], pitch[1::2], resolution=resolution, generator=generator, sr=sr)
     half = cfg.renderer.box_warp / 2
     depth = colorize_depth(canonical["depth"], cam.radius - half, cam.radius + half)[0]
+    if sr is not None:
+        depth = depth.repeat(sr.scale, axis=0).repeat(sr.scale, axis=1)
     if mesh is None:
         try:
             mesh = extract_mesh(TriplaneField(planes, model.decoder, model.renderer), resolution=min(options.grid, 96),
@@ -153,7 +161,8 @@ def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, 
                                 keep_components=options.keep_components)
         except DataError as err:
             get_logger("g3dr.assets").info("contact sheet: no mesh tile (%s)", err)
-    mesh_tile = mesh_picture(mesh.vertices, mesh.faces, mesh.colors, size=max(resolution, 96)) if mesh else None
+    size = resolution * (sr.scale if sr is not None else 1)
+    mesh_tile = mesh_picture(mesh.vertices, mesh.faces, mesh.colors, size=max(size, 96)) if mesh else None
     canonical_rgb = uint8_rgb(canonical["rgb"])[0]
     source_tile = uint8_rgb(source.cpu())[0] if source is not None else np.full_like(canonical_rgb, 255)
     return contact_sheet(source_tile, canonical_rgb, list(uint8_rgb(novel["rgb"])), depth, mesh_tile)

@@ -127,8 +127,8 @@ def run_generate(args: argparse.Namespace) -> int:
     options = asset_options(args)
     if args.checkpoint:
         options.check()
-    elif options.png or options.npz or options.video or options.mesh:
-        raise ConfigError("--png/--npz/--video/--mesh need --checkpoint (f_trigen lifts the generated RGB-D)")
+    elif options.png or options.npz or options.video or options.mesh or args.sr:
+        raise ConfigError("--png/--npz/--video/--mesh/--sr need --checkpoint (f_trigen lifts the generated RGB-D)")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -152,15 +152,17 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("wrote %d RGB-D image(s) to %s", len(names), out / "rgbd")
     written = []
     if args.checkpoint:
-        from g3dr.models.render_cli import load_model
+        from g3dr.models.render_cli import describe_sizes, load_model, load_sr_option
 
         model, cfg, meta, device = load_model(args)
+        sr = load_sr_option(args, cfg, device)
+        log.info("%s", describe_sizes(sr, options.resolution or cfg.data.resolution))
         for name in names:
             raw = input_from_files(out / "rgbd" / f"{name}.png", out / "rgbd" / f"{name}_depth.png")
             rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset)
             with torch.no_grad():
                 planes = model.make_planes(rgb.to(device), depth.to(device))
-            written += [str(p) for p in export_assets(model, planes, out / name, options, source=rgb)]
+            written += [str(p) for p in export_assets(model, planes, out / name, options, source=rgb, sr=sr)]
     (out / "generate.json").write_text(json.dumps({"prompt": prompt, "num": args.num, "steps": args.steps,
                                                    "guidance": args.guidance, "seed": args.seed,
                                                    "pipeline": str(args.pipeline), "images": names,

@@ -49,10 +49,20 @@ def colorize_depth(depth, near: float, far: float) -> np.ndarray:
 
 
 def frames_from_images(rgb, depth, near: float, far: float) -> np.ndarray:
-    """RGB (N, 3, H, W) in [-1, 1] and depth (N, 1, H, W) -> (N, H, 2W, 3) uint8 frames: RGB | depth."""
+    """RGB (N, 3, H, W) in [-1, 1] and depth (N, 1, h, w) -> (N, H, 2W, 3) uint8 frames: RGB | depth.
+
+    Depth smaller than the RGB by a whole factor (the RGB of a super-resolution stage, the depth at the geometry's
+    resolution) is shown at the RGB's size by pixel repetition, so it keeps its own resolution visibly.
+    """
     colour = _as_numpy(rgb)
     colour = np.rint((np.clip(colour, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-    return np.concatenate([colour, colorize_depth(depth, near, far)], axis=2)
+    tiles = colorize_depth(depth, near, far)
+    (h, w), (dh, dw) = colour.shape[1:3], tiles.shape[1:3]
+    if (h, w) != (dh, dw):
+        if h % dh or w % dw or h // dh != w // dw:
+            raise ValueError(f"depth {dh}x{dw} cannot be shown beside RGB {h}x{w}: not one whole upscaling factor")
+        tiles = tiles.repeat(h // dh, axis=1).repeat(w // dw, axis=2)
+    return np.concatenate([colour, tiles], axis=2)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:

@@ -48,11 +48,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--save-npz", metavar="OUT.npz",
                         help="float32 arrays rgb (3,H,W) in [-1,1], depth (1,H,W), weight_sum (1,H,W); with --video "
-                             "a leading frame axis")
+                             "a leading frame axis; with super-resolution rgb is upscaled and rgb_render is the render")
     parser.add_argument("--png", metavar="OUT.png", help="the rendered RGB as an 8-bit PNG")
     parser.add_argument("--min-size", type=int, default=64, metavar="PX",
                         help="reject an input whose shorter side is smaller (default 64, as 'g3dr prep shards')")
+    add_sr_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_sr_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sr FILE`` / ``--no-sr``: the super-resolution stage on every RGB picture a command writes."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sr", metavar="FILE",
+                       help="upscale every RGB picture written (png, npz rgb, video, contact sheet) with this "
+                            "super-resolution network: a .safetensors from 'g3dr import-official --sr' or "
+                            "'g3dr train-sr', or an RCAN .pth. Default: the checkpoint config's sr.checkpoint "
+                            "(empty: none). Depth and weight_sum stay at the render resolution")
+    group.add_argument("--no-sr", action="store_true",
+                       help="no super-resolution, even where the checkpoint's config names sr.checkpoint")
 
 
 def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, depth_scale: float = 2.0,
@@ -110,10 +123,13 @@ def load_rgbd(image_path: str | Path, depth_path: str | Path, resolution: int, d
     return rgb_t[None], torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
 
 
-def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, generator=None, progress=False):
+def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, generator=None, progress=False,
+                  sr=None):
     """Render ``planes`` (1, 3, C, H, W) from every (yaw[i], pitch[i]); returns dict of (N, ...) CPU tensors.
 
     ``depth`` (1, 1, R, R), when given, is used as the depth prior (canonical renders as in training).
+    ``sr``, a :class:`~g3dr.models.sr.SuperResolution` on the model's device: ``rgb`` is the upscaled picture
+    (N, 3, sR, sR) and ``rgb_render`` the render it was made from (N, 3, R, R); depth and the rest stay at R.
     """
     import torch
     from tqdm import tqdm
@@ -127,6 +143,8 @@ def render_angles(model, planes, yaw, pitch, *, resolution: int, depth=None, gen
         with torch.no_grad():
             images = model.render(planes, cam2world.to(planes.device), canonical=depth is not None, depth=depth,
                                   resolution=resolution, generator=generator)
+            if sr is not None:
+                images = {**images, "rgb_render": images["rgb"], "rgb": sr(images["rgb"].float())}
         for key, value in images.items():
             outputs.setdefault(key, []).append(value.float().cpu())
     return {key: torch.cat(values) for key, values in outputs.items()}
@@ -170,6 +188,35 @@ def load_model(args: argparse.Namespace):
     model, cfg, meta = load_f_trigen(args.checkpoint, device=device, overrides=overrides)  # in eval mode
     return model, cfg, meta, device
 
+
+def load_sr_option(args: argparse.Namespace, cfg, device):
+    """The super-resolution network of ``--sr FILE``, else of the checkpoint config's ``sr.checkpoint``; None with
+    ``--no-sr`` or when neither names one. Shared by ``render``, ``batch`` and ``generate``."""
+    from g3dr.errors import WeightsError
+    from g3dr.models.sr import load_sr
+
+    if getattr(args, "no_sr", False):
+        return None
+    path = getattr(args, "sr", None) or cfg.sr.checkpoint
+    if not path:
+        return None
+    try:
+        return load_sr(path, device=device)
+    except WeightsError as err:
+        if getattr(args, "sr", None):
+            raise
+        raise WeightsError(f"{err} (named by the checkpoint's config, sr.checkpoint; --sr FILE names another, "
+                           "--no-sr renders without super-resolution)") from None
+
+
+def describe_sizes(sr, resolution: int) -> str:
+    """Which size each written picture has, for logs and summaries."""
+    if sr is None:
+        return f"RGB and depth at {resolution}x{resolution} (no super-resolution)"
+    big = resolution * sr.scale
+    return (f"RGB upscaled {resolution}x{resolution} -> {big}x{big} by super-resolution {sr.path} (RCAN x{sr.scale}); "
+            f"depth and weight_sum stay at the geometry's {resolution}x{resolution}")
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -202,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path, flag)
 
     model, cfg, meta, device = load_model(args)
+    sr = load_sr_option(args, cfg, device)
     resolution = args.resolution or cfg.data.resolution
     if args.depth_prior and resolution != cfg.data.resolution:
         raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
@@ -230,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         yaw = torch.tensor([cam.canonical_yaw if args.yaw is None else args.yaw])
         pitch = torch.tensor([cam.canonical_pitch if args.pitch is None else args.pitch])
     images = render_angles(model, planes, yaw, pitch, resolution=resolution,
-                           depth=depth if args.depth_prior else None, generator=generator, progress=True)
+                           depth=depth if args.depth_prior else None, generator=generator, progress=True, sr=sr)
+    log.info("%s", describe_sizes(sr, resolution))
 
     from g3dr.outputs import writing
 
@@ -242,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_npz:
         squeeze = not args.video
         arrays = {key: (images[key][0] if squeeze else images[key]).numpy().astype(np.float32)
-                  for key in ("rgb", "depth", "weight_sum")}
+                  for key in ("rgb", "depth", "weight_sum", "rgb_render") if key in images}
         with writing(args.save_npz, "--save-npz"):
             np.savez(args.save_npz, **arrays)
         log.info("wrote %s", args.save_npz)
@@ -251,5 +300,6 @@ def run(args: argparse.Namespace) -> int:
             Image.fromarray(uint8_rgb(images["rgb"])[0]).save(args.png)
         log.info("wrote %s", args.png)
     print(f"rendered {yaw.shape[0]} view(s) at {resolution}x{resolution} from {args.checkpoint} (step {meta['step']}): "
-          f"mean weight_sum {images['weight_sum'].mean().item():.4f}, mean depth {images['depth'].mean().item():.4f}")
+          f"mean weight_sum {images['weight_sum'].mean().item():.4f}, mean depth {images['depth'].mean().item():.4f}"
+          + (f"; {describe_sizes(sr, resolution)}" if sr is not None else ""))
     return 0

@@ -72,6 +72,7 @@ class SuperResolution(nn.Module):
         self.architecture: dict[str, Any] = {k: self.rcan.hyperparameters[k] for k in ARCHITECTURE_KEYS}
         self.scale: int = int(self.architecture["scale"])
         self.source: str = "new"  # where the weights came from; load_sr sets it from the file
+        self.path: str = ""  # the file load_sr read
         if self.architecture["n_colors"] != 3:
             raise ValueError(f"the super-resolution stage works on RGB: n_colors must be 3, got "
                              f"{self.architecture['n_colors']}")
@@ -309,7 +310,7 @@ def load_sr(path: str | Path, device: str | torch.device = "cpu") -> SuperResolu
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     check_state_dict_keys(model.rcan, state, f"super-resolution weights {path}")
     model.rcan.load_state_dict(state, strict=True)
-    model.source = source
+    model.source, model.path = source, str(path)
     model.to(device).eval()
     log.info("loaded super-resolution weights %s (%s; source %s)", path, describe_architecture(model.architecture),
              source)

@@ -54,3 +54,18 @@ def save_tiny_depth_anything(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def save_tiny_sr(path: Path, seed: int = 0) -> Path:
+    """A tiny random-weight super-resolution RCAN (x2: 1 group of 1 block, 8 features) saved with ``save_sr``;
+    the weights are nudged by 0.05 N(0, 1) so the network is not near the identity of its init."""
+    from g3dr.config import SRConfig
+    from g3dr.models.sr import build_sr, save_sr
+
+    torch.manual_seed(seed)
+    model = build_sr(SRConfig(n_resgroups=1, n_resblocks=1, n_feats=8, reduction=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return save_sr(model, path, metadata={"source": "test"})

@@ -34,6 +34,20 @@ def test_frames_put_rgb_beside_depth():
     np.testing.assert_array_equal(frames[:, :, 5:], colorize_depth(depth, 4.0, 6.0))
 
 
+def test_frames_show_smaller_depth_by_pixel_repetition():
+    """Super-resolved RGB (2x) beside depth at the geometry's resolution: each depth pixel becomes a 2x2 block."""
+    rgb = torch.rand(2, 3, 8, 10) * 2 - 1
+    depth = 4.0 + 2.0 * torch.rand(2, 1, 4, 5)
+    frames = frames_from_images(rgb, depth, 4.0, 6.0)
+    assert frames.shape == (2, 8, 20, 3)
+    small = colorize_depth(depth, 4.0, 6.0)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            np.testing.assert_array_equal(frames[:, dy::2, 10 + dx::2], small)
+    with pytest.raises(ValueError, match="one whole upscaling factor"):
+        frames_from_images(rgb, torch.full((2, 1, 3, 5), 5.0), 4.0, 6.0)
+
+
 def _distinct_frames(n: int, h: int = 16, w: int = 32) -> np.ndarray:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(h, w, 3))
