@@ -208,9 +208,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if path.is_dir():
         raise WeightsError(f"super-resolution weights {path} is a folder, not a weights file (.safetensors or .pth)")
     if not path.is_file():
-        raise WeightsError(f"super-resolution weights {path} do not exist: train them with 'g3dr train-sr', or "
-                           f"convert an RCAN state dict (e.g. the G3DR authors' file) with "
-                           f"'g3dr import-official --sr FILE {path}'")
+        raise WeightsError(f"super-resolution weights {path} do not exist: convert an RCAN state dict (e.g. the "
+                           f"G3DR authors' file, linked from the reference README) with "
+                           f"'g3dr import-official --sr FILE {path}', or give no super-resolution weights")
     if path.suffix == ".safetensors":
         state, meta = _read_safetensors(path)
         if meta.get("format") == FORMAT:

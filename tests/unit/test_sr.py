@@ -290,3 +290,26 @@ def test_import_official_sr_errors(tmp_path, capsys):
     assert "missing.pth do not exist" in capsys.readouterr().err
     assert main(["import-official", str(tmp_path / "rcan.pth")]) == 2
     assert "give SRC DST" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- g3dr bench sr
+
+
+def test_bench_sr_prints_one_json_line(tiny_config_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "g3dr.cli", "bench", "sr", "--configs", "tiny", "--tiny-config",
+                           str(tiny_config_path), "--resolution", "16", "--batch", "2", "--repeats", "2",
+                           "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["bench"] == "sr" and out["device"] == "cpu" and out["batch"] == 2 and out["input_resolution"] == 16
+    assert "ru_maxrss" in out["memory_measure"] and set(out["cases"]) == {"tiny"}
+    tiny = out["cases"]["tiny"]
+    assert tiny["architecture"]["n_feats"] == 8 and tiny["output_resolution"] == 32
+    assert tiny["params"] == sum(p.numel() for p in build_sr(TINY).parameters())
+    assert tiny["images_per_s"] == pytest.approx(2 / tiny["s_per_batch"], rel=0.05)
+    assert 0 < tiny["s_per_batch_best"] <= tiny["s_per_batch"] and tiny["peak_rss_mib"] > tiny["peak_mib"]
