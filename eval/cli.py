@@ -3,6 +3,7 @@
     g3dr eval --checkpoint RUN/f_trigen.safetensors [--data SHARDS] [--metrics fid,is,nfs,da,gt_views]
               [--sigma-scales 1,5,10,50] [--num-samples N] [--views canonical,novel]
               [--mlflow-uri URI] [--experiment NAME] [KEY=VALUE ...]
+    g3dr eval --checkpoint CK --sr weights/g3dr-sr-x2.safetensors     # FID/IS on 128 -> 256 px SR images
     g3dr eval --sweep RUN_DIR [--watch [--poll-seconds 60]] ...
     g3dr eval --score-images DIR [--stats FILE.npz] [--inception PATH] [--is-splits 10] [--seed 0]
 
@@ -56,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--novel-camera", choices=["sampled", "video"],
                         help="novel views as in training, or the video path")
     parser.add_argument("--inception", metavar="PATH", help="the Inception-v3 2015-12-05 file (eval.inception_weights)")
+    sr = parser.add_mutually_exclusive_group()
+    sr.add_argument("--sr", metavar="FILE",
+                    help="super-resolution weights (sr.checkpoint; default: the checkpoint config's): FID and IS score "
+                         "the network's output on the renders at data.resolution (e.g. 128 -> 256 px), against "
+                         "statistics of the data's images at that size; NFS, DA and ground-truth views stay on the "
+                         "renders. The file's sha256 enters the eval hash")
+    sr.add_argument("--no-sr", action="store_true",
+                    help="no super-resolution, even where the checkpoint's config names sr.checkpoint")
     parser.add_argument("--mlflow-uri", default="", metavar="URI",
                         help="tracking URI (sqlite:///x.db or http://host:port); default: the checkpoint's "
                              "logging.mlflow_uri, else a sqlite store in the sweep dir / beside the checkpoint")
@@ -102,6 +111,10 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[str, ...]:
         out.append(f"eval.is_splits={args.is_splits}")
     if args.seed is not None:
         out.append(f"eval.seed={args.seed}")
+    if getattr(args, "sr", None):
+        out.append(f"sr.checkpoint={args.sr}")
+    if getattr(args, "no_sr", False):
+        out.append("sr.checkpoint=")
     return (*out, *args.overrides)
 
 

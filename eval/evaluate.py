@@ -16,6 +16,13 @@ pixels whose surface lies inside the scene box) and ``da_novel`` (DA of the rend
 exact view depth on those pixels), on the first ``num_samples`` samples (:mod:`g3dr.metrics.views`), and a
 no-model baseline ``psnr_novel_flat`` (each view painted in the input image's mean colour; the same at every scale).
 
+Super-resolution (``sr``, a :class:`~g3dr.models.sr.SuperResolution`): the images FID and IS score (and the
+grids and saved PNGs show) are the network's output on the render at ``data.resolution``; NFS, DA and the
+ground-truth view metrics above stay on the render (the geometry is never super-resolved). Where the batches
+also carry the input and the stored views at the super-resolution size (``sr_rgb``, ``sr_views``:
+:func:`attach_sr_views`), ``psnr_canonical_sr``/``psnr_novel_sr`` score the upscaled renders against them,
+beside ``psnr_canonical_bicubic``/``psnr_novel_bicubic`` for bicubic upsampling of the same renders.
+
 Ranks: every rank reads the same input stream and keeps the samples of its contiguous block
 (:func:`g3dr.metrics.gather.shard_range`); moments are all-reduced and per-sample values gathered, so the
 scores use exactly N samples. Nothing here talks to MLflow.
@@ -36,7 +43,7 @@ import numpy as np
 import torch
 
 from g3dr.config import CameraConfig, Config, EvalConfig
-from g3dr.errors import DataError
+from g3dr.errors import ConfigError, DataError
 from g3dr.eval.report import format_scale, metric_key
 from g3dr.log import get_logger
 from g3dr.metrics.dataset_stats import STATS_RECIPE_VERSION
@@ -119,6 +126,25 @@ class EvalSpec:
 GT_VIEWS = "gt_views"
 """The ``eval.metrics`` name of the ground-truth view metrics (``psnr_canonical``, ``psnr_novel``, ``da_novel``)."""
 GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
+SR_VIEW_METRICS = ("psnr_canonical_sr", "psnr_novel_sr", "psnr_canonical_bicubic", "psnr_novel_bicubic")
+"""Ground-truth view PSNR at the super-resolution size (with ``sr`` and views stored at that size): the upscaled
+renders, and bicubic upsampling of the same renders as the baseline."""
+
+
+def image_resolution(spec: EvalSpec, sr: torch.nn.Module | None) -> int:
+    """Side of the images FID and IS score: the render's, or the super-resolution output's."""
+    return spec.resolution * int(sr.scale) if sr is not None else spec.resolution
+
+
+def check_sr_render(spec: EvalSpec, cfg: Config) -> None:
+    """With super-resolution the renders must be at ``data.resolution`` (the size the network upscales, the
+    paper's 128 -> 256); a different ``eval.render_resolution`` would be two ways of reaching one size."""
+    if spec.resolution != cfg.data.resolution:
+        raise ConfigError(f"eval.render_resolution={cfg.eval.render_resolution} with super-resolution: the SR stage "
+                          f"upscales renders at data.resolution ({cfg.data.resolution} px), so FID/IS are measured at "
+                          f"its output size; set eval.render_resolution=0 (or {cfg.data.resolution}), or evaluate "
+                          "without super-resolution (--no-sr, sr.checkpoint='') to render directly at "
+                          f"{cfg.eval.render_resolution} px")
 
 
 def eval_hash(spec: EvalSpec, **identity: str) -> str:
@@ -181,13 +207,17 @@ def take_block(batches: Iterable[dict], block: range, batch_size: int, total: in
     seen = 0
     pending: list[tuple[int, dict]] = []
     for batch in batches:
-        rgb, depth, views = batch["rgb"], batch["depth"], batch.get("views")
+        rgb = batch["rgb"]
         for j in range(rgb.shape[0]):
             i = seen + j
             if i in block:
-                item = {"rgb": rgb[j], "depth": depth[j]}
-                if views is not None:
-                    item["views"] = {name: value[j] for name, value in views.items()}
+                item = {}
+                for name in _SAMPLE_FIELDS:
+                    value = batch.get(name)
+                    if isinstance(value, dict):
+                        item[name] = {k: v[j] for k, v in value.items()}
+                    elif value is not None:
+                        item[name] = value[j]
                 pending.append((i, item))
                 if len(pending) == batch_size:
                     yield _stack(pending)
@@ -202,12 +232,47 @@ def take_block(batches: Iterable[dict], block: range, batch_size: int, total: in
         yield _stack(pending)
 
 
+_SAMPLE_FIELDS = ("rgb", "depth", "views", "sr_rgb", "sr_views")
+"""Per-sample batch entries :func:`take_block` carries (tensors, or dicts of tensors such as ``views``)."""
+
+
 def _stack(items: list[tuple[int, dict]]) -> tuple[list[int], dict]:
     samples = [item for _, item in items]
-    batch = {"rgb": torch.stack([x["rgb"] for x in samples]), "depth": torch.stack([x["depth"] for x in samples])}
-    if all("views" in x for x in samples):
-        batch["views"] = {name: torch.stack([x["views"][name] for x in samples]) for name in samples[0]["views"]}
+    batch = {}
+    for name in _SAMPLE_FIELDS:
+        if not all(name in x for x in samples):
+            continue
+        first = samples[0][name]
+        if isinstance(first, dict):
+            batch[name] = {k: torch.stack([x[name][k] for x in samples]) for k in first}
+        else:
+            batch[name] = torch.stack([x[name] for x in samples])
     return [i for i, _ in items], batch
+
+
+def attach_sr_views(batches: Iterable[dict], sr_batches: Iterable[dict]) -> Iterator[dict]:
+    """``batches`` (the eval stream at ``data.resolution``) with ``sr_rgb`` and ``sr_views`` (the input image and the
+    stored views) taken from ``sr_batches``, the same samples decoded at the super-resolution size.
+
+    Both streams must hold the same samples in the same order and batching (two exact passes over the same
+    shards with the same plan); a sample whose keys differ is a :class:`~g3dr.errors.DataError` (e.g. a sample
+    that decodes at one size and is skipped at the other).
+    """
+    sr_iter = iter(sr_batches)
+    for batch in batches:
+        other = next(sr_iter, None)
+        if other is None or list(other.get("key", [])) != list(batch.get("key", [])):
+            keys = list(batch.get("key", []))[:3]
+            raise DataError(f"the eval data decoded at the super-resolution size does not hold the same samples as at "
+                            f"data.resolution (near {keys}); check the shards with 'g3dr prep validate' (a sample "
+                            "may be skipped at one size), or leave gt_views out")
+        if other.get("views") is None:
+            raise DataError("the eval data stores no ground-truth views at the super-resolution size; write the set "
+                            "with views at both sizes ('g3dr prep synth --views K --resolution R 2R')")
+        yield {**batch, "sr_rgb": other["rgb"], "sr_views": other["views"]}
+    if next(sr_iter, None) is not None:
+        raise DataError("the eval data decoded at the super-resolution size holds more samples than at "
+                        "data.resolution; check the shards with 'g3dr prep validate'")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +310,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                    device: torch.device | str = "cpu", batch_size: int | None = None,
                    grid_samples: int = 0, should_stop: Callable[[], bool] = lambda: False,
                    progress: bool = True, image_dir: str | Path | None = None,
+                   sr: torch.nn.Module | None = None, sr_views: bool = False,
                    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Scores of ``model`` on the first ``spec.total_samples`` samples of ``batches``; returns
     ``(results, grids)``: results by MLflow metric name (``fid/s5``...), identical on every rank, and on
@@ -257,7 +323,18 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
     ``image_dir``: also write the uint8 images scored by FID/IS, exactly as the detector gets them, to
     ``image_dir/<view>_s<scale>/NNNNNN.png`` (NNNNNN the sample index; each rank writes its own samples).
     Scoring that folder (:mod:`g3dr.metrics.image_folder`) gives the same FID and IS.
+
+    ``sr``: a super-resolution network (:class:`~g3dr.models.sr.SuperResolution`, on ``device``, eval mode); FID
+    and IS then score its output on the renders (``real_stats`` must be statistics of images at that size,
+    :func:`image_resolution`), and the grids and ``image_dir`` hold those images. The renders are at
+    ``data.resolution`` (:func:`check_sr_render`); NFS, DA and the ground-truth view metrics stay on them.
+    ``sr_views`` (with ``sr`` and ``gt_views``): the batches carry ``sr_rgb`` and ``sr_views``
+    (:func:`attach_sr_views`), and :data:`SR_VIEW_METRICS` are computed too.
     """
+    if sr is not None:
+        check_sr_render(spec, cfg)
+    if sr_views and (sr is None or not spec.needs_gt_views):
+        raise ValueError("sr_views needs a super-resolution network and gt_views among the metrics")
     if spec.needs_inception and detector is None:
         raise ValueError("FID/IS need the Inception detector")
     if "fid" in spec.metrics and real_stats is None:
@@ -281,6 +358,8 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                 raise EvalInterrupted("stop requested during evaluation")
             if spec.needs_gt_views:
                 _check_gt_views(batch, spec, cfg.camera)
+                if sr_views:
+                    _check_sr_views(batch, image_resolution(spec, sr))
             rgb = batch["rgb"].to(device)
             depth = batch["depth"].to(device)
             planes = model.make_planes(rgb, depth)
@@ -298,8 +377,13 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                         depth_rows = sorted(set(nfs_rows) | set(grid_rows))
                         nfs_maps = _nfs_depth_maps(model, planes, cams[view], out, depth_rows, spec,
                                                    canonical=view == "canonical")
+                        # The pictures that leave the eval (FID/IS images, PNGs, grids): upscaled with SR.
+                        picture_rows = sorted(set(for_images if view in image_views else []) | set(grid_rows))
+                        pictures = out["rgb"][picture_rows]
+                        if sr is not None and picture_rows:
+                            pictures = sr(pictures)
                         if view in image_views and for_images:
-                            images = quantize_images(out["rgb"][for_images])
+                            images = quantize_images(pictures[[picture_rows.index(j) for j in for_images]])
                             if image_dir is not None:
                                 write_png_batch(images, [indices[j] for j in for_images],
                                                 Path(image_dir) / f"{view}_s{format_scale(scale)}")
@@ -315,14 +399,15 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
                                 target = _resized(depth[for_depth], spec.resolution)
                                 acc.da.append(depth_accuracy_per_map(out["depth"][for_depth], target))
                             if spec.needs_gt_views:
-                                _score_gt_views(model, planes, out, rgb, batch["views"], for_depth, spec, cfg, acc)
-                        _keep_grid(grids, view, scale, out["rgb"][grid_rows],
+                                _score_gt_views(model, planes, out, rgb, batch, for_depth, spec, cfg, acc,
+                                                sr if sr_views else None)
+                        _keep_grid(grids, view, scale, pictures[[picture_rows.index(j) for j in grid_rows]],
                                    nfs_maps[[depth_rows.index(j) for j in grid_rows]])
             if bar is not None:
                 bar.update(len(indices))
     if bar is not None:
         bar.close()
-    results = _reduce(scores, spec, real_stats)
+    results = _reduce(scores, spec, real_stats, sr_views=sr_views)
     return results, {k: torch.cat(v) for k, v in grids.items()}
 
 
@@ -343,28 +428,58 @@ def _check_gt_views(batch: dict, spec: EvalSpec, cam_cfg: CameraConfig) -> None:
                             f"model renders with camera.{name}={wanted}; evaluate with the camera the views were made with")
 
 
+def _check_sr_views(batch: dict, size: int) -> None:
+    """The batch carries the input and the stored views at the super-resolution size ``size``, else a DataError."""
+    views, rgb = batch.get("sr_views"), batch.get("sr_rgb")
+    if views is None or rgb is None:
+        raise DataError("the batches carry no input images and views at the super-resolution size (sr_rgb, "
+                        "sr_views); attach them with attach_sr_views or score the views at the render size only")
+    for name, tensor in (("sr_rgb", rgb), ("sr_views", views["rgb"])):
+        if tuple(tensor.shape[-2:]) != (size, size):
+            raise DataError(f"{name} is {tuple(tensor.shape[-2:])} px but the super-resolution output is {size} px")
+    if not (torch.equal(views["yaw"], batch["views"]["yaw"]) and torch.equal(views["pitch"], batch["views"]["pitch"])):
+        raise DataError("the views stored at the super-resolution size have other cameras than those at the render "
+                        "size; the eval data is inconsistent")
+
+
 def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dict[str, torch.Tensor],
-                    rgb: torch.Tensor, views: dict[str, torch.Tensor], rows: list[int], spec: EvalSpec,
-                    cfg: Config, acc: _Scores) -> None:
+                    rgb: torch.Tensor, batch: dict, rows: list[int], spec: EvalSpec,
+                    cfg: Config, acc: _Scores, sr: torch.nn.Module | None = None) -> None:
     """Ground-truth view scores of batch rows ``rows`` at the current sigma scale into ``acc.gt``.
 
     ``canonical`` is the canonical render of the whole batch; the model is rendered again at each stored
-    view camera (one renderer call per view index k, rows only), without the depth prior.
+    view camera (one renderer call per view index k, rows only), without the depth prior. With ``sr`` the
+    renders are also upscaled (and, as the baseline, upsampled bicubically) and scored against
+    ``batch["sr_rgb"]`` / ``batch["sr_views"]`` (:data:`SR_VIEW_METRICS`).
     """
     from g3dr.render.cameras import camera_to_world_from_angles
 
     if not rows:
         return
+    views = batch["views"]
     target = _resized(rgb[rows].float(), spec.resolution)
     acc.gt.setdefault("psnr_canonical", []).append(psnr_per_image(canonical["rgb"][rows], target))
+    if sr is not None:
+        sr_target = batch["sr_rgb"][rows].float()
+        for name, upscaled in _upscaled(canonical["rgb"][rows], sr).items():
+            acc.gt.setdefault(f"psnr_canonical_{name}", []).append(psnr_per_image(upscaled, sr_target))
     device = planes.device
     yaw, pitch = views["yaw"][rows], views["pitch"][rows]
     rendered_rgb, rendered_depth = [], []
+    upscaled_rgb: dict[str, list[torch.Tensor]] = {}
     for k in range(yaw.shape[1]):
         cams = camera_to_world_from_angles(yaw[:, k].float(), pitch[:, k].float(), cfg.camera.radius).to(device)
         out = model.renderer(planes[rows], model.decoder, cams, spec.resolution, depth=None, canonical=False)
         rendered_rgb.append(out["rgb"].detach().cpu())
         rendered_depth.append(out["depth"][:, 0].detach().cpu())
+        if sr is not None:
+            for name, upscaled in _upscaled(out["rgb"], sr).items():
+                upscaled_rgb.setdefault(name, []).append(upscaled)
+    if sr is not None:
+        sr_views = batch["sr_views"]
+        for name, parts in upscaled_rgb.items():
+            acc.gt.setdefault(f"psnr_novel_{name}", []).append(
+                psnr_per_image(torch.stack(parts, dim=1), sr_views["rgb"][rows].cpu(), sr_views["valid"][rows].cpu()))
     rendered_rgb = torch.stack(rendered_rgb, dim=1)  # (n, K, 3, H, W)
     rendered_depth = torch.stack(rendered_depth, dim=1)  # (n, K, H, W)
     valid = views["valid"][rows].cpu()
@@ -375,6 +490,14 @@ def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dic
     # knowing the input's average colour alone; a model that learned 3D colour should beat it).
     flat = rgb[rows].float().mean(dim=(-2, -1)).cpu()[:, None, :, None, None].expand_as(views["rgb"][rows])
     acc.gt.setdefault("psnr_novel_flat", []).append(psnr_per_image(flat, views["rgb"][rows].cpu(), valid))
+
+
+def _upscaled(rgb: torch.Tensor, sr: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``sr``: the network's output on renders ``rgb`` (n, 3, H, W); ``bicubic``: bicubic upsampling of the same
+    renders to that size (the baseline an SR network must beat); both on the CPU."""
+    size = (rgb.shape[-2] * int(sr.scale), rgb.shape[-1] * int(sr.scale))
+    bicubic = torch.nn.functional.interpolate(rgb.float(), size=size, mode="bicubic", align_corners=False)
+    return {"sr": sr(rgb).detach().cpu(), "bicubic": bicubic.detach().cpu()}
 
 
 def _resized(depth: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -413,7 +536,7 @@ def _keep_grid(grids, view, scale, rgb, depth) -> None:
 
 
 def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
-            real_stats: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
+            real_stats: tuple[np.ndarray, np.ndarray] | None, sr_views: bool = False) -> dict[str, float]:
     """Combine the ranks' accumulators into final scores (every rank runs the same collectives in order)."""
     results: dict[str, float] = {}
     n, n_images = spec.num_samples, spec.fid_samples
@@ -440,7 +563,7 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
                 _check_count(values.shape[0], n, name.upper())
                 results[metric_key(name, scale)] = float(values.double().mean())
             if spec.needs_gt_views:
-                for name in GT_VIEW_METRICS:
+                for name in GT_VIEW_METRICS + (SR_VIEW_METRICS if sr_views else ()):
                     parts = acc.gt.get(name, [])
                     local = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.float64)
                     values = gather_rows(local)

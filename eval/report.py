@@ -10,7 +10,10 @@ with the MLflow metric names:
   frontal view; DA compares with the input's pseudo-depth, which only the canonical view sees);
 - ``psnr_canonical/s5``, ``psnr_novel/s5``, ``da_novel/s5``: against stored ground-truth views
   (``gt_views``): PSNR of the canonical render against the input, PSNR and DA at the stored view cameras;
-  ``psnr_novel_flat/s5``: the no-model baseline (each view painted in the input's mean colour).
+  ``psnr_novel_flat/s5``: the no-model baseline (each view painted in the input's mean colour);
+  with super-resolution and views stored at its size, ``psnr_canonical_sr/s5``, ``psnr_novel_sr/s5`` (the
+  upscaled renders) and ``psnr_canonical_bicubic/s5``, ``psnr_novel_bicubic/s5`` (bicubic upsampling of the
+  same renders) against the input and the views at that size.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
+METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat",
+                "psnr_canonical_sr", "psnr_canonical_bicubic", "psnr_novel_sr", "psnr_novel_bicubic")
 LOWER_IS_BETTER = {"fid": True, "is": False, "is_std": True, "nfs": False, "da": True, "psnr": False}
 
 PAPER_TABLE_S1: dict[float, dict[str, float]] = {
@@ -100,14 +104,17 @@ def _fmt(value: object, csv_mode: bool = False) -> str:
 
 _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_std": "IS std", "nfs": "NFS ↑",
             "da": "DA ↓", "psnr_canonical": "PSNR canonical ↑", "psnr_novel": "PSNR novel ↑",
-            "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour", "paper_fid": "paper FID",
+            "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour",
+            "psnr_canonical_sr": "PSNR canonical, SR ↑", "psnr_canonical_bicubic": "PSNR canonical, bicubic",
+            "psnr_novel_sr": "PSNR novel, SR ↑", "psnr_novel_bicubic": "PSNR novel, bicubic", "paper_fid": "paper FID",
             "paper_is": "paper IS", "paper_nfs": "paper NFS"}
 
 
 def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_splits: int | None = None,
-                   seed: int | None = None) -> str:
+                   seed: int | None = None, note: str = "") -> str:
     """The table in the layout of the paper's Table S1 (one row per scale), the paper's rows beside ours.
-    With ``is_splits``, a note says how IS and its std were computed (splits, shuffle seed)."""
+    With ``is_splits``, a note says how IS and its std were computed (splits, shuffle seed); ``note`` adds a
+    paragraph (the eval states the image sizes and the super-resolution file there)."""
     cols = _columns(rows)
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(_HEADERS.get(c, c) for c in cols) + " |")
@@ -122,6 +129,8 @@ def table_markdown(rows: Sequence[Mapping[str, object]], title: str = "", is_spl
     if is_splits is not None:
         lines += [f"IS: mean and population std over {is_splits} splits of the samples, after a shuffle "
                   f"seeded by eval.seed = {seed}.", ""]
+    if note:
+        lines += [note, ""]
     return "\n".join(lines)
 
 

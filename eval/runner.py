@@ -31,7 +31,8 @@ import torch
 from g3dr.config import Config, config_from_dict
 from g3dr.distributed import DistEnv
 from g3dr.errors import ConfigError, DataError, WeightsError
-from g3dr.eval.evaluate import GT_VIEWS, EvalInterrupted, EvalSpec, eval_hash, evaluate_model
+from g3dr.eval.evaluate import (GT_VIEWS, EvalInterrupted, EvalSpec, attach_sr_views, check_sr_render, eval_hash,
+                                evaluate_model, image_resolution)
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
 from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.log import get_logger
@@ -232,6 +233,8 @@ class Evaluator:
         self.stop = stop or StopFlag()
         self.tracker: EvalTracker | None = None
         self._detectors: dict[str, Any] = {}
+        self._srs: dict[str, Any] = {}
+        self._sr_digests: dict[tuple[str, int, int], str] = {}
         self._real_stats: dict[str, tuple[Any, Any]] = {}
         self._urls: dict[str, list[str]] = {}
 
@@ -323,21 +326,85 @@ class Evaluator:
             self._detectors[path] = load_inception(path, self.device())
         return self._detectors[path]
 
+    def super_resolution(self, cfg: Config):
+        """The super-resolution network named by ``sr.checkpoint`` (``--sr FILE`` sets it), loaded once per file on
+        the eval device; None when it is empty (no super-resolution)."""
+        from g3dr.models.sr import load_sr
+
+        path = cfg.sr.checkpoint
+        if not path:
+            return None
+        if path not in self._srs:
+            try:
+                self._srs[path] = load_sr(path, device=self.device())
+            except WeightsError as err:
+                raise WeightsError(f"{err} (the eval's sr.checkpoint, from --sr or the checkpoint's config; --no-sr "
+                                   "evaluates without super-resolution)") from None
+        return self._srs[path]
+
+    def sr_sha256(self, path: str) -> str:
+        """sha256 of the super-resolution weights file (its identity in the eval hash), cached by path, size and
+        mtime."""
+        p = Path(path)
+        stat = p.stat()
+        key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._sr_digests:
+            digest = hashlib.sha256()
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._sr_digests[key] = digest.hexdigest()
+        return self._sr_digests[key]
+
     def identity(self, cfg: Config, spec: EvalSpec) -> dict[str, str]:
+        """What besides the spec determines the scores: the dataset content hash, the Inception file's sha256 (FID,
+        IS) and, with super-resolution, the SR weights file's sha256 (``sr``; absent without SR, so evaluations
+        without it keep their hashes)."""
         from g3dr.metrics.dataset_stats import dataset_content_hash
 
         ident = {"dataset": dataset_content_hash(self.data_urls(cfg))}
         if spec.needs_inception:
             ident["detector"] = self.detector(cfg).sha256
+        if cfg.sr.checkpoint:
+            self.super_resolution(cfg)  # a missing or broken file fails here, before anything else
+            ident["sr"] = self.sr_sha256(cfg.sr.checkpoint)
         return ident
 
-    def real_stats(self, cfg: Config, ident: dict[str, str]):
+    def stored_resolutions(self, cfg: Config) -> set[int]:
+        """The image sizes every eval shard's manifest says it stores (``source.resolutions``); a
+        :class:`DataError` when a manifest does not say."""
+        from g3dr.data.pipeline import read_manifest
+
+        common: set[int] | None = None
+        for url in self.data_urls(cfg):
+            listed = ((read_manifest(Path(url).parent) or {}).get("source") or {}).get("resolutions")
+            if not listed:
+                raise DataError(f"the manifest beside {url} does not list the stored image resolutions "
+                                "(source.resolutions); rewrite the shards with 'g3dr prep shards'")
+            common = set(int(r) for r in listed) if common is None else common & set(int(r) for r in listed)
+        return common or set()
+
+    def check_reference_images(self, cfg: Config, resolution: int) -> None:
+        """With super-resolution, FID's reference images are the dataset's own at the SR output size: the data must
+        store images at that size or larger (decoded as the recipe says: the smallest stored size >= it, Lanczos
+        down), never upsampled from smaller ones. A :class:`DataError` otherwise."""
+        stored = self.stored_resolutions(cfg)
+        if not any(r >= resolution for r in stored):
+            raise DataError(f"FID with super-resolution scores {resolution} px images, but the eval data "
+                            f"({cfg.data.shards or cfg.data.synthetic_dir}) stores images at {sorted(stored)} px only: "
+                            f"the reference statistics need the dataset's images at {resolution} px. Write the shards "
+                            f"with 'g3dr prep shards --resolution {cfg.data.resolution} {resolution}' (or 'g3dr prep "
+                            f"synth --resolution {cfg.data.resolution} {resolution}'), or leave fid out of --metrics")
+
+    def real_stats(self, cfg: Config, ident: dict[str, str], resolution: int | None = None):
+        """``(mu, sigma)`` of the eval data's Inception features at ``resolution`` (default: the render size), from
+        the statistics cache (keyed by resolution, among others) or computed once."""
         from g3dr.data.loader import build_eval_loader
         from g3dr.metrics.dataset_stats import cached_dataset_stats, compute_dataset_moments, stats_key
 
         detector = self.detector(cfg)
         num_real = cfg.eval.num_real or None
-        resolution = cfg.eval.render_resolution or cfg.data.resolution
+        resolution = resolution or cfg.eval.render_resolution or cfg.data.resolution
         key = stats_key(ident["dataset"], resolution, detector.sha256, num_real)
         cache_id = json.dumps(key, sort_keys=True)
         if cache_id not in self._real_stats:
@@ -389,10 +456,16 @@ class Evaluator:
         """Evaluate ``ref`` unless already done; ``parent_factory()`` gives the sweep run id lazily."""
         cfg = self.resolve_gt_views(self.config_for(ref))
         spec = EvalSpec.from_config(cfg)
+        if cfg.sr.checkpoint:
+            check_sr_render(spec, cfg)
         from g3dr.weights import verify_for
 
         verify_for(cfg, "eval", progress=self.dist.is_main)  # Inception when FID/IS: before any work
         ident = self.identity(cfg, spec)
+        sr = self.super_resolution(cfg)
+        if sr is not None and "fid" in spec.metrics:
+            self.check_reference_images(cfg, image_resolution(spec, sr))
+        sr_views = self.sr_views_stored(cfg, spec, sr)
         ehash = eval_hash(spec, **ident)
         out_dir = self.eval_dir(ref, ehash)
 
@@ -421,8 +494,8 @@ class Evaluator:
             return Outcome("skipped", ref, ehash, run_id=decision[1], eval_dir=out_dir)
         if parent_run_id is None and parent_factory is not None:
             parent_run_id = parent_factory()
-        params = self._params(ref, cfg, spec, ident, ehash)
-        tags = self._tags(ref, ehash)
+        params = self._params(ref, cfg, spec, ident, ehash, sr_views)
+        tags = self._tags(ref, ehash, ident)
         if decision[0] == "upload":
             run_id = None
             saved = _read_results(out_dir)
@@ -440,7 +513,7 @@ class Evaluator:
             _write_results(out_dir, {"complete": False, "status": "running", "run_id": run_id,
                                      **_header(ref, ehash, params)})
         try:
-            results, grids = self._compute(ref, cfg, spec, ident, self.images_dir(ref, ehash))
+            results, grids = self._compute(ref, cfg, spec, ident, self.images_dir(ref, ehash), sr_views)
         except EvalInterrupted:
             if tracker is not None:
                 tracker.end_run_quietly(run_id, "KILLED")
@@ -454,7 +527,7 @@ class Evaluator:
                                          **_header(ref, ehash, params)})
             raise
         if tracker is not None:
-            self._write_report(out_dir, ref, spec, results, grids, cfg)
+            self._write_report(out_dir, ref, spec, results, grids, cfg, params)
             _write_results(out_dir, {"complete": True, "status": "finished", "run_id": run_id,
                                      **_header(ref, ehash, params), "metrics": results})
             try:
@@ -475,34 +548,67 @@ class Evaluator:
             return None
         return Path(self.options.save_images) / f"{ref.label}-{ref.id[:8]}-{ehash}"
 
+    def sr_views_stored(self, cfg: Config, spec: EvalSpec, sr) -> bool:
+        """With super-resolution and ``gt_views``: whether the data stores its views at the SR output size too (then
+        the SR-size view PSNRs are scored as well); otherwise the view metrics stay at the render size, logged."""
+        if sr is None or not spec.needs_gt_views:
+            return False
+        size = image_resolution(spec, sr)
+        _, resolutions = self.stored_views(cfg)
+        if size in resolutions:
+            return True
+        log.info("super-resolution: the eval data stores its ground-truth views at %s px, not at the SR output size "
+                 "%d px: gt_views are scored at the render size (%d px) only", sorted(resolutions), size, spec.resolution)
+        return False
+
     def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str],
-                 image_dir: Path | None = None):
+                 image_dir: Path | None = None, sr_views: bool = False):
         from g3dr.data.loader import build_eval_loader
         from g3dr.models.checkpoint_io import load_f_trigen
 
         device = self.device()
         model, _, _ = load_f_trigen(ref.path, device, overrides=self.options.overrides)
+        sr = self.super_resolution(cfg)
         detector = self.detector(cfg) if spec.needs_inception else None
-        real = self.real_stats(cfg, ident) if "fid" in spec.metrics else None
+        real = self.real_stats(cfg, ident, image_resolution(spec, sr)) if "fid" in spec.metrics else None
         # Every rank reads the same stream and keeps its own block of samples (exact N, rank-independent).
         stream = build_eval_loader(cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size,
                                    view_resolution=spec.resolution if spec.needs_gt_views else 0)
+        if sr_views:  # the input and the views at the SR size: a second pass over the same shards, in step
+            size = image_resolution(spec, sr)
+            stream = attach_sr_views(stream, build_eval_loader(
+                cfg, DistEnv(), shards=self.data_urls(cfg), batch_size=cfg.eval.batch_size, resolution=size,
+                view_resolution=size))
         return evaluate_model(model, cfg, stream, spec, detector, real, device=device,
                               grid_samples=cfg.eval.grid_samples if self.dist.is_main else 0,
-                              should_stop=self.stop, progress=self.options.progress, image_dir=image_dir)
+                              should_stop=self.stop, progress=self.options.progress, image_dir=image_dir,
+                              sr=sr, sr_views=sr_views)
 
-    def _params(self, ref, cfg: Config, spec: EvalSpec, ident: dict[str, str], ehash: str) -> dict[str, str]:
-        return {"checkpoint": str(ref.path.resolve()), "checkpoint_step": str(ref.step), "eval_hash": ehash,
-                "dataset_manifest_hash": ident["dataset"], "detector_sha256": ident.get("detector", ""),
-                "data.source": cfg.data.source, "data.shards": cfg.data.shards,
-                "eval.inception_weights": cfg.eval.inception_weights, "renderer.impl": cfg.renderer.impl,
-                "overrides": " ".join(self.options.overrides), **spec.params()}
+    def _params(self, ref, cfg: Config, spec: EvalSpec, ident: dict[str, str], ehash: str,
+                sr_views: bool = False) -> dict[str, str]:
+        """MLflow params (also in ``results.json``): the checkpoint, the hashes, the spec, and the sizes: FID/IS on
+        ``eval.image_resolution`` px images, with super-resolution the SR file (``sr.*``, its sha256) and the size
+        the ground-truth views were scored at too (``sr.gt_views_resolution``)."""
+        sr = self.super_resolution(cfg)
+        params = {"checkpoint": str(ref.path.resolve()), "checkpoint_step": str(ref.step), "eval_hash": ehash,
+                  "dataset_manifest_hash": ident["dataset"], "detector_sha256": ident.get("detector", ""),
+                  "data.source": cfg.data.source, "data.shards": cfg.data.shards,
+                  "eval.inception_weights": cfg.eval.inception_weights, "renderer.impl": cfg.renderer.impl,
+                  "overrides": " ".join(self.options.overrides), **spec.params(),
+                  "eval.image_resolution": str(image_resolution(spec, sr)), "sr.checkpoint": cfg.sr.checkpoint}
+        if sr is not None:
+            params.update({"sr.sha256": ident["sr"], "sr.scale": str(sr.scale), "sr.source": sr.source,
+                           "sr.architecture": json.dumps(sr.architecture, sort_keys=True),
+                           "sr.gt_views_resolution": str(image_resolution(spec, sr) if sr_views else spec.resolution)})
+        return params
 
-    def _tags(self, ref: CheckpointRef, ehash: str) -> dict[str, str]:
+    def _tags(self, ref: CheckpointRef, ehash: str, ident: dict[str, str] | None = None) -> dict[str, str]:
         tags = {"g3dr.kind": "eval", "g3dr.checkpoint": str(ref.path.resolve()), "g3dr.checkpoint_id": ref.id,
                 "g3dr.step": str(ref.step), "g3dr.eval_hash": ehash}
         if ref.training_run_id:
             tags["g3dr.training_run_id"] = ref.training_run_id
+        if ident and ident.get("sr"):
+            tags["g3dr.sr_sha256"] = ident["sr"]
         return tags
 
     def _log_run(self, tracker, ref, parent_run_id, params, tags, metrics, out_dir) -> str:
@@ -518,20 +624,38 @@ class Evaluator:
         return run_id
 
     def _write_report(self, out_dir: Path, ref: CheckpointRef, spec: EvalSpec, results: dict[str, float],
-                      grids: dict[str, torch.Tensor], cfg: Config) -> None:
+                      grids: dict[str, torch.Tensor], cfg: Config, params: dict[str, str] | None = None) -> None:
         rows = table_rows(results, spec.sigma_scales)
         (out_dir / "table.csv").write_text(table_csv(rows))
         (out_dir / "table.md").write_text(table_markdown(rows, title=f"{ref.label} ({ref.path})",
                                                          is_splits=spec.is_splits if "is" in spec.metrics else None,
-                                                         seed=spec.seed))
+                                                         seed=spec.seed, note=_sizes_note(spec, params or {})))
         plot_metrics(results, spec.sigma_scales, out_dir / "metrics_vs_sigma_scale.png")
         for name, images in sorted(grids.items()):
             value_range = (spec.nfs_near, spec.nfs_far) if name.startswith("depth_") else (-1.0, 1.0)
             save_grid(images, out_dir / "grids" / f"{name}.png", value_range=value_range)
 
 
+def _sizes_note(spec: EvalSpec, params: dict[str, str]) -> str:
+    """One line for ``table.md``: the size FID/IS were measured at, and the SR file when there is one."""
+    render = spec.resolution
+    image = int(params.get("eval.image_resolution", render))
+    if not params.get("sr.sha256"):
+        return f"FID/IS on the {render} px renders (no super-resolution); NFS and DA on the same renders."
+    views = params.get("sr.gt_views_resolution")
+    gt = f"; ground-truth view PSNR also at {views} px" if views and int(views) != render else ""
+    return (f"FID/IS on {image} px images: super-resolution x{params.get('sr.scale')} of the {render} px renders "
+            f"({params.get('sr.checkpoint')}, sha256 {params['sr.sha256'][:16]}); reference statistics of the data at "
+            f"{image} px. NFS, DA and the ground-truth views on the {render} px renders{gt}.")
+
+
 def _header(ref: CheckpointRef, ehash: str, params: dict[str, str]) -> dict[str, Any]:
+    """What every ``results.json`` starts with; ``image_resolution`` (the FID/IS size) and ``super_resolution``
+    (the SR file and its sha256, or null) are repeated from the params for readers of the file."""
+    sr = ({"checkpoint": params["sr.checkpoint"], "sha256": params["sr.sha256"], "scale": int(params["sr.scale"])}
+          if params.get("sr.sha256") else None)
     return {"checkpoint": str(ref.path), "step": ref.step, "checkpoint_id": ref.id, "eval_hash": ehash,
+            "image_resolution": int(params.get("eval.image_resolution", 0)), "super_resolution": sr,
             "params": params}
 
 

@@ -605,7 +605,10 @@ class EvalConfig:
     DA always use the first ``num_samples`` samples."""
     render_resolution: int = 0
     """Resolution of the eval renders and of the FID reference images (0: data.resolution). The paper
-    reports ImageNet metrics at 256; the triplane is still built from the input at data.resolution."""
+    reports ImageNet metrics at 256; the triplane is still built from the input at data.resolution.
+    With super-resolution (``sr.checkpoint`` / ``g3dr eval --sr``) it must be 0 or data.resolution: the renders
+    stay at data.resolution and FID/IS score the SR output (data.resolution x the network's scale), against
+    reference statistics of the data's images at that size; a ``g3dr eval`` given both is a ConfigError."""
 
     def __post_init__(self) -> None:
         _check(len(self.metrics) >= 1, "metrics", "must name at least one metric")
