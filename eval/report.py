@@ -106,7 +106,8 @@ _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_
             "da": "DA ↓", "psnr_canonical": "PSNR canonical ↑", "psnr_novel": "PSNR novel ↑",
             "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour",
             "psnr_canonical_sr": "PSNR canonical, SR ↑", "psnr_canonical_bicubic": "PSNR canonical, bicubic",
-            "psnr_novel_sr": "PSNR novel, SR ↑", "psnr_novel_bicubic": "PSNR novel, bicubic", "paper_fid": "paper FID",
+            "psnr_novel_sr": "PSNR novel, SR ↑", "psnr_novel_bicubic": "PSNR novel, bicubic",
+            "paper_fid": "paper FID",
             "paper_is": "paper IS", "paper_nfs": "paper NFS"}
 
 

@@ -558,7 +558,8 @@ class Evaluator:
         if size in resolutions:
             return True
         log.info("super-resolution: the eval data stores its ground-truth views at %s px, not at the SR output size "
-                 "%d px: gt_views are scored at the render size (%d px) only", sorted(resolutions), size, spec.resolution)
+                 "%d px: gt_views are scored at the render size (%d px) only", sorted(resolutions), size,
+                 spec.resolution)
         return False
 
     def _compute(self, ref: CheckpointRef, cfg: Config, spec: EvalSpec, ident: dict[str, str],

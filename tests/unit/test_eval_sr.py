@@ -67,8 +67,9 @@ def _first(batches, n: int) -> dict:
 
 def test_fid_and_is_score_the_super_resolved_renders(setup, monkeypatch, tmp_path):
     cfg, model, sr, detector, batches, _ = setup
-    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("fid", "is", "nfs", "da"), views=("canonical", "novel"),
-                               sigma_scales=(1.0,), num_samples=5, fid_samples=5, is_splits=1)
+    spec = dataclasses.replace(EvalSpec.from_config(cfg), metrics=("fid", "is", "nfs", "da"),
+                               views=("canonical", "novel"), sigma_scales=(1.0,), num_samples=5, fid_samples=5,
+                               is_splits=1)
     assert image_resolution(spec, sr) == 64 and image_resolution(spec, None) == 32
     fid_inputs = []
 
