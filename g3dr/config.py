@@ -175,8 +175,14 @@ class DepthKernelConfig:
     s2: float = 0.03
     c_min: float = 0.05
     c_max: float = 1.0
+    scales: tuple[str, ...] = ("alpha", "colour")
+    """Which backward gradients the kernel scales: both (the paper and the reference code), or only ``alpha``
+    or only ``colour``: an ablation (docs/science.md measures what each part does to the learned geometry)."""
 
     def __post_init__(self) -> None:
+        _check(len(self.scales) > 0 and len(set(self.scales)) == len(self.scales)
+               and set(self.scales) <= {"alpha", "colour"}, "scales",
+               f"must name alpha, colour or both, each once; got {list(self.scales)}")
         _check(self.s1 > 0, "s1", f"must be > 0, got {self.s1}")
         _check(self.s2 > 0, "s2", f"must be > 0, got {self.s2}")
         _check(0 <= self.c_min <= self.c_max, "c_min", f"must satisfy 0 <= c_min <= c_max ({self.c_max}), got {self.c_min}")

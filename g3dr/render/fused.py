@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from g3dr.config import RendererConfig
 from g3dr.log import get_logger
-from g3dr.render.marching import composite_from_samples, depth_kernel_from_depths, median_depth_from_weights
+from g3dr.render.marching import (composite_from_samples, depth_kernel_from_depths, median_depth_from_weights,
+                                  split_grad_scale)
 from g3dr.render.sampling import (
     depths_from_depth_prior,
     depths_from_importance,
@@ -345,7 +346,7 @@ def _composite_backward(
     Args:
         outputs: (n, S, 4) (sigma_raw, colour) of n rays; depths: (n, S).
         grad_rgb (n, 3), grad_depth (n, 1), grad_weight_sum (n, 1): gradients of the marcher's outputs.
-        grad_scale: (n, S - 1) depth kernel or None.
+        grad_scale: (n, S - 1) depth kernel, (n, S - 1, 2) its alpha and colour scales, or None.
 
     Returns:
         (n, S, 4) gradient w.r.t. (sigma_raw, colour) - the formulas torch's autograd applies to
@@ -377,8 +378,9 @@ def _composite_backward(
     later = torch.flip(torch.cumsum(torch.flip(gw, [1]), 1), [1]) - gw
     grad_alpha = grad_weights * transmittance - later / keep
     if grad_scale is not None:
-        grad_alpha = grad_alpha * grad_scale
-        grad_colors_mid = grad_colors_mid * grad_scale[..., None]
+        alpha_scale, colour_scale = split_grad_scale(grad_scale, channel_dim=False)
+        grad_alpha = grad_alpha * alpha_scale
+        grad_colors_mid = grad_colors_mid * colour_scale[..., None]
     grad_density = grad_alpha * decay * deltas
     if sigma_scale != 1.0:
         grad_density = grad_density * sigma_scale
@@ -485,7 +487,7 @@ class _FusedState:
     density_offset: float
     sigma_scale: float
     grad_scale: torch.Tensor | None
-    """(B * R, S - 1) depth kernel, or None."""
+    """(B * R, S - 1) depth kernel, (B * R, S - 1, 2) its alpha and colour scales (``depth_kernel.scales``), or None."""
     backend: Backend
     samples_per_chunk: int
     cut_quantile: float = 0.0
@@ -595,7 +597,8 @@ def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior
         if use_depth_kernel:
             depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
             grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
-            grad_scale = grad_scale.reshape(batch * rays_per_image, -1)
+            grad_scale = grad_scale.reshape(batch * rays_per_image, depths_mid.shape[2], -1)
+            grad_scale = grad_scale[..., 0] if grad_scale.shape[-1] == 1 else grad_scale
     samples = depths.shape[2]
     state = _FusedState(
         rays=_Rays(flat_origins, flat_directions, depths.reshape(-1, samples), rays_per_image),

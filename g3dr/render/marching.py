@@ -30,6 +30,7 @@ from g3dr.config import DepthKernelConfig
 
 __all__ = [
     "ScaleGradient",
+    "split_grad_scale",
     "depth_kernel_from_depths",
     "quantile_per_image",
     "Composite",
@@ -39,38 +40,60 @@ __all__ = [
 
 
 class ScaleGradient(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the incoming gradients of both tensors by ``scale``.
+    """Identity in the forward pass; multiplies the incoming gradients of alpha by ``alpha_scale`` and those of
+    the colours by ``colors_scale``.
 
-    ``alpha, colors = ScaleGradient.apply(alpha, colors, scale)``: ``scale`` broadcasts against both
-    (e.g. (B, R, S-1, 1) against (B, R, S-1, 1) and (B, R, S-1, 3)) and receives no gradient.
+    ``alpha, colors = ScaleGradient.apply(alpha, colors, alpha_scale, colors_scale)``: each scale broadcasts
+    against its tensor (e.g. (B, R, S-1, 1) against (B, R, S-1, 1) and (B, R, S-1, 3)) and receives no gradient.
     """
 
     @staticmethod
-    def forward(ctx, alpha: torch.Tensor, colors: torch.Tensor, scale: torch.Tensor):  # noqa: D102
-        ctx.save_for_backward(scale)
+    def forward(ctx, alpha: torch.Tensor, colors: torch.Tensor, alpha_scale: torch.Tensor,  # noqa: D102
+                colors_scale: torch.Tensor):
+        ctx.save_for_backward(alpha_scale, colors_scale)
         return alpha.view_as(alpha), colors.view_as(colors)
 
     @staticmethod
     def backward(ctx, grad_alpha: torch.Tensor, grad_colors: torch.Tensor):  # noqa: D102
-        (scale,) = ctx.saved_tensors
-        grad_alpha = None if grad_alpha is None else grad_alpha * scale
-        grad_colors = None if grad_colors is None else grad_colors * scale
-        return grad_alpha, grad_colors, None
+        alpha_scale, colors_scale = ctx.saved_tensors
+        grad_alpha = None if grad_alpha is None else grad_alpha * alpha_scale
+        grad_colors = None if grad_colors is None else grad_colors * colors_scale
+        return grad_alpha, grad_colors, None, None
 
 
 def depth_kernel_from_depths(depths_mid: torch.Tensor, depth_prior: torch.Tensor, cfg: DepthKernelConfig) -> torch.Tensor:
-    """``k(t) = clamp(s1 * exp(-(t - d)^2 / s2), c_min, c_max)`` per interval midpoint.
+    """``k(t) = clamp(s1 * exp(-(t - d)^2 / s2), c_min, c_max)`` per interval midpoint, as gradient scales.
 
     Args:
         depths_mid: (B, R, S - 1, 1) interval midpoints t.
         depth_prior: (B, R, 1) the pixel's pseudo-depth d.
 
     Returns:
-        (B, R, S - 1, 1), no gradient.
+        (B, R, S - 1, 1) when the kernel scales both alpha and colour (``cfg.scales``, the paper), else
+        (B, R, S - 1, 2): the scale of alpha's gradients and of the colours', 1 for the one left alone
+        (:func:`split_grad_scale`). No gradient.
     """
     with torch.no_grad():
         k = cfg.s1 * torch.exp(-((depths_mid - depth_prior[:, :, None, :]) ** 2) / cfg.s2)
-        return k.clamp(cfg.c_min, cfg.c_max)
+        k = k.clamp(cfg.c_min, cfg.c_max)
+        if set(cfg.scales) == {"alpha", "colour"}:
+            return k
+        ones = torch.ones_like(k)
+        return torch.cat([k if "alpha" in cfg.scales else ones, k if "colour" in cfg.scales else ones], dim=-1)
+
+
+def split_grad_scale(grad_scale: torch.Tensor, channel_dim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_scale, colour_scale)`` of a :func:`depth_kernel_from_depths` result: the same tensor twice when
+    its last dimension is 1 (both scaled), else its two channels. ``channel_dim``: the input keeps a trailing
+    dimension (the reference marcher's (..., 1) or (..., 2)); without it (the fused marcher's (n, S - 1) or
+    (n, S - 1, 2)) a 2-D input is the shared kernel."""
+    if channel_dim:
+        if grad_scale.shape[-1] == 1:
+            return grad_scale, grad_scale
+        return grad_scale[..., :1], grad_scale[..., 1:]
+    if grad_scale.dim() == 2:
+        return grad_scale, grad_scale
+    return grad_scale[..., 0], grad_scale[..., 1]
 
 
 def quantile_per_image(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -135,8 +158,9 @@ def composite_from_samples(
         depths: (B, R, S, 1) sorted sample depths.
         density_offset: added to the midpoint raw density before softplus (-1 in G3DR).
         sigma_scale: multiplies the activated density (paper S.3 sweep).
-        grad_scale: optional (B, R, S - 1, 1) backward-only scale of the gradients of alpha and the
-            midpoint colours (:class:`ScaleGradient`).
+        grad_scale: optional backward-only scale of the gradients of alpha and the midpoint colours
+            (:class:`ScaleGradient`): (B, R, S - 1, 1) for both, or (B, R, S - 1, 2) for each on its own
+            (:func:`depth_kernel_from_depths`).
         cut_quantile: 3DGP's density cut, in [0, 1): densities (after ``sigma_scale``) below this
             quantile of each batch element's (R x (S - 1)) densities are set to 0 before alpha; 0 is off
             (bit-identical to no cut). The cut's mask carries no gradient.
@@ -168,7 +192,7 @@ def composite_from_samples(
         densities_mid = torch.where(densities_mid < threshold, torch.zeros_like(densities_mid), densities_mid)
     alpha = 1 - torch.exp(-(densities_mid * deltas))
     if grad_scale is not None:
-        alpha, colors_mid = ScaleGradient.apply(alpha, colors_mid, grad_scale)
+        alpha, colors_mid = ScaleGradient.apply(alpha, colors_mid, *split_grad_scale(grad_scale))
     transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2), -2)
     weights = alpha * transmittance[:, :, :-1]
     rgb = torch.sum(weights * colors_mid, -2)

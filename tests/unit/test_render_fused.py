@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from g3dr.config import ModelConfig, RendererConfig
+from g3dr.config import DepthKernelConfig, ModelConfig, RendererConfig
 from g3dr.models.decoder import TriplaneDecoder
 from g3dr.render import camera_to_world_from_angles, rays_from_cameras, render_rays
 from g3dr.render import fused
@@ -184,9 +184,11 @@ def test_lookups_equal_grid_sample():
     torch.testing.assert_close(features, expected, atol=1e-12, rtol=0)
 
 
-def test_composite_backward_equals_autograd():
+@pytest.mark.parametrize("scales", [("alpha", "colour"), ("alpha",), ("colour",)])
+def test_composite_backward_equals_autograd(scales):
     """The hand-written marcher backward against torch's autograd of composite_from_samples (float64),
-    with the depth kernel, sigma scale and some opaque samples (alpha == 1)."""
+    with the depth kernel (on both gradients, as the paper, or on one: ``depth_kernel.scales``), sigma scale
+    and some opaque samples (alpha == 1)."""
     gen = torch.Generator().manual_seed(24)
     n, s = 7, 9
     outputs = torch.randn(n, s, 4, generator=gen, dtype=torch.float64)
@@ -195,13 +197,14 @@ def test_composite_backward_equals_autograd():
     depths = torch.sort(4 + 2 * torch.rand(n, s, generator=gen, dtype=torch.float64), 1)[0]
     prior = 5 + torch.rand(1, n, 1, generator=gen, dtype=torch.float64)
     scale = depth_kernel_from_depths(((depths[:, 1:] + depths[:, :-1]) / 2)[None, ..., None], prior,
-                                     RendererConfig().depth_kernel)
+                                     DepthKernelConfig(scales=scales))
     grads = [torch.randn(n, k, generator=gen, dtype=torch.float64) for k in (3, 1, 1)]
     leaf = outputs.clone().requires_grad_()
     comp = composite_from_samples(leaf[None, ..., 1:], leaf[None, ..., :1], depths[None, ..., None],
                                   density_offset=-1.0, sigma_scale=50.0, grad_scale=scale)
     (expected,) = torch.autograd.grad([comp.rgb[0], comp.depth[0], comp.weight_sum[0]], leaf, grads)
-    got = fused._composite_backward(outputs, depths, *grads, scale[0, ..., 0], -1.0, 50.0)
+    flat = scale[0, ..., 0] if scale.shape[-1] == 1 else scale[0]  # the fused marcher's (n, S - 1[, 2])
+    got = fused._composite_backward(outputs, depths, *grads, flat, -1.0, 50.0)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import pytest
 import torch
 
 from g3dr.config import DepthKernelConfig
@@ -103,12 +104,53 @@ def test_scale_gradient_function():
     a = torch.randn(2, 4, 1, dtype=F64, requires_grad=True)
     c = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)
     k = torch.rand(2, 4, 1, dtype=F64)
-    a2, c2 = ScaleGradient.apply(a, c, k)
+    k2 = torch.rand(2, 4, 1, dtype=F64)
+    a2, c2 = ScaleGradient.apply(a, c, k, k2)
     assert torch.equal(a2, a) and torch.equal(c2, c)
     ga, gc = torch.randn_like(a), torch.randn_like(c)
     torch.autograd.backward([a2, c2], [ga, gc])
     torch.testing.assert_close(a.grad, ga * k, atol=0, rtol=0)
-    torch.testing.assert_close(c.grad, gc * k, atol=0, rtol=0)
+    torch.testing.assert_close(c.grad, gc * k2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scales", [("alpha",), ("colour",)])
+def test_depth_kernel_on_one_gradient_only(scales):
+    """``depth_kernel.scales`` = alpha or colour alone: the marcher's backward is linear and separable (the
+    density gradients flow through alpha only, the colour gradients through the colours only), so the one
+    scaled must equal the paper kernel's gradient and the other the gradient without a kernel."""
+    colors, raw, depths = _samples(2, 3, 9, seed=8)
+    prior = 4.5 + torch.rand(2, 3, 1, generator=torch.Generator().manual_seed(9), dtype=F64)
+    mids = (depths[:, :, 1:] + depths[:, :, :-1]) / 2
+    paper = depth_kernel_from_depths(mids, prior, DepthKernelConfig())
+    split = depth_kernel_from_depths(mids, prior, DepthKernelConfig(scales=scales))
+    assert paper.shape[-1] == 1 and split.shape[-1] == 2
+    ones = torch.ones_like(paper)
+    torch.testing.assert_close(split, torch.cat([paper, ones] if scales == ("alpha",) else [ones, paper], -1),
+                               atol=0, rtol=0)
+    g_rgb = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(10), dtype=F64)
+    g_depth = torch.randn(2, 3, 1, generator=torch.Generator().manual_seed(11), dtype=F64)
+
+    def grads(scale):
+        c, s = colors.clone().requires_grad_(True), raw.clone().requires_grad_(True)
+        out = composite_from_samples(c, s, depths, grad_scale=scale)
+        torch.autograd.backward([out.rgb, out.depth], [g_rgb, g_depth])
+        return c.grad, s.grad
+
+    got_colour, got_density = grads(split)
+    kernel_colour, kernel_density = grads(paper)
+    free_colour, free_density = grads(None)
+    want_density, want_colour = ((kernel_density, free_colour) if scales == ("alpha",) else (free_density, kernel_colour))
+    torch.testing.assert_close(got_density, want_density, atol=1e-14, rtol=0)
+    torch.testing.assert_close(got_colour, want_colour, atol=1e-14, rtol=0)
+    assert not torch.allclose(kernel_density, free_density) and not torch.allclose(kernel_colour, free_colour)
+
+
+def test_depth_kernel_scales_config_is_checked():
+    from g3dr.errors import ConfigError
+
+    for bad in ((), ("alpha", "alpha"), ("density",)):
+        with pytest.raises((ConfigError, ValueError), match="must name alpha, colour or both"):
+            DepthKernelConfig(scales=bad)
 
 
 def test_depth_kernel_values():
