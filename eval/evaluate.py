@@ -598,8 +598,8 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
                     local = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.float64)
                     values = gather_rows(local)
                     _check_count(values.shape[0], n, name)
-                    pooled = name in WEIGHT_VIEW_METRICS
-                    results[metric_key(name, scale)] = _pooled_mean(values, name) if pooled else _mean_over_views(values, name)
+                    mean = _pooled_mean if name in WEIGHT_VIEW_METRICS else _mean_over_views
+                    results[metric_key(name, scale)] = mean(values, name)
     for key, value in results.items():
         if not math.isfinite(value):
             log.warning("%s is %s", key, value)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat",
-                "weight_front_novel", "weight_surface_novel", "psnr_canonical_sr", "psnr_canonical_bicubic", "psnr_novel_sr", "psnr_novel_bicubic")
+                "weight_front_novel", "weight_surface_novel", "psnr_canonical_sr", "psnr_canonical_bicubic",
+                "psnr_novel_sr", "psnr_novel_bicubic")
 LOWER_IS_BETTER = {"fid": True, "is": False, "is_std": True, "nfs": False, "da": True, "psnr": False,
                    "weight_front_novel": True, "weight_surface_novel": False}
 """By metric name, else by its first word (``psnr_novel`` -> ``psnr``)."""

@@ -62,7 +62,8 @@ def _rebatched(batches, size):
 def test_tiny_model_scores_are_finite_named_and_match_a_direct_computation(setup):
     cfg, model, spec, batches = setup
     results, _ = evaluate_model(model, cfg, batches, spec, None, None, batch_size=4, progress=False)
-    names = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat", "weight_front_novel", "weight_surface_novel")
+    names = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat", "weight_front_novel",
+             "weight_surface_novel")
     assert set(GT_VIEW_METRICS) == set(names)
     assert set(results) == {f"{m}/s{s}" for m in names for s in ("1", "50")}
     assert all(np.isfinite(v) for v in results.values())
