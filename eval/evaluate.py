@@ -13,8 +13,10 @@ Ground-truth views (``gt_views`` in ``eval.metrics``; the batches must carry ``v
 written with ``--views K`` gives them): per sigma scale, ``psnr_canonical`` (the canonical render against
 the input image), ``psnr_novel`` (renders at every stored view camera against the stored views, on the
 pixels whose surface lies inside the scene box) and ``da_novel`` (DA of the rendered depth against the
-exact view depth on those pixels), on the first ``num_samples`` samples (:mod:`g3dr.metrics.views`), and a
-no-model baseline ``psnr_novel_flat`` (each view painted in the input image's mean colour; the same at every scale).
+exact view depth on those pixels), ``weight_front_novel`` and ``weight_surface_novel`` (the mean over those
+pixels of the rendering weight in front of the exact surface, and within ``WEIGHT_BAND`` of it), on the first
+``num_samples`` samples (:mod:`g3dr.metrics.views`), and a no-model baseline ``psnr_novel_flat`` (each view
+painted in the input image's mean colour; the same at every scale).
 
 Super-resolution (``sr``, a :class:`~g3dr.models.sr.SuperResolution`): the images FID and IS score (and the
 grids and saved PNGs show) are the network's output on the render at ``data.resolution``; NFS, DA and the
@@ -53,15 +55,17 @@ from g3dr.metrics.gather import _world, all_reduce_moments, as_numpy, gather_row
 from g3dr.metrics.image_folder import write_png_batch
 from g3dr.metrics.inception import FEATURE_DIM, InceptionDetector, quantize_images
 from g3dr.metrics.inception_score import inception_score
-from g3dr.metrics.views import masked_depth_accuracy_per_map, psnr_per_image
+from g3dr.metrics.views import WEIGHT_BAND, masked_depth_accuracy_per_map, psnr_per_image, weight_mass_per_view
 
 log = get_logger("g3dr.eval")
 
-PROTOCOL_VERSION = "g3dr-eval/4"
+PROTOCOL_VERSION = "g3dr-eval/5"
 """Bump when a change to this module changes scores: the eval hash then differs and sweeps re-run.
 2: IS splits after a shuffle seeded by ``eval.seed``; the reference-statistics recipe joins the hash.
 3: NFS on 3DGP's depth maps by default (``eval.nfs_depth``, ``eval.nfs_cut_quantile``; before: the median
-depth), and the depth grids show the depth NFS scores."""
+depth), and the depth grids show the depth NFS scores.
+4: ``psnr_novel_flat``.
+5: ``weight_front_novel``, ``weight_surface_novel`` (and the gt-view renders take the reference path)."""
 
 
 class EvalInterrupted(RuntimeError):
@@ -124,8 +128,11 @@ class EvalSpec:
 
 
 GT_VIEWS = "gt_views"
-"""The ``eval.metrics`` name of the ground-truth view metrics (``psnr_canonical``, ``psnr_novel``, ``da_novel``)."""
-GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat")
+"""The ``eval.metrics`` name of the ground-truth view metrics (:data:`GT_VIEW_METRICS`)."""
+WEIGHT_VIEW_METRICS = ("weight_front_novel", "weight_surface_novel")
+"""Means over all valid pixels of all views (each pixel counts once): accumulated as per-view ``(sum, valid
+pixel count)`` rows (n, K, 2), gathered like the others, divided once (:func:`_pooled_mean`)."""
+GT_VIEW_METRICS = ("psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat", *WEIGHT_VIEW_METRICS)
 SR_VIEW_METRICS = ("psnr_canonical_sr", "psnr_novel_sr", "psnr_canonical_bicubic", "psnr_novel_bicubic")
 """Ground-truth view PSNR at the super-resolution size (with ``sr`` and views stored at that size): the upscaled
 renders, and bicubic upsampling of the same renders as the baseline."""
@@ -302,7 +309,8 @@ class _Scores:
     nfs: list[np.ndarray]
     da: list[np.ndarray]
     gt: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
-    """Per-sample ground-truth view scores by name (``psnr_canonical`` (n,), ``psnr_novel``/``da_novel`` (n, K))."""
+    """Per-sample ground-truth view scores by name (``psnr_canonical`` (n,), ``psnr_novel``/``da_novel`` (n, K),
+    :data:`WEIGHT_VIEW_METRICS` (n, K, 2))."""
 
 
 def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict], spec: EvalSpec,
@@ -448,7 +456,9 @@ def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dic
     """Ground-truth view scores of batch rows ``rows`` at the current sigma scale into ``acc.gt``.
 
     ``canonical`` is the canonical render of the whole batch; the model is rendered again at each stored
-    view camera (one renderer call per view index k, rows only), without the depth prior. With ``sr`` the
+    view camera (one renderer call per view index k, rows only), without the depth prior, with its per-sample
+    weights (``sample_weights=True``: the reference render path, whose rgb and depth equal the fused path's
+    to float precision) for :data:`WEIGHT_VIEW_METRICS`. With ``sr`` the
     renders are also upscaled (and, as the baseline, upsampled bicubically) and scored against
     ``batch["sr_rgb"]`` / ``batch["sr_views"]`` (:data:`SR_VIEW_METRICS`).
     """
@@ -466,12 +476,18 @@ def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dic
     device = planes.device
     yaw, pitch = views["yaw"][rows], views["pitch"][rows]
     rendered_rgb, rendered_depth = [], []
+    masses: dict[str, list[np.ndarray]] = {name: [] for name in WEIGHT_VIEW_METRICS}
     upscaled_rgb: dict[str, list[torch.Tensor]] = {}
     for k in range(yaw.shape[1]):
         cams = camera_to_world_from_angles(yaw[:, k].float(), pitch[:, k].float(), cfg.camera.radius).to(device)
-        out = model.renderer(planes[rows], model.decoder, cams, spec.resolution, depth=None, canonical=False)
+        out = model.renderer(planes[rows], model.decoder, cams, spec.resolution, depth=None, canonical=False,
+                             sample_weights=True)
         rendered_rgb.append(out["rgb"].detach().cpu())
         rendered_depth.append(out["depth"][:, 0].detach().cpu())
+        front, near, count = weight_mass_per_view(*_pixel_samples(out, spec.resolution),
+                                                  views["depth"][rows, k], views["valid"][rows, k], WEIGHT_BAND)
+        masses["weight_front_novel"].append(np.stack([front, count], axis=-1))
+        masses["weight_surface_novel"].append(np.stack([near, count], axis=-1))
         if sr is not None:
             for name, upscaled in _upscaled(out["rgb"], sr).items():
                 upscaled_rgb.setdefault(name, []).append(upscaled)
@@ -486,10 +502,24 @@ def _score_gt_views(model: torch.nn.Module, planes: torch.Tensor, canonical: dic
     acc.gt.setdefault("psnr_novel", []).append(psnr_per_image(rendered_rgb, views["rgb"][rows].cpu(), valid))
     acc.gt.setdefault("da_novel", []).append(
         masked_depth_accuracy_per_map(rendered_depth, views["depth"][rows].cpu(), valid))
+    for name, parts in masses.items():
+        acc.gt.setdefault(name, []).append(np.stack(parts, axis=1))  # (n, K, 2): per view (sum, valid pixels)
     # No model, no 3D: every view painted in the input image's mean colour (what novel-view PSNR gives for
     # knowing the input's average colour alone; a model that learned 3D colour should beat it).
     flat = rgb[rows].float().mean(dim=(-2, -1)).cpu()[:, None, :, None, None].expand_as(views["rgb"][rows])
     acc.gt.setdefault("psnr_novel_flat", []).append(psnr_per_image(flat, views["rgb"][rows].cpu(), valid))
+
+
+def _pixel_samples(out: dict[str, torch.Tensor], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample weights (n, H, W, S - 1) and depths (n, H, W, S) of a ``sample_weights=True`` render, in
+    the pixel layout of its images: the renderer's rays are ray-major, ray ``r`` is pixel ``(r // W, r % W)``
+    (row-major, as ``out["rgb"]`` and the stored views)."""
+    weights, depths = out["sample_weights"], out["sample_depths"]
+    n, rays = weights.shape[:2]
+    if rays != resolution * resolution:
+        raise ValueError(f"the render has {rays} rays per image, expected {resolution} x {resolution}")
+    return (weights.reshape(n, resolution, resolution, weights.shape[2]),
+            depths.reshape(n, resolution, resolution, depths.shape[2]))
 
 
 def _upscaled(rgb: torch.Tensor, sr: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -568,7 +598,8 @@ def _reduce(scores: dict[tuple[str, float], _Scores], spec: EvalSpec,
                     local = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.float64)
                     values = gather_rows(local)
                     _check_count(values.shape[0], n, name)
-                    results[metric_key(name, scale)] = _mean_over_views(values, name)
+                    mean = _pooled_mean if name in WEIGHT_VIEW_METRICS else _mean_over_views
+                    results[metric_key(name, scale)] = mean(values, name)
     for key, value in results.items():
         if not math.isfinite(value):
             log.warning("%s is %s", key, value)
@@ -582,6 +613,16 @@ def _mean_over_views(values: torch.Tensor, name: str) -> float:
     if missing:
         log.warning("%s: %d of %d views have no valid pixel and are left out of the mean", name, missing, flat.size)
     return float(np.nanmean(flat)) if missing < flat.size else math.nan
+
+
+def _pooled_mean(values: torch.Tensor, name: str) -> float:
+    """Mean over every valid pixel of all views from per-view ``(sum, valid pixel count)`` rows (N, K, 2)."""
+    pairs = values.double().reshape(-1, 2).sum(dim=0)
+    total, count = float(pairs[0]), float(pairs[1])
+    if count == 0:
+        log.warning("%s: no view has a valid pixel", name)
+        return math.nan
+    return total / count
 
 
 def _check_count(got: int, expected: int, what: str) -> None:

@@ -11,6 +11,8 @@ with the MLflow metric names:
 - ``psnr_canonical/s5``, ``psnr_novel/s5``, ``da_novel/s5``: against stored ground-truth views
   (``gt_views``): PSNR of the canonical render against the input, PSNR and DA at the stored view cameras;
   ``psnr_novel_flat/s5``: the no-model baseline (each view painted in the input's mean colour);
+  ``weight_front_novel/s5``, ``weight_surface_novel/s5``: the mean rendering weight in front of the exact
+  surface, and at it, per valid pixel of the stored views;
   with super-resolution and views stored at its size, ``psnr_canonical_sr/s5``, ``psnr_novel_sr/s5`` (the
   upscaled renders) and ``psnr_canonical_bicubic/s5``, ``psnr_novel_bicubic/s5`` (bicubic upsampling of the
   same renders) against the input and the views at that size.
@@ -27,8 +29,11 @@ from pathlib import Path
 import numpy as np
 
 METRIC_ORDER = ("fid", "is", "is_std", "nfs", "da", "psnr_canonical", "psnr_novel", "da_novel", "psnr_novel_flat",
-                "psnr_canonical_sr", "psnr_canonical_bicubic", "psnr_novel_sr", "psnr_novel_bicubic")
-LOWER_IS_BETTER = {"fid": True, "is": False, "is_std": True, "nfs": False, "da": True, "psnr": False}
+                "weight_front_novel", "weight_surface_novel", "psnr_canonical_sr", "psnr_canonical_bicubic",
+                "psnr_novel_sr", "psnr_novel_bicubic")
+LOWER_IS_BETTER = {"fid": True, "is": False, "is_std": True, "nfs": False, "da": True, "psnr": False,
+                   "weight_front_novel": True, "weight_surface_novel": False}
+"""By metric name, else by its first word (``psnr_novel`` -> ``psnr``)."""
 
 PAPER_TABLE_S1: dict[float, dict[str, float]] = {
     1.0: {"fid": 13.12, "is": 151.72, "nfs": 36.51},
@@ -105,6 +110,7 @@ def _fmt(value: object, csv_mode: bool = False) -> str:
 _HEADERS = {"sigma_scale": "sigma scale", "fid": "FID ↓", "is": "IS ↑", "is_std": "IS std", "nfs": "NFS ↑",
             "da": "DA ↓", "psnr_canonical": "PSNR canonical ↑", "psnr_novel": "PSNR novel ↑",
             "da_novel": "DA novel ↓", "psnr_novel_flat": "PSNR novel, flat colour",
+            "weight_front_novel": "weight in front, novel ↓", "weight_surface_novel": "weight at surface, novel ↑",
             "psnr_canonical_sr": "PSNR canonical, SR ↑", "psnr_canonical_bicubic": "PSNR canonical, bicubic",
             "psnr_novel_sr": "PSNR novel, SR ↑", "psnr_novel_bicubic": "PSNR novel, bicubic",
             "paper_fid": "paper FID",
@@ -167,7 +173,7 @@ def plot_metrics(results: Mapping[str, float], scales: Sequence[float], path: st
         ax.set_xscale("log")
         ax.set_xticks(xs, [format_scale(s) for s in scales])
         ax.set_xlabel("sigma scale")
-        arrow = "↓" if LOWER_IS_BETTER.get(metric.split("_")[0], False) else "↑"
+        arrow = "↓" if LOWER_IS_BETTER.get(metric, LOWER_IS_BETTER.get(metric.split("_")[0], False)) else "↑"
         ax.set_title(f"{metric} {arrow}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

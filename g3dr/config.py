@@ -568,9 +568,11 @@ class EvalConfig:
     """Evaluation protocol (paper S.5)."""
 
     metrics: tuple[Literal["fid", "is", "nfs", "da", "gt_views"], ...] = ("fid", "is", "nfs", "da", "gt_views")
-    """``gt_views``: PSNR and DA against the ground-truth views a synthetic set stores (``psnr_canonical``,
-    ``psnr_novel``, ``da_novel``). ``g3dr eval`` leaves it out, with a log line, when the data stores no views,
-    unless the selection was given on its command line (``--metrics`` or ``eval.metrics=``): then it is an error."""
+    """``gt_views``: PSNR, DA and the rendering weight in front of / at the surface against the ground-truth views
+    a synthetic set stores (``psnr_canonical``, ``psnr_novel``, ``da_novel``, ``psnr_novel_flat``,
+    ``weight_front_novel``, ``weight_surface_novel``). ``g3dr eval`` leaves it out, with a log line, when the data
+    stores no views, unless the selection was given on its command line (``--metrics`` or ``eval.metrics=``):
+    then it is an error."""
     sigma_scales: tuple[float, ...] = (1.0, 5.0, 10.0, 50.0)
     num_samples: int = 256
     """Generated samples per metric and scale (NFS uses N = 256 in the paper)."""

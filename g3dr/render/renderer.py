@@ -118,8 +118,8 @@ _weights_logged: list[bool] = []
 def _log_reference_for_weights() -> None:
     if not _weights_logged:
         _weights_logged.append(True)
-        log.info("renders whose per-sample weights need gradients (loss.depth_supervision=kl) take the reference "
-                 "path: the fused path's weights carry none")
+        log.info("renders that return per-sample weights (loss.depth_supervision=kl, g3dr eval's gt_views weight "
+                 "metrics) take the reference path: the fused path's weights carry no gradient")
 
 
 def render_rays(

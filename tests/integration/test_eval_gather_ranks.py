@@ -89,6 +89,7 @@ def test_two_rank_evaluation_equals_single_process(tmp_path):
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert set(got) == set(single) and "psnr_novel/s1" in got and "da_novel/s50" in got
+        assert "weight_front_novel/s1" in got and "weight_surface_novel/s50" in got  # pooled over pixels
         for key, value in single.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     # --save-images on 2 ranks: one complete folder per view and scale with the single-process pixels, up to

@@ -22,8 +22,13 @@ def test_g3dr_eval_cli_scores_the_stored_views(tmp_path, capsys):
     assert out.startswith("evaluated\t") and "psnr_novel/s1=" in out and "da_novel/s1=" in out
     (results,) = (tmp_path / "eval").glob("*/results.json")
     metrics = json.loads(results.read_text())["metrics"]
-    assert set(metrics) == {"da/s1", "psnr_canonical/s1", "psnr_novel/s1", "da_novel/s1", "psnr_novel_flat/s1"}
-    assert "PSNR novel" in (results.parent / "table.md").read_text()
+    assert set(metrics) == {"da/s1", "psnr_canonical/s1", "psnr_novel/s1", "da_novel/s1", "psnr_novel_flat/s1",
+                            "weight_front_novel/s1", "weight_surface_novel/s1"}
+    front, surface = metrics["weight_front_novel/s1"], metrics["weight_surface_novel/s1"]
+    assert 0 <= front <= 1 and 0 <= surface <= 1 and front + surface <= 1
+    table = (results.parent / "table.md").read_text()
+    assert "PSNR novel" in table and "weight in front, novel ↓" in table and "weight at surface, novel ↑" in table
+    assert "weight_front_novel" in (results.parent / "table.csv").read_text()
     # the same checkpoint on a set without views: named, a clear error
     assert main(["eval", *common, "--metrics", "gt_views", "data.synthetic_views=0",
                  f"data.synthetic_dir={tmp_path / 'plain'}"]) == 2
