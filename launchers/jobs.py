@@ -110,7 +110,8 @@ EXIT_PREEMPTED = 75
 
 
 class TrainJob(CommandJob):
-    """One task of ``g3dr train --resume auto``; every task of the job runs it and they meet at the rendezvous.
+    """One task of ``g3dr train --resume auto`` (or ``g3dr train-sr``: ``command``); every task of the job runs it
+    and they meet at the rendezvous.
 
     The preemption/time-limit signal (USR2, sent by SLURM to every task) is handed to the trainer's own stop
     handler (the one it installs for SIGTERM/SIGUSR1 while training): all ranks finish the current step, save
@@ -119,9 +120,11 @@ class TrainJob(CommandJob):
     loop (start-up, export) goes straight to submitit: requeue now, resume from the newest checkpoint.
     """
 
-    def __init__(self, config: str | None, overrides: Sequence[str]) -> None:
-        argv = ["train", *(["--config", config] if config else []), "--resume", "auto", *overrides]
-        super().__init__([argv], name="train")
+    def __init__(self, config: str | None, overrides: Sequence[str], command: str = "train") -> None:
+        if command not in ("train", "train-sr"):
+            raise ValueError(f"a training job runs g3dr train or g3dr train-sr, not {command!r}")
+        argv = [command, *(["--config", config] if config else []), "--resume", "auto", *overrides]
+        super().__init__([argv], name=command)
 
     def run(self, rdv: Rendezvous) -> list[int]:
         import signal
@@ -162,9 +165,9 @@ class TrainJob(CommandJob):
         return [code]
 
 
-def train_job(config: str | None, overrides: Sequence[str]) -> TrainJob:
-    """The job of ``g3dr submit train``: see :class:`TrainJob`."""
-    return TrainJob(config, overrides)
+def train_job(config: str | None, overrides: Sequence[str], command: str = "train") -> TrainJob:
+    """The job of ``g3dr submit train`` (``command="train-sr"``: of ``g3dr submit train-sr``): see :class:`TrainJob`."""
+    return TrainJob(config, overrides, command)
 
 
 def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:
