@@ -138,7 +138,7 @@ class TrainJob(CommandJob):
         def on_usr2(signum: int, frame: Any) -> None:
             trainer_stop = signal.getsignal(signal.SIGUSR1)
             if type(getattr(trainer_stop, "__self__", None)).__name__ == "StopSignal":  # the trainer's, in its loop
-                log.warning("train: USR2 received: checkpointing at the end of this step, then requeueing")
+                log.warning("%s: USR2 received: checkpointing at the end of this step, then requeueing", self.name)
                 received.append(signum)
                 trainer_stop(signal.SIGUSR1, frame)
             elif callable(submitit_handler):
@@ -146,14 +146,15 @@ class TrainJob(CommandJob):
 
         signal.signal(signal.SIGUSR2, on_usr2)
         try:
-            log.info("train: g3dr %s", " ".join(self.steps[0]))
+            log.info("%s: g3dr %s", self.name, " ".join(self.steps[0]))
             code = main(self.argv(self.steps[0]))
         finally:
             signal.signal(signal.SIGUSR2, submitit_handler)
         if code == EXIT_PREEMPTED:
             # The trainer saved a checkpoint on every rank. Rank 0 requeues (submitit: checkpoint() + scontrol
             # requeue + exit); the other ranks wait for the requeue to end them.
-            log.warning("train: stopped after a checkpoint (%s); requeueing", "USR2" if received else "SIGTERM/USR1")
+            log.warning("%s: stopped after a checkpoint (%s); requeueing", self.name,
+                        "USR2" if received else "SIGTERM/USR1")
             if callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)
             if rdv.rank != 0:

@@ -264,8 +264,8 @@ def _decode_rgb(data: bytes, ext: str, resolution: int, no_upsampling: str = "")
         image = _square(image if image.mode == "RGB" else image.convert("RGB"))
         if no_upsampling and image.size[0] < resolution:
             raise TargetSizeError(f"sample {no_upsampling}: its image ({ext}) is {image.size[0]} px, smaller than the "
-                                  f"super-resolution target of {resolution} px; a target is never upsampled. Write "
-                                  f"the shards with the larger size ('g3dr prep shards ... --resolution R {resolution}')")
+                                  f"super-resolution target of {resolution} px; a target is never upsampled. Write the "
+                                  f"shards with the larger size ('g3dr prep shards ... --resolution R {resolution}')")
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
