@@ -125,6 +125,10 @@ class SRTask:
         return {name: getattr(self.cfg.sr.loss, name).at(step, total) for name in ("l1", "perceptual")}
 
     def __call__(self, model: Any, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward ``model`` on one micro-batch at optimizer step ``step``: the weighted loss and a report of the
+        computed terms (``loss/sr/<term>``), their weights (``weight/sr/<term>``), ``loss/total`` and ``images``."""
+        from g3dr.losses import l1_loss
+
         rgb, depth = batch["rgb"], batch["depth"]
         if "rgb_target" not in batch:
             raise ValueError("the super-resolution stage needs batches with rgb_target (build_train_loader with "
@@ -140,8 +144,6 @@ class SRTask:
         for name in weights:
             match name:
                 case "l1":
-                    from g3dr.losses import l1_loss
-
                     terms[name] = l1_loss(out, target)
                 case "perceptual":
                     terms[name] = self.critics.vgg(out, target, self.cfg.sr.loss.perceptual.layers)
