@@ -16,6 +16,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "g3dr.render.bench",
     "g3dr.train.bench",
     "g3dr.models.sr_bench",
+    "g3dr.models.sr_quality",
     "g3dr.gpu_check",
     "g3dr.bench_chart",
 )

@@ -639,6 +639,18 @@ class EvalConfig:
 
 
 @dataclass
+class SRLossConfig:
+    """The objective of ``g3dr train-sr`` (docs/training.md, "Super-resolution"): the SR output of f_trigen's
+    canonical render vs the input image at ``sr.scale x data.resolution``. Novel views get no term."""
+
+    l1: WeightSchedule = _constant(1.0)
+    """L1 of the SR output vs the input image at the higher resolution (the reconstruction term, weight 1)."""
+    perceptual: PerceptualSchedule = field(default_factory=lambda: PerceptualSchedule(((0.0, 0.5),)))
+    """LPIPS-VGG of the SR output vs the same image: the paper's second VGG term ("super-resolution output",
+    weight 0.5), on all VGG blocks as the canonical perceptual term."""
+
+
+@dataclass
 class SRConfig:
     """The super-resolution stage on the rendered RGB (paper S.6; an RCAN, ``g3dr/models/sr.py``, docs/models.md).
 
@@ -659,6 +671,11 @@ class SRConfig:
     """Feature channels (RCAN: 64)."""
     reduction: int = 16
     """Channel-attention squeeze ratio: the attention bottleneck has ``n_feats // reduction`` channels (RCAN: 16)."""
+    generator: str = ""
+    """``g3dr train-sr`` only: the frozen f_trigen (``.safetensors``) whose canonical renders at ``data.resolution``
+    are the network's inputs; its stored config decides how it renders. Its ``data.resolution`` must equal ours."""
+    loss: SRLossConfig = field(default_factory=SRLossConfig)
+    """``g3dr train-sr`` only: the weights of its loss terms."""
 
     def __post_init__(self) -> None:
         _check(self.scale in (2, 3, 4, 8), "scale", f"must be one of 2, 3, 4, 8 (RCAN's upsampler), got {self.scale}")

@@ -1,6 +1,7 @@
 """``g3dr submit``: run training, data preparation and evaluation as SLURM (or local) jobs.
 
     g3dr submit train [LAUNCH OPTIONS] --config FILE [KEY=VALUE ...]
+    g3dr submit train-sr [LAUNCH OPTIONS] --config FILE sr.generator=F_TRIGEN [KEY=VALUE ...]
     g3dr submit prep shards [LAUNCH OPTIONS] --num-shard-jobs N -- PREP-SHARDS-ARGS (--src .. --layout .. --out ..)
     g3dr submit eval [LAUNCH OPTIONS] --checkpoints CK [CK ...] [--metrics fid,is] -- EVAL-ARGS
 
@@ -88,7 +89,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "ends (however it ends; after every requeue): every checkpoint gets evaluated")
     train.add_argument("--eval-args", default="", metavar="ARGS",
                        help="with --eval: more `g3dr eval` arguments, one string (e.g. '--metrics nfs,da')")
-    train.set_defaults(handler=run_train)
+    train.set_defaults(handler=run_train, train_command="train")
+
+    train_sr = kinds.add_parser("train-sr", parents=[launch], formatter_class=_DefaultsFormatter,
+                                help="one super-resolution training job (g3dr train-sr): nodes x tasks ranks",
+                                description="Submit `g3dr train-sr` as one job; every task is one rank. As `submit "
+                                            "train`: the job requeues itself on preemption or time limit and resumes "
+                                            "from run_dir.")
+    add_config_arguments(train_sr)
+    train_sr.set_defaults(handler=run_train, train_command="train-sr", eval=False, eval_args="")
 
     prep = kinds.add_parser("prep", help="data preparation arrays")
     prep_kinds = prep.add_subparsers(dest="prep_kind", metavar="ACTION", required=True)
@@ -197,20 +206,26 @@ def _finish(args: argparse.Namespace, executor: str, jobs, what: str) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """``g3dr submit train`` and ``g3dr submit train-sr`` (``args.train_command``)."""
     from g3dr.config import load_config
     from g3dr.launchers.jobs import train_job
     from g3dr.launchers.submit import submit_jobs
 
+    command = getattr(args, "train_command", "train")
     executor = _executor(args)
-    options = _options(args, "train")
+    options = _options(args, command)
     cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
     cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
     check_cpus(options.cpus_per_task, cfg.data.num_workers, executor)
+    if command == "train-sr":
+        from g3dr.train.sr import check_sr_config
+
+        check_sr_config(cfg)  # sr.generator missing or at another resolution fails here, not after the queue
     if not args.skip_weights_check:
         from g3dr.weights import verify_for
 
         verify_for(cfg, "train")  # a missing CLIP/VGG file fails here, not after the queue
-    job = train_job(str(Path(args.config).resolve()) if args.config else None, args.overrides)
+    job = train_job(str(Path(args.config).resolve()) if args.config else None, args.overrides, command)
     check_g3dr_arguments(list(job.steps[0]))
     # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
     folder = Path(args.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
@@ -227,7 +242,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = submit_jobs([job], executor, folder, options, dry_run=args.dry_run)
     if sweep is not None and executor == "local" and not args.dry_run:
         # No scheduler to hold the sweep back: run it here once the training has returned.
-        code = _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
+        code = _finish(args, executor, out, f"{command} ({options.world_size} ranks, run_dir {cfg.run_dir})")
         eval_out = submit_jobs([sweep], executor, folder, eval_options, dry_run=False)
         return max(code, _finish(args, executor, eval_out, f"eval sweep of {cfg.run_dir}"))
     if sweep is not None:
@@ -242,7 +257,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(out)
         return 0
-    return _finish(args, executor, out, f"train ({options.world_size} ranks, run_dir {cfg.run_dir})")
+    return _finish(args, executor, out, f"{command} ({options.world_size} ranks, run_dir {cfg.run_dir})")
 
 
 def sweep_job(directory: str, eval_args: list[str], watch: bool):

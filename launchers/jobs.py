@@ -110,7 +110,8 @@ EXIT_PREEMPTED = 75
 
 
 class TrainJob(CommandJob):
-    """One task of ``g3dr train --resume auto``; every task of the job runs it and they meet at the rendezvous.
+    """One task of ``g3dr train --resume auto`` (or ``g3dr train-sr``: ``command``); every task of the job runs it
+    and they meet at the rendezvous.
 
     The preemption/time-limit signal (USR2, sent by SLURM to every task) is handed to the trainer's own stop
     handler (the one it installs for SIGTERM/SIGUSR1 while training): all ranks finish the current step, save
@@ -119,9 +120,11 @@ class TrainJob(CommandJob):
     loop (start-up, export) goes straight to submitit: requeue now, resume from the newest checkpoint.
     """
 
-    def __init__(self, config: str | None, overrides: Sequence[str]) -> None:
-        argv = ["train", *(["--config", config] if config else []), "--resume", "auto", *overrides]
-        super().__init__([argv], name="train")
+    def __init__(self, config: str | None, overrides: Sequence[str], command: str = "train") -> None:
+        if command not in ("train", "train-sr"):
+            raise ValueError(f"a training job runs g3dr train or g3dr train-sr, not {command!r}")
+        argv = [command, *(["--config", config] if config else []), "--resume", "auto", *overrides]
+        super().__init__([argv], name=command)
 
     def run(self, rdv: Rendezvous) -> list[int]:
         import signal
@@ -135,7 +138,7 @@ class TrainJob(CommandJob):
         def on_usr2(signum: int, frame: Any) -> None:
             trainer_stop = signal.getsignal(signal.SIGUSR1)
             if type(getattr(trainer_stop, "__self__", None)).__name__ == "StopSignal":  # the trainer's, in its loop
-                log.warning("train: USR2 received: checkpointing at the end of this step, then requeueing")
+                log.warning("%s: USR2 received: checkpointing at the end of this step, then requeueing", self.name)
                 received.append(signum)
                 trainer_stop(signal.SIGUSR1, frame)
             elif callable(submitit_handler):
@@ -143,14 +146,15 @@ class TrainJob(CommandJob):
 
         signal.signal(signal.SIGUSR2, on_usr2)
         try:
-            log.info("train: g3dr %s", " ".join(self.steps[0]))
+            log.info("%s: g3dr %s", self.name, " ".join(self.steps[0]))
             code = main(self.argv(self.steps[0]))
         finally:
             signal.signal(signal.SIGUSR2, submitit_handler)
         if code == EXIT_PREEMPTED:
             # The trainer saved a checkpoint on every rank. Rank 0 requeues (submitit: checkpoint() + scontrol
             # requeue + exit); the other ranks wait for the requeue to end them.
-            log.warning("train: stopped after a checkpoint (%s); requeueing", "USR2" if received else "SIGTERM/USR1")
+            log.warning("%s: stopped after a checkpoint (%s); requeueing", self.name,
+                        "USR2" if received else "SIGTERM/USR1")
             if callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)
             if rdv.rank != 0:
@@ -162,9 +166,9 @@ class TrainJob(CommandJob):
         return [code]
 
 
-def train_job(config: str | None, overrides: Sequence[str]) -> TrainJob:
-    """The job of ``g3dr submit train``: see :class:`TrainJob`."""
-    return TrainJob(config, overrides)
+def train_job(config: str | None, overrides: Sequence[str], command: str = "train") -> TrainJob:
+    """The job of ``g3dr submit train`` (``command="train-sr"``: of ``g3dr submit train-sr``): see :class:`TrainJob`."""
+    return TrainJob(config, overrides, command)
 
 
 def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:

@@ -6,7 +6,8 @@ Both sum the skip counts their workers send with every batch (:attr:`TrainLoader
 read on this rank, and raise a worker's DataError in this process with its own message.
 
 With ``data.source: synthetic`` the synthetic shards are first written to ``data.synthetic_dir``
-(``g3dr prep synth``'s code) when that folder has no manifest yet.
+(``g3dr prep synth``'s code) when that folder has no manifest yet: at ``data.resolution``, and also at the
+super-resolution target size when the loader is asked for one (``g3dr train-sr``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 from g3dr.config import Config
 from g3dr.data.counts import CountsByWorker, DataCounts
-from g3dr.data.pipeline import (ShardStream, expand_existing_shard_urls, expand_shard_urls, finish_batch,
-                                manifest_num_samples, plan_exact_workers, read_manifest)
+from g3dr.data.pipeline import (ShardStream, TargetSizeError, expand_existing_shard_urls, expand_shard_urls,
+                                finish_batch, manifest_num_samples, plan_exact_workers, read_manifest,
+                                target_size_message)
 from g3dr.distributed import DistEnv
 from g3dr.errors import DataError
 from g3dr.log import get_logger
@@ -37,11 +39,14 @@ def synthetic_view_spec(cfg: Config):
                     box_half=cfg.renderer.box_warp / 2)
 
 
-def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
+def ensure_synthetic(cfg: Config, progress: bool = False, target_resolution: int = 0) -> str:
     """The synthetic shard folder of ``cfg``, written first if it has no manifest; returns the folder.
 
+    It is written at ``data.resolution``, and also at ``target_resolution`` when > 0 (the super-resolution
+    target: each size is rendered from the scene itself, so the larger image is exact ground truth).
     An existing folder is reused only when its manifest agrees with the config on the sample count and on
-    the stored views (count, camera kind, cameras, scene box); otherwise a :class:`DataError` says so.
+    the stored views (count, camera kind, cameras, scene box), and stores an image of at least
+    ``target_resolution``; otherwise a :class:`DataError` says so.
     """
     folder = Path(cfg.data.synthetic_dir)
     manifest = read_manifest(folder)
@@ -50,10 +55,11 @@ def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
         from g3dr.data.synth import write_synthetic_shards
 
         n = cfg.data.synthetic_size
-        log.info("writing %d synthetic samples at %dpx to %s%s", n, cfg.data.resolution, folder,
+        sizes = (cfg.data.resolution, target_resolution) if target_resolution else (cfg.data.resolution,)
+        log.info("writing %d synthetic samples at %s px to %s%s", n, " and ".join(map(str, sizes)), folder,
                  f" with {views.count} {views.cameras} views each" if views.count else "")
         # At least 8 shards so that 2 ranks x 4 workers can split them by shard.
-        write_synthetic_shards(str(folder), n, (cfg.data.resolution,), seed=cfg.train.seed,
+        write_synthetic_shards(str(folder), n, sizes, seed=cfg.train.seed,
                                shard_size=max(1, math.ceil(n / 8)), progress=progress, views=views)
         manifest = read_manifest(folder)
         assert manifest is not None
@@ -71,17 +77,35 @@ def ensure_synthetic(cfg: Config, progress: bool = False) -> str:
         raise DataError(f"{folder} holds synthetic samples with {summary(stored)} but the config asks for "
                         f"{summary(wanted)} (differing: {', '.join(differ)}; set by data.synthetic_views, "
                         f"data.synthetic_view_cameras, camera.*, renderer.box_warp); {fix}")
+    stored_sizes = [int(r) for r in source.get("resolutions", [])]
+    if target_resolution and stored_sizes and max(stored_sizes) < target_resolution:
+        raise TargetSizeError(target_size_message(f"the synthetic set {folder}", stored_sizes, cfg.data.resolution,
+                                                  target_resolution))
     return str(folder)
 
 
-def data_urls(cfg: Config, shards: Any = None) -> list[str]:
+def data_urls(cfg: Config, shards: Any = None, target_resolution: int = 0) -> list[str]:
     """The shard URLs of ``cfg``'s data (``shards`` instead, when given); the synthetic set is written first if
-    absent (:func:`ensure_synthetic`). A pattern matching no file is a DataError saying so."""
+    absent (:func:`ensure_synthetic`, also at ``target_resolution`` when > 0). A pattern matching no file is a
+    DataError saying so."""
     if shards is not None:
         return expand_existing_shard_urls(shards)
     if cfg.data.source == "synthetic":
-        return expand_shard_urls(ensure_synthetic(cfg))
+        return expand_shard_urls(ensure_synthetic(cfg, target_resolution=target_resolution))
     return expand_existing_shard_urls(cfg.data.shards)
+
+
+def check_stored_sizes(urls: list[str], resolution: int, target_resolution: int) -> None:
+    """A :class:`~g3dr.data.pipeline.TargetSizeError` when the manifests beside local shards say no image of at
+    least ``target_resolution`` is stored (before any worker starts). Shards without a manifest are checked
+    sample by sample while reading (the stream stops at the first sample without the size)."""
+    folders = sorted({Path(u).parent for u in urls if not (u.startswith("pipe:") or "://" in u)})
+    for folder in folders:
+        manifest = read_manifest(folder)
+        stored = [int(r) for r in ((manifest or {}).get("source", {}).get("resolutions") or [])]
+        if stored and max(stored) < target_resolution:
+            raise TargetSizeError(target_size_message(f"the shards in {folder} (manifest.json)", stored, resolution,
+                                                      target_resolution))
 
 
 def _data_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.DataLoader:
@@ -231,13 +255,17 @@ class EvalLoader:
         _log_counts(self.counts, f"eval data pass on rank {self.stream.rank}")
 
 
-def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
+def build_train_loader(cfg: Config, dist: DistEnv, target_resolution: int = 0) -> TrainLoader:
     """Resampled training batches for this rank at ``cfg.data.resolution``, micro-batch ``cfg.train.micro_batch_size``.
 
     Epoch length per rank: ``data.epoch_length`` samples, or (when 0) the manifest's sample count
-    divided by the world size; every rank runs the same number of batches per epoch.
+    divided by the world size; every rank runs the same number of batches per epoch. ``target_resolution``
+    > 0: batches also carry ``rgb_target``, the image at that size decoded from a stored image at least that
+    large (never upsampled; a :class:`~g3dr.data.pipeline.TargetSizeError` names the command that writes it).
     """
-    urls = data_urls(cfg)
+    urls = data_urls(cfg, target_resolution=target_resolution)
+    if target_resolution:
+        check_stored_sizes(urls, cfg.data.resolution, target_resolution)
     batch = cfg.train.micro_batch_size
     if cfg.data.epoch_length > 0:
         per_rank = cfg.data.epoch_length
@@ -252,7 +280,7 @@ def build_train_loader(cfg: Config, dist: DistEnv) -> TrainLoader:
                          world_size=dist.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          flip_p=cfg.data.flip_p, depth_scale=cfg.data.depth_scale, depth_offset=cfg.data.depth_offset,
                          batches_per_epoch=batches, wire=True, max_skip_fraction=cfg.data.max_skip_fraction,
-                         skip_check_min_samples=cfg.data.skip_check_min_samples)
+                         skip_check_min_samples=cfg.data.skip_check_min_samples, target_resolution=target_resolution)
     log.info("train data: %d shards, %d batches of %d per epoch on rank %d/%d, %d workers",
              len(urls), batches, batch, dist.rank, dist.world_size, cfg.data.num_workers)
     return TrainLoader(stream, cfg.data.num_workers)

@@ -14,6 +14,10 @@ Stages (per rank, per data-loader worker):
   the ranks and workers see every sample exactly once;
 - decoding picks the smallest stored resolution >= the training resolution and resizes with Lanczos;
   depth is decoded from the 16-bit PNG explicitly (never through an 8-bit image mode);
+- a stream with ``target_resolution`` > 0 (the super-resolution stage, ``g3dr train-sr``) also decodes the
+  image at that size (``rgb_target``) from the smallest stored image at least that large, flipped with the
+  rest; a target is never upsampled: a sample storing no image that large stops the stream with a
+  :class:`TargetSizeError` naming the command that writes the larger size;
 - a sample that fails to decode, repeats a key of its shard, or is cut by a truncated or corrupt tar
   stream is skipped, counted by reason and logged (rate-limited); shard-level failures are counted apart
   (:mod:`g3dr.data.counts`). The counts are on :attr:`ShardStream.counts` in the process that ran the
@@ -22,7 +26,8 @@ Stages (per rank, per data-loader worker):
   :class:`DataError`.
 
 Batches are dicts ``rgb`` float32 (B, 3, H, W) in [-1, 1], ``depth`` float32 (B, 1, H, W) in the
-release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str]. An eval stream with
+release decoding (~[4, 6]), ``label`` int64 (B,), ``key`` list[str]; with ``target_resolution`` T > 0 also
+``rgb_target`` float32 (B, 3, T, T) in [-1, 1]. An eval stream with
 ``view_resolution`` > 0 also decodes the novel views a synthetic set stores (``g3dr prep synth --views K``)
 into ``views``: ``rgb`` float32 (B, K, 3, H, W) in [-1, 1], ``depth`` float32 (B, K, H, W) (inf where
 not ``valid``), ``valid`` bool (B, K, H, W), ``yaw`` / ``pitch`` float64 (B, K), ``radius`` /
@@ -209,6 +214,38 @@ def _pick(sample: dict[str, Any], pattern: re.Pattern, resolution: int) -> str |
     return at_least[0][1] if at_least else max(options)[1]
 
 
+class TargetSizeError(DataError):
+    """The data stores no image as large as the super-resolution target (never a per-sample skip)."""
+
+
+def target_size_message(where: str, stored: Sequence[int], resolution: int, target: int) -> str:
+    """The error of a super-resolution target larger than every stored image, with the commands that fix it."""
+    sizes = ", ".join(str(s) for s in sorted(set(stored))) or "unknown sizes"
+    return (f"{where} stores images at {sizes} px, smaller than the super-resolution target of {target} px "
+            f"(sr.scale x data.resolution = {target // resolution} x {resolution}); a target is never upsampled. "
+            f"Write the shards with both sizes: 'g3dr prep shards ... --resolution {resolution} {target}' (a "
+            f"synthetic set: 'g3dr prep synth ... --resolution {resolution} {target}'; the one g3dr train-sr writes "
+            "itself holds both: delete the old folder or set data.synthetic_dir to a new one)")
+
+
+def _pick_target(sample: dict[str, Any], resolution: int, target: int) -> str:
+    """The image extension to decode the ``target`` px image from: the smallest stored size >= ``target``, or
+    an unsized image (checked on decoding); a :class:`TargetSizeError` when every stored size is smaller."""
+    options = []
+    for ext in sample:
+        match = _IMAGE_EXT.match(ext)
+        if match:
+            options.append((int(match.group(1)) if match.group(1) else 0, ext))
+    large = sorted(o for o in options if o[0] >= target)
+    if large:
+        return large[0][1]
+    unsized = [ext for size, ext in options if size == 0]
+    if unsized:
+        return unsized[0]
+    raise TargetSizeError(target_size_message(f"sample {sample.get('__key__', '?')}", [s for s, _ in options],
+                                              resolution, target))
+
+
 def _square(image: Image.Image) -> Image.Image:
     w, h = image.size
     if w == h:
@@ -218,12 +255,17 @@ def _square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def _decode_rgb(data: bytes, ext: str, resolution: int) -> torch.Tensor:
-    """(3, R, R) uint8 via PIL: any mode -> RGB, centre square, Lanczos resize when not already R x R."""
+def _decode_rgb(data: bytes, ext: str, resolution: int, no_upsampling: str = "") -> torch.Tensor:
+    """(3, R, R) uint8 via PIL: any mode -> RGB, centre square, Lanczos resize when not already R x R.
+    ``no_upsampling`` (a sample key): a centre square smaller than R raises :class:`TargetSizeError`."""
     formats = [_PIL_FORMATS[ext.rpartition(".")[2]]]  # skips PIL's format probing
     with Image.open(io.BytesIO(data), formats=formats) as image:
         image.load()
         image = _square(image if image.mode == "RGB" else image.convert("RGB"))
+        if no_upsampling and image.size[0] < resolution:
+            raise TargetSizeError(f"sample {no_upsampling}: its image ({ext}) is {image.size[0]} px, smaller than the "
+                                  f"super-resolution target of {resolution} px; a target is never upsampled. Write the "
+                                  f"shards with the larger size ('g3dr prep shards ... --resolution R {resolution}')")
         if image.size != (resolution, resolution):
             image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
@@ -246,10 +288,12 @@ def _decode_depth_codes(data: bytes, resolution: int) -> torch.Tensor:
     return values[None]
 
 
-def _decode_parts(sample: dict[str, Any], resolution: int, view_resolution: int = 0) -> dict[str, Any]:
+def _decode_parts(sample: dict[str, Any], resolution: int, view_resolution: int = 0,
+                  target_resolution: int = 0) -> dict[str, Any]:
     """``rgb`` uint8 (3, R, R), ``depth_codes`` float32 (1, R, R) (uint16 codes, resized as float),
-    ``label``, ``key`` of one raw sample, and ``views`` (:func:`decode_views`) when ``view_resolution`` > 0
-    and the sample stores views; raises on anything missing or undecodable."""
+    ``label``, ``key`` of one raw sample, ``views`` (:func:`decode_views`) when ``view_resolution`` > 0
+    and the sample stores views, and ``rgb_target`` uint8 (3, T, T) when ``target_resolution`` T > 0 (never
+    upsampled: :class:`TargetSizeError`); raises on anything missing or undecodable."""
     key = sample.get("__key__", "?")
     image_ext = _pick(sample, _IMAGE_EXT, resolution)
     depth_ext = _pick(sample, _DEPTH_EXT, resolution)
@@ -259,6 +303,9 @@ def _decode_parts(sample: dict[str, Any], resolution: int, view_resolution: int 
     codes = _decode_depth_codes(sample[depth_ext], resolution)
     label = int(sample["cls"].decode()) if "cls" in sample else -1
     parts = {"rgb": rgb, "depth_codes": codes, "label": label, "key": key}
+    if target_resolution > 0:
+        target_ext = _pick_target(sample, resolution, target_resolution)
+        parts["rgb_target"] = _decode_rgb(sample[target_ext], target_ext, target_resolution, no_upsampling=key)
     if view_resolution > 0:
         views = decode_views(sample, view_resolution)
         if views is not None:
@@ -322,9 +369,11 @@ def decode_sample(sample: dict[str, Any], resolution: int, depth_scale: float = 
 
 
 def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Horizontal flip of image and depth together."""
+    """Horizontal flip of image and depth together (and of the super-resolution target, when decoded)."""
     sample["rgb"] = sample["rgb"].flip(-1)
     sample["depth_codes"] = sample["depth_codes"].flip(-1)
+    if "rgb_target" in sample:
+        sample["rgb_target"] = sample["rgb_target"].flip(-1)
     return sample
 
 
@@ -352,6 +401,10 @@ def collate_wire(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     codes = torch.stack([s["depth_codes"] for s in samples], out=_batch_tensor((count, 1, *size), torch.float32))
     wire = {"rgb": rgb, "depth_codes": codes, "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
             "key": [s["key"] for s in samples]}
+    if "rgb_target" in samples[0]:
+        target = samples[0]["rgb_target"].shape
+        wire["rgb_target"] = torch.stack([s["rgb_target"] for s in samples], out=_batch_tensor((count, *target),
+                                                                                             torch.uint8))
     views = [s.get("views") for s in samples]
     if any(v is not None for v in views):
         shapes = {None if v is None else tuple(v["rgb"].shape) for v in views}
@@ -368,7 +421,8 @@ def collate_wire(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: float = 4.0,
                  pin_memory: bool = False) -> dict[str, Any]:
     """A wire batch -> ``rgb`` float32 (B, 3, R, R) in [-1, 1], ``depth`` float32 (B, 1, R, R)
-    (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str].
+    (``codes / 65536 * depth_scale + depth_offset``), ``label`` int64 (B,), ``key`` list[str] (and
+    ``rgb_target`` float32 (B, 3, T, T) in [-1, 1] when the wire batch has one).
 
     ``pin_memory`` (CUDA only): the outputs are written straight into page-locked memory, so that
     ``.to(device, non_blocking=True)`` copies asynchronously without a separate pinning copy.
@@ -382,6 +436,11 @@ def finish_batch(wire: dict[str, Any], depth_scale: float = 2.0, depth_offset: f
         rgb, depth = rgb_u8.to(torch.float32), codes
     rgb.div_(127.5).sub_(1.0)
     depth.mul_(depth_scale / 65536.0).add_(depth_offset)
+    if "rgb_target" in wire:
+        target_u8 = wire.pop("rgb_target")
+        target = (torch.empty(target_u8.shape, dtype=torch.float32, pin_memory=True).copy_(target_u8) if pin_memory
+                  else target_u8.to(torch.float32))
+        wire["rgb_target"] = target.div_(127.5).sub_(1.0)
     if "views" in wire:
         views = dict(wire.pop("views"))
         views["rgb"] = views["rgb"].to(torch.float32).div_(127.5).sub_(1.0)
@@ -484,6 +543,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     view_resolution: int = 0
     """Eval mode: also decode the novel views samples store, at exactly this resolution (0: never; training
     streams never do, so they do not pay for them)."""
+    target_resolution: int = 0
+    """Also decode each image at this size as ``rgb_target`` (the super-resolution target; 0: never), from a
+    stored image at least that large: a sample without one stops the stream (:class:`TargetSizeError`)."""
     few_shards: Literal["error", "read_all"] = "error"
     """Eval mode with fewer shards than ranks x workers: raise, or let every reader read all shards and keep
     every k-th sample (see :func:`plan_exact_workers`)."""
@@ -571,7 +633,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._skip(reason, detail, where)
             return None
         try:
-            return _decode_parts(raw, self.resolution, self.view_resolution if self.mode == "eval" else 0)
+            return _decode_parts(raw, self.resolution, self.view_resolution if self.mode == "eval" else 0,
+                                 self.target_resolution)
+        except TargetSizeError:
+            raise  # the data lacks the size (not one bad sample): stop with the fix
         except Exception as err:  # noqa: BLE001 - any corrupt sample is skipped, counted and logged
             self._skip("undecodable_sample", err, where)
             return None

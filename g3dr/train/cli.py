@@ -1,4 +1,5 @@
-"""``g3dr train --config FILE [overrides] [--resume auto|PATH]``: the thin entry point of training.
+"""``g3dr train --config FILE [overrides] [--resume auto|PATH]``: the thin entry point of training; and
+``g3dr train-sr`` (same arguments), the super-resolution stage through the same trainer (:mod:`g3dr.train.sr`).
 
 Runs as one process or as one rank of a ``torchrun`` / DeepSpeed-launcher / SLURM job (rank and world
 size from the environment). Registering is cheap; torch and deepspeed are imported in the handler.
@@ -16,6 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train f_trigen on DeepSpeed (one process, or one rank of torchrun/SLURM)",
         description="Train G3DR's f_trigen with the full objective. Checkpoints go to <run_dir>/checkpoints, "
                     "the fp32 export to <run_dir>/f_trigen.safetensors, metrics to MLflow (rank 0).")
+    _add_arguments(parser)
+    parser.set_defaults(handler=run, stage="f_trigen")
+    sr = subparsers.add_parser(
+        "train-sr", help="train the super-resolution stage on a frozen f_trigen's renders (DeepSpeed, as train)",
+        description="Train the RCAN super-resolution network (sr.*) to upscale the canonical renders of the frozen "
+                    "f_trigen named by sr.generator from data.resolution to sr.scale x data.resolution, against the "
+                    "input image at that size (L1 + LPIPS-VGG, sr.loss.*). Same trainer as g3dr train: checkpoints "
+                    "in <run_dir>/checkpoints, the fp32 export in <run_dir>/sr.safetensors, metrics to MLflow.",
+        epilog="Example: g3dr train-sr --config configs/imagenet128.yaml run_dir=outputs/sr "
+               "sr.generator=outputs/run/f_trigen.safetensors data.source=shards data.shards=/data/train-256")
+    _add_arguments(sr)
+    sr.set_defaults(handler=run, stage="sr")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=True)
     parser.add_argument("--resume", metavar="auto|PATH", default=None,
                         help="'auto': continue from the newest complete checkpoint of run_dir (fresh start if "
@@ -23,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-export", action="store_true", help="skip the fp32 safetensors export at the end")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (there is none anyway when stderr is not a terminal, e.g. a SLURM log)")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Before any process group: every rank checks the same files and fails alike (hashes are cached).
     verify_for(cfg, "train", progress=resolve_dist_env().is_main)
-    result = train(cfg, resume=args.resume, export=not args.no_export, progress=not args.no_progress)
+    stage = None
+    if getattr(args, "stage", "f_trigen") == "sr":
+        from g3dr.train.sr import SR_STAGE as stage
+    result = train(cfg, resume=args.resume, export=not args.no_export, progress=not args.no_progress, stage=stage)
     shutdown_distributed()  # every rank leaves together (also after a preemption: all ranks stopped at one step)
     log = get_logger("g3dr.train")
     if result.preempted:

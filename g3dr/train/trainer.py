@@ -4,6 +4,10 @@
 view by Eq. 1, render, weight the losses, backward; then step. Checkpoints, tracking, images and signals
 are reached through small components with ``should_*`` checks.
 
+What is trained is a :class:`TrainingStage`: it supplies the model, the task (forward + loss), the loader,
+the image grid and the fp32 export. :data:`F_TRIGEN` (the default) is G3DR's f_trigen; the super-resolution
+stage (``g3dr train-sr``, :mod:`g3dr.train.sr`) runs through the same loop, checkpoints, resume and MLflow.
+
 Seeds: the model is initialised from ``train.seed`` on every rank (DeepSpeed also broadcasts rank 0's
 weights); afterwards each rank seeds its RNGs from ``(train.seed, rank)``, so view choice, novel cameras
 and renderer jitter differ between ranks, and the whole run is reproducible from the one seed. The RNG
@@ -37,6 +41,8 @@ log = get_logger("g3dr.train")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun with --resume auto
 EXPORT_FILENAME = "f_trigen.safetensors"
+STAGE_KEY = "stage"
+"""Checkpoint client-state key naming the stage of a non-f_trigen run (absent: f_trigen, as before stages)."""
 
 
 class NonFiniteLossError(G3DRError):
@@ -318,7 +324,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> 
     else:
         cfg = load_config(checkpoint.parent.parent / CONFIG_FILENAME)
     extra = {"mlflow_run_id": str(client["mlflow_run_id"])} if client.get("mlflow_run_id") else None
-    return export_f_trigen(cfg, checkpoint, out, extra_metadata=extra)
+    return _stage_for(str(client.get(STAGE_KEY, F_TRIGEN.name))).export(cfg, checkpoint, out, extra_metadata=extra)
 
 
 def _export_initial(cfg: Config, state: dict[str, torch.Tensor], run_dir: Path, run_id: str | None) -> Path:
@@ -390,7 +396,7 @@ def expected_checkpoint_bytes(model: torch.nn.Module, cfg: Config) -> int:
     return weights + buffers + n * (12 if cfg.train.zero_stage in (1, 2) else 8)
 
 
-def check_outputs(cfg: Config, export: bool) -> None:
+def check_outputs(cfg: Config, export: bool, export_filename: str = EXPORT_FILENAME) -> None:
     """Before any work: the run folder and its checkpoint folder can be written (created if needed), and the
     export path is not a folder. An :class:`OutputError` names the location, the cause (read-only, full,
     permission, a file where a folder should be) and the fix."""
@@ -402,7 +408,7 @@ def check_outputs(cfg: Config, export: bool) -> None:
     check_writable_dir(run_dir, "run_dir", fix)
     check_writable_dir(checkpoints_root(run_dir), "checkpoint folder", fix)
     if export:
-        check_output_file(run_dir / EXPORT_FILENAME, "the fp32 export", "remove it or pass --no-export")
+        check_output_file(run_dir / export_filename, "the fp32 export", "remove it or pass --no-export")
 
 
 def _free_space_problem(root: Path, need: int, keep_last: int) -> str | None:
@@ -450,28 +456,96 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class TrainingStage:
+    """What :func:`train` trains: the model, its task (forward + loss), the loader, the image grid and the export.
+
+    The loop, the DeepSpeed engine, checkpoints, exact resume, signals and MLflow are the trainer's and the same
+    for every stage. This base class is f_trigen's stage (:data:`F_TRIGEN`); another stage overrides what differs
+    (:class:`g3dr.train.sr.SRStage`). A stage holds no state: methods get the config.
+    """
+
+    name = "f_trigen"
+    """Saved in the checkpoints of other stages (``client_state["stage"]``) and tagged on their MLflow runs."""
+    export_filename = EXPORT_FILENAME
+    """The fp32 export at the end of a run, in ``run_dir``."""
+
+    def check(self, cfg: Config) -> None:
+        """Stage-specific checks before anything starts (clear errors for missing inputs)."""
+
+    def build_model(self, cfg: Config) -> torch.nn.Module:
+        """The trained module, initialised from the global RNG (seeded with ``train.seed`` on every rank)."""
+        from g3dr.models.f_trigen import FTrigen
+
+        return FTrigen(cfg)
+
+    def build_task(self, cfg: Config, device: torch.device, dtype: torch.dtype) -> Callable[..., Any]:
+        """``task(engine, batch, step) -> (loss, report)``: the report holds ``loss/total`` and the logged
+        ``loss/...`` and ``weight/...`` terms; f_trigen's also ``canonical`` and the Eq. 1 draw ``view_r``."""
+        from g3dr.losses import build_critics
+        from g3dr.train.task import G3DRTask
+
+        critics_dtype = dtype if device.type == "cuda" else torch.float32
+        return G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype, cfg.data.resolution), model_dtype=dtype)
+
+    def build_loader(self, cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
+        return _default_loader(cfg, dist)
+
+    def image_grid(self, module: torch.nn.Module, cfg: Config, batch: dict[str, Any], dtype: torch.dtype,
+                   report: dict[str, Any]) -> Any:
+        """The uint8 (H, W, 3) grid logged every ``train.image_every`` steps (``report``: the last micro-batch's)."""
+        return image_grid(module, cfg, batch, dtype)
+
+    def export(self, cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str, str] | None = None) -> Path:
+        """The fp32 weights of the complete checkpoint ``checkpoint`` as one ``.safetensors`` at ``out``."""
+        return export_f_trigen(cfg, checkpoint, out, extra_metadata=extra_metadata)
+
+    def export_initial(self, cfg: Config, state: dict[str, torch.Tensor], run_dir: Path, run_id: str | None) -> Path:
+        """``train.export_initial``: the weights before any step as ``exports/step-0.safetensors``."""
+        return _export_initial(cfg, state, run_dir, run_id)
+
+
+F_TRIGEN = TrainingStage()
+"""G3DR's f_trigen: the stage :func:`train` runs by default (``g3dr train``)."""
+
+
+def stage_of_checkpoint(meta: dict[str, Any]) -> str:
+    """The stage name a checkpoint's ``meta.json`` records (f_trigen when it names none)."""
+    return str(meta.get("client_state", {}).get(STAGE_KEY, F_TRIGEN.name))
+
+
+def _stage_for(name: str) -> TrainingStage:
+    if name == F_TRIGEN.name:
+        return F_TRIGEN
+    if name == "sr":
+        from g3dr.train.sr import SR_STAGE
+
+        return SR_STAGE
+    raise ConfigError(f"this g3dr cannot export a checkpoint of stage {name!r} (known: f_trigen, sr)")
+
+
 def train(cfg: Config, resume: str | None = None,
           build_loader: Callable[[Config, DistEnv], Iterable[dict[str, Any]]] | None = None,
-          export: bool = True, stop_at: int | None = None, progress: bool = True) -> TrainResult:
-    """Train f_trigen as configured; ``resume``: None, ``auto`` or a checkpoint directory.
+          export: bool = True, stop_at: int | None = None, progress: bool = True,
+          stage: TrainingStage | None = None) -> TrainResult:
+    """Train ``stage``'s model (default :data:`F_TRIGEN`) as configured; ``resume``: None, ``auto`` or a
+    checkpoint directory.
 
     ``progress``: a progress bar on rank 0, and only when stderr is a terminal (a log file gets no
     carriage-return updates; the logged metrics say how far it is).
 
-    ``build_loader`` defaults to :func:`g3dr.data.build_train_loader`. ``stop_at``: end this process after
+    ``build_loader`` defaults to the stage's (:func:`g3dr.data.build_train_loader`). ``stop_at``: end this process after
     that optimizer step with a checkpoint (schedules still run to ``train.total_steps``; a later
     ``--resume auto`` continues). Returns a :class:`TrainResult`.
     """
     from tqdm import tqdm
 
-    from g3dr.losses import build_critics
-    from g3dr.models.f_trigen import FTrigen
     from g3dr.train import checkpoint as ckpt
     from g3dr.train.ds_config import deepspeed_config
     from g3dr.train.schedules import StepSchedule
-    from g3dr.train.task import G3DRTask
     from g3dr.train.tracking import build_tracker
 
+    stage = stage or F_TRIGEN
+    stage.check(cfg)
     dist = resolve_dist_env()
     device = resolve_device(cfg, dist)
     accumulation = cfg.train.grad_accumulation(dist.world_size)  # a ConfigError before anything starts
@@ -480,7 +554,7 @@ def train(cfg: Config, resume: str | None = None,
                           "(antialiased downsampling of the triplanes) have no bf16 version; on the CPU set "
                           "train.precision=fp32")
     # Before anything starts: a read-only, full or mistyped output location fails now, not at the first save.
-    check_outputs(cfg, export and dist.is_main)
+    check_outputs(cfg, export and dist.is_main, stage.export_filename)
     init_process_group(cfg, dist, device)
     # Signals are caught from here on: one arriving during setup stops the run after its first step.
     stop = StopSignal().__enter__()
@@ -498,6 +572,10 @@ def train(cfg: Config, resume: str | None = None,
         meta = ckpt.read_meta(resume_path)
         saved_step = int(meta["step"])
         saved_cfg = meta.get("client_state", {}).get("config", {})
+        if stage_of_checkpoint(meta) != stage.name:
+            stop.__exit__(None, None, None)
+            raise ConfigError(f"{resume_path} is a checkpoint of the {stage_of_checkpoint(meta)} stage, not of "
+                              f"{stage.name}: set run_dir to a folder of its own for each stage")
         if saved_step > train_cfg.total_steps:
             stop.__exit__(None, None, None)
             raise ConfigError(f"{resume_path} is at step {saved_step}, past train.total_steps={train_cfg.total_steps}: "
@@ -506,7 +584,7 @@ def train(cfg: Config, resume: str | None = None,
                               "run'); the run's own end is the one its config.yaml names")
         if saved_step == train_cfg.total_steps:
             stop.__exit__(None, None, None)
-            return _already_finished(cfg, resume_path, meta, dist, export)
+            return _already_finished(cfg, resume_path, meta, dist, export, stage)
         warning = _total_steps_change(cfg, saved_cfg.get("train", {}).get("total_steps"), saved_step)
         if warning:
             log.warning("%s", warning)
@@ -527,7 +605,7 @@ def train(cfg: Config, resume: str | None = None,
 
     # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway).
     seed_everything(train_cfg.seed)
-    model = FTrigen(cfg)
+    model = stage.build_model(cfg)
     initial = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                if train_cfg.export_initial and resume_path is None and dist.is_main else None)
     need = ckpt.checkpoint_bytes(resume_path) if resume_path is not None else expected_checkpoint_bytes(model, cfg)
@@ -541,9 +619,8 @@ def train(cfg: Config, resume: str | None = None,
                                                    lr_scheduler=lambda optimizer: StepSchedule(optimizer, train_cfg),
                                                    dist_init_required=False)
     dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
-    critics_dtype = dtype if device.type == "cuda" else torch.float32
-    task = G3DRTask(cfg, build_critics(cfg.loss, device, critics_dtype, cfg.data.resolution), model_dtype=dtype)
-    loader = (build_loader or _default_loader)(cfg, dist)
+    task = stage.build_task(cfg, device, dtype)
+    loader = (build_loader or stage.build_loader)(cfg, dist)
 
     start_step, run_id = 0, None
     seed_everything(rank_seed(train_cfg.seed, dist.rank))
@@ -572,14 +649,18 @@ def train(cfg: Config, resume: str | None = None,
                             world_size=dist.world_size)
     if dist.is_main:
         tracker.log_artifact(save_config(cfg, run_dir))  # the resolved config.yaml, beside the params
+        if stage.name != F_TRIGEN.name:
+            tracker.set_tags({"g3dr.stage": stage.name})
     if initial is not None and start_step == 0:
-        _export_initial(cfg, initial, run_dir, tracker.run_id)
+        stage.export_initial(cfg, initial, run_dir, tracker.run_id)
         del initial
     result = TrainResult(start_step=start_step, step=start_step, run_id=tracker.run_id, abandoned=abandoned)
 
     def save(step: int) -> Path:
         client = {"step": step, "mlflow_run_id": tracker.run_id, "world_size": dist.world_size,
                   "config": config_to_dict(cfg)}
+        if stage.name != F_TRIGEN.name:
+            client[STAGE_KEY] = stage.name
         rank_state = {"rng": ckpt.rng_state(),
                       "data": loader.state_dict() if hasattr(loader, "state_dict") else None}
         path = ckpt.save_checkpoint(engine, root, step, client, rank_state, dist.rank, dist.world_size,
@@ -624,7 +705,8 @@ def train(cfg: Config, resume: str | None = None,
                 engine.backward(loss)
                 engine.step()
                 reports.append(report)
-                result.view_draws.append(report["view_r"])
+                if "view_r" in report:
+                    result.view_draws.append(report["view_r"])
             step += 1
             result.step = step
             window_steps += 1
@@ -634,7 +716,8 @@ def train(cfg: Config, resume: str | None = None,
                 for k, v in r.items():
                     if k.startswith(("loss/", "weight/")):
                         window.setdefault(k, []).append(v)
-                window.setdefault("canonical_fraction", []).append(float(r["canonical"]))
+                if "canonical" in r:
+                    window.setdefault("canonical_fraction", []).append(float(r["canonical"]))
             bar.update(1)
             if step % train_cfg.log_every == 0 or step == train_cfg.total_steps:
                 elapsed = time.time() - window_start
@@ -656,7 +739,7 @@ def train(cfg: Config, resume: str | None = None,
                     log.info("%s", step_line(step, train_cfg.total_steps, metrics))
                 window, window_start, window_steps, window_wait = {}, time.time(), 0, 0.0
             if dist.is_main and train_cfg.image_every and step % train_cfg.image_every == 0:
-                grid = image_grid(engine.module, cfg, batch, dtype)
+                grid = stage.image_grid(engine.module, cfg, batch, dtype, reports[-1])
                 tracker.log_image(grid, key="samples", step=step)
             # One collective per step: a stop signal on any rank, and the run folder still there (rank 0 looks).
             stopping, gone = _any_rank_flags([stop.received is not None,
@@ -675,8 +758,8 @@ def train(cfg: Config, resume: str | None = None,
         result.param_digest = _check_replicas_agree(engine.module)
         if export and not result.preempted and dist.is_main and result.checkpoint is not None:
             named = {"mlflow_run_id": tracker.run_id} if tracker.run_id else None  # its evals link to this run
-            result.export = export_f_trigen(cfg, result.checkpoint, run_dir / EXPORT_FILENAME, extra_metadata=named)
-            log.info("exported f_trigen (fp32) to %s", result.export)
+            result.export = stage.export(cfg, result.checkpoint, run_dir / stage.export_filename, extra_metadata=named)
+            log.info("exported %s (fp32) to %s", stage.name, result.export)
     except BaseException:
         status = "FAILED"
         raise
@@ -689,7 +772,8 @@ def train(cfg: Config, resume: str | None = None,
     return result
 
 
-def _already_finished(cfg: Config, path: Path, meta: dict[str, Any], dist: DistEnv, export: bool) -> TrainResult:
+def _already_finished(cfg: Config, path: Path, meta: dict[str, Any], dist: DistEnv, export: bool,
+                      stage: TrainingStage | None = None) -> TrainResult:
     """``--resume`` of a checkpoint already at ``train.total_steps``: train nothing, rewrite nothing (config.yaml,
     the MLflow run); only a missing fp32 export of that final checkpoint is written (a job stopped between its
     last save and the export)."""
@@ -697,12 +781,13 @@ def _already_finished(cfg: Config, path: Path, meta: dict[str, Any], dist: DistE
     client = meta.get("client_state", {})
     result = TrainResult(start_step=step, step=step, checkpoint=path, run_id=client.get("mlflow_run_id"),
                          already_finished=True)
-    out = Path(cfg.run_dir) / EXPORT_FILENAME
+    stage = stage or F_TRIGEN
+    out = Path(cfg.run_dir) / stage.export_filename
     if export and dist.is_main and not out.is_file():
         from g3dr.config import config_from_dict
 
         saved = config_from_dict(client["config"], source=f"{path}/meta.json") if "config" in client else cfg
-        result.export = export_f_trigen(saved, path, out)
+        result.export = stage.export(saved, path, out)
         log.info("exported the final checkpoint %s (fp32) to %s", path, result.export)
     log.warning("nothing to train: %s is already at train.total_steps=%d; config.yaml and the MLflow run were left "
                 "as they were. To train further, raise train.total_steps (docs/training.md, 'Extending a run')",
