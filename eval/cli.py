@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from g3dr.models.render_cli import add_sr_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -57,14 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--novel-camera", choices=["sampled", "video"],
                         help="novel views as in training, or the video path")
     parser.add_argument("--inception", metavar="PATH", help="the Inception-v3 2015-12-05 file (eval.inception_weights)")
-    sr = parser.add_mutually_exclusive_group()
-    sr.add_argument("--sr", metavar="FILE",
-                    help="super-resolution weights (sr.checkpoint; default: the checkpoint config's): FID and IS score "
-                         "the network's output on the renders at data.resolution (e.g. 128 -> 256 px), against "
-                         "statistics of the data's images at that size; NFS, DA and ground-truth views stay on the "
-                         "renders. The file's sha256 enters the eval hash")
-    sr.add_argument("--no-sr", action="store_true",
-                    help="no super-resolution, even where the checkpoint's config names sr.checkpoint")
+    add_sr_arguments(parser, "super-resolution weights (sr.checkpoint; default: the checkpoint config's): FID and IS "
+                             "score the network's output on the renders at data.resolution (e.g. 128 -> 256 px), "
+                             "against statistics of the data's images at that size; NFS, DA and ground-truth views "
+                             "stay on the renders. The file's sha256 enters the eval hash")
     parser.add_argument("--mlflow-uri", default="", metavar="URI",
                         help="tracking URI (sqlite:///x.db or http://host:port); default: the checkpoint's "
                              "logging.mlflow_uri, else a sqlite store in the sweep dir / beside the checkpoint")

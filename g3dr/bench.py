@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
+import sys
 
 BENCH_MODULES: tuple[str, ...] = (
     "g3dr.data.bench",
@@ -28,3 +31,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="bench_action", metavar="ACTION", required=True)
     for name in BENCH_MODULES:
         importlib.import_module(name).register_bench(actions)
+
+
+# What the actions share: each measured case runs in a fresh child process (``python -m MODULE --child ...``), so
+# its peak memory and compiled kernels are its own.
+
+
+def run_child(module: str, args: list[str], what: str) -> None:
+    """Run ``python -m module --child *args`` in this environment; on failure echo its stderr and raise
+    ``RuntimeError("<what> failed with exit code N")``. The child writes its result to a file named in ``args``."""
+    proc = subprocess.run([sys.executable, "-m", module, "--child", *args], env=os.environ.copy(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"{what} failed with exit code {proc.returncode}")
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def comma_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``, each in ``allowed``; a ConfigError naming ``flag`` otherwise (or when empty)."""
+    from g3dr.errors import ConfigError
+
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if not items or bad:
+        raise ConfigError(f"{flag}={value!r}: expected a comma list of {', '.join(allowed)}")
+    return items

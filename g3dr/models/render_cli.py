@@ -56,14 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def add_sr_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--sr FILE`` / ``--no-sr``: the super-resolution stage on every RGB picture a command writes."""
+SR_PICTURES_HELP = ("upscale every RGB picture written (png, npz rgb, video, contact sheet) with this "
+                    "super-resolution network: a .safetensors from 'g3dr import-official --sr' or "
+                    "'g3dr train-sr', or an RCAN .pth. Default: the checkpoint config's sr.checkpoint "
+                    "(empty: none). Depth and weight_sum stay at the render resolution")
+
+
+def add_sr_arguments(parser: argparse.ArgumentParser, sr_help: str = SR_PICTURES_HELP) -> None:
+    """``--sr FILE`` / ``--no-sr``: the super-resolution stage (``sr_help`` says what it applies to)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--sr", metavar="FILE",
-                       help="upscale every RGB picture written (png, npz rgb, video, contact sheet) with this "
-                            "super-resolution network: a .safetensors from 'g3dr import-official --sr' or "
-                            "'g3dr train-sr', or an RCAN .pth. Default: the checkpoint config's sr.checkpoint "
-                            "(empty: none). Depth and weight_sum stay at the render resolution")
+    group.add_argument("--sr", metavar="FILE", help=sr_help)
     group.add_argument("--no-sr", action="store_true",
                        help="no super-resolution, even where the checkpoint's config names sr.checkpoint")
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from g3dr.bench import comma_list, rss_bytes, run_child
 
 CONFIG_NAMES = ("paper", "tiny")
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -52,9 +51,7 @@ def register_bench(actions: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from g3dr.errors import ConfigError
 
-    names = [v.strip() for v in args.configs.split(",") if v.strip()]
-    if not names or any(n not in CONFIG_NAMES for n in names):
-        raise ConfigError(f"--configs={args.configs!r}: expected a comma list of {', '.join(CONFIG_NAMES)}")
+    names = comma_list(args.configs, CONFIG_NAMES, "--configs")
     if args.batch < 1 or args.resolution < 1 or args.repeats < 1 or args.warmup < 0:
         raise ConfigError("--batch, --resolution and --repeats must be >= 1 and --warmup >= 0")
     cases: dict[str, Any] = {}
@@ -62,13 +59,11 @@ def _run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="g3dr-bench-sr-") as tmp:
         for name in names:
             out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, "-m", "g3dr.models.sr_bench", "--child", "--config", getattr(args, f"{name}_config"),
-                   "--batch", str(args.batch), "--resolution", str(args.resolution), "--repeats", str(args.repeats),
-                   "--warmup", str(args.warmup), "--device", args.device, "--seed", str(args.seed), "--out", str(out)]
-            proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise RuntimeError(f"bench sr child ({name}) failed with exit code {proc.returncode}")
+            run_child("g3dr.models.sr_bench",
+                      ["--config", getattr(args, f"{name}_config"), "--batch", str(args.batch), "--resolution",
+                       str(args.resolution), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device",
+                       args.device, "--seed", str(args.seed), "--out", str(out)],
+                      f"bench sr child ({name})")
             result = json.loads(out.read_text())
             for key in ("device", "threads", "memory_measure"):
                 common[key] = result.pop(key)
@@ -77,11 +72,6 @@ def _run(args: argparse.Namespace) -> int:
             "repeats": args.repeats, "warmup": args.warmup, "cases": cases}
     print(json.dumps(line))
     return 0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -107,7 +97,7 @@ def _child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
 
     sync()
-    base = _rss_bytes()
+    base = rss_bytes()
     with torch.no_grad():
         for _ in range(args.warmup):
             out = model(rgb)

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from g3dr.bench import rss_bytes, run_child
 
 
 def register_bench(actions: argparse._SubParsersAction) -> None:
@@ -62,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         results = {}
         for impl in ("fused", "reference"):
             out = Path(tmp) / f"{impl}.pt"
-            cmd = [sys.executable, "-m", "g3dr.render.bench", "--child", impl, "--out", str(out)]
+            cmd = [impl, "--out", str(out)]
             for key in _ARGUMENTS:
                 value = getattr(args, key)
                 flag = "--" + key.replace("_", "-")
@@ -70,10 +69,7 @@ def _run(args: argparse.Namespace) -> int:
                     cmd += [flag] if value else []
                 else:
                     cmd += [flag, str(value)]
-            proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise RuntimeError(f"bench child for {impl} failed with exit code {proc.returncode}")
+            run_child("g3dr.render.bench", cmd, f"bench child for {impl}")
             results[impl] = out
         import torch
 
@@ -103,11 +99,6 @@ def _run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(line))
     return 0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -154,7 +145,7 @@ def _child(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    base = _rss_bytes()  # CPU: before any render (warm-up included in the peak; freed heap stays resident)
+    base = rss_bytes()  # CPU: before any render (warm-up included in the peak; freed heap stays resident)
     for _ in range(args.warmup):
         step()
     sync()

@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from g3dr.bench import comma_list, rss_bytes, run_child
 
 CONFIG_NAMES = ("tiny", "paper")
 IMPLS = ("reference", "fused")
@@ -71,23 +70,13 @@ def register_bench(actions: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    from g3dr.errors import ConfigError
-
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if not items or bad:
-        raise ConfigError(f"{flag}={value!r}: expected a comma list of {', '.join(allowed)}")
-    return items
-
-
 def _ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else float("nan")
 
 
 def _run(args: argparse.Namespace) -> int:
-    configs = _split(args.configs, CONFIG_NAMES, "--configs")
-    impls = _split(args.impls, IMPLS, "--impls")
+    configs = comma_list(args.configs, CONFIG_NAMES, "--configs")
+    impls = comma_list(args.impls, IMPLS, "--impls")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         from g3dr.errors import ConfigError
 
@@ -100,14 +89,11 @@ def _run(args: argparse.Namespace) -> int:
             for impl in impls:
                 out = Path(tmp) / f"{name}-{impl}.json"
                 critics = "config" if name == "tiny" or args.paper_critics == "tiny" else "paper"
-                cmd = [sys.executable, "-m", "g3dr.train.bench", "--child", "--config",
-                       getattr(args, f"{name}_config"), "--impl", impl, "--critics", critics,
-                       "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--device", args.device, "--seed", str(args.seed), "--out", str(out)]
-                proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr)
-                    raise RuntimeError(f"bench step child ({name}, {impl}) failed with exit code {proc.returncode}")
+                run_child("g3dr.train.bench",
+                          ["--config", getattr(args, f"{name}_config"), "--impl", impl, "--critics", critics,
+                           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--device", args.device, "--seed", str(args.seed), "--out", str(out)],
+                          f"bench step child ({name}, {impl})")
                 result = json.loads(out.read_text())
                 for key in ("device", "threads", "memory_measure"):
                     common[key] = result.pop(key)
@@ -196,11 +182,6 @@ def view_step(cfg: Any, view: str) -> int:
     return 0 if view == "canonical" else max(1, cfg.train.total_steps // 2)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _child(args: argparse.Namespace) -> None:
     import resource
     import time
@@ -221,7 +202,7 @@ def _child(args: argparse.Namespace) -> None:
     params_before = [p.detach().clone() for p in model.parameters()]
     digest_before = parameter_digest(model)
     sync()
-    base = _rss_bytes()
+    base = rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

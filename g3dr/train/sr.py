@@ -30,7 +30,7 @@ from g3dr.config import Config
 from g3dr.distributed import DistEnv
 from g3dr.errors import ConfigError, WeightsError
 from g3dr.log import get_logger
-from g3dr.train.trainer import TrainingStage
+from g3dr.train.trainer import TrainingStage, checkpoint_fp32_state
 
 log = get_logger("g3dr.train.sr")
 
@@ -187,14 +187,7 @@ def export_sr(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str
 
     step = step_of(checkpoint)
     model = build_sr(cfg.sr)
-    if cfg.train.zero_stage in (1, 2):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:
-        if cfg.train.precision != "fp32":
-            log.warning("exporting bf16 module weights upcast to fp32 (ZeRO stage 0 keeps no fp32 copy on disk)")
-        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = checkpoint_fp32_state(cfg, checkpoint)
     # zero_to_fp32 rebuilds the trained parameters only; the frozen ones (RCAN's mean shift) are constants of the
     # architecture and keep build_sr's values, which are the ones the run started and ended with.
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
@@ -202,7 +195,7 @@ def export_sr(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str
     if not missing <= frozen:
         raise WeightsError(f"checkpoint {checkpoint} lacks the trained SR tensors {sorted(missing - frozen)[:4]}; "
                            "it was written by another model (check sr.* against the run's config.yaml)")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not missing)
+    model.load_state_dict(state, strict=not missing)
     return _save(model, cfg, out, step, extra_metadata)
 
 

@@ -351,8 +351,18 @@ def export_f_trigen(cfg: Config, checkpoint: Path, out: Path, extra_metadata: di
     from g3dr.models.f_trigen import FTrigen
     from g3dr.train.checkpoint import step_of
 
-    step = step_of(checkpoint)
     model = FTrigen(cfg)
+    model.load_state_dict(checkpoint_fp32_state(cfg, checkpoint), strict=True)
+    return save_f_trigen(model, cfg, out, step=step_of(checkpoint), source="train", extra_metadata=extra_metadata)
+
+
+def checkpoint_fp32_state(cfg: Config, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained module's fp32 state dict from a complete checkpoint directory (what every stage exports).
+
+    With ZeRO 1/2 the fp32 master weights are rebuilt from the optimizer partitions (DeepSpeed's
+    ``zero_to_fp32``: trained parameters only); with ZeRO 0 the module weights, upcast (bf16 with ZeRO 0
+    exports the bf16 weights, with a warning).
+    """
     if cfg.train.zero_stage in (1, 2):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -361,8 +371,7 @@ def export_f_trigen(cfg: Config, checkpoint: Path, out: Path, extra_metadata: di
         if cfg.train.precision != "fp32":
             log.warning("exporting bf16 module weights upcast to fp32 (ZeRO stage 0 keeps no fp32 copy on disk)")
         state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return save_f_trigen(model, cfg, out, step=step, source="train", extra_metadata=extra_metadata)
+    return {k: v.float() for k, v in state.items()}
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
