@@ -97,7 +97,7 @@ def _summary(result, extra: dict) -> int:
 
 def run_shards(args: argparse.Namespace) -> int:
     from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
-    from g3dr.data_prep.sources import FileSource, read_synsets
+    from g3dr.data.sources import FileSource, read_synsets
     from g3dr.weights import verify_for
 
     if args.depth_model:  # the depth model's files, before any image is read

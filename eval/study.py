@@ -149,7 +149,7 @@ def train_variant(config_file: Path, run_dir: Path, variant: str, progress: bool
     record = run_dir / "study.json"
     if export.is_file() and record.is_file():
         return json.loads(record.read_text()).get("train_s")
-    cmd = [sys.executable, "-m", "g3dr.cli", "train", "--config", str(config_file),
+    cmd = [sys.executable, "-m", "g3dr.launchers.main", "train", "--config", str(config_file),
            f"run_dir={run_dir}", f"loss.depth_supervision={variant}", *([] if progress else ["--no-progress"])]
     if (run_dir / "checkpoints").is_dir():
         cmd += ["--resume", "auto"]

@@ -177,7 +177,7 @@ def _train(steps: _Steps, out: Path, name: str, config: Path, device: str, overr
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "1",
-           "-m", "g3dr.cli", "train", "--config", str(config), f"run_dir={run_dir}", f"device={device}",
+           "-m", "g3dr.launchers.main", "train", "--config", str(config), f"run_dir={run_dir}", f"device={device}",
            f"train.total_steps={n}", f"train.log_every={max(1, n // 2)}", "train.checkpoint_every=100000",
            "train.image_every=0", f"train.precision={'bf16' if device == 'cuda' else 'fp32'}",
            f"data.synthetic_dir={out / ('synth-' + name)}",
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     steps = _Steps(args.budget_s, skip)
-    g3dr = [sys.executable, "-m", "g3dr.cli"]
+    g3dr = [sys.executable, "-m", "g3dr.launchers.main"]
     sizes = RENDERER_SIZES[device]
 
     def renderer() -> dict:

@@ -171,7 +171,7 @@ def check_g3dr_arguments(argv: list[str]) -> None:
     import contextlib
     import io
 
-    from g3dr.cli import build_parser
+    from g3dr.launchers.main import build_parser
     from g3dr.errors import ConfigError
 
     err = io.StringIO()
@@ -347,7 +347,7 @@ def eval_jobs(checkpoints: list[str], metrics: list[str], eval_args: list[str]):
 def eval_job_config(argv: list[str]):
     """The config ``g3dr eval ARGV`` (one checkpoint) will run with: the checkpoint's stored config plus the
     flags and overrides, as :class:`g3dr.eval.runner.Evaluator` builds it."""
-    from g3dr.cli import build_parser
+    from g3dr.launchers.main import build_parser
     from g3dr.config import config_from_dict
     from g3dr.eval.cli import overrides_from_args
     from g3dr.models.checkpoint_io import read_f_trigen_metadata

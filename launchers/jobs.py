@@ -85,7 +85,7 @@ class CommandJob(LaunchedJob):
         self.name = name
 
     def run(self, rdv: Rendezvous) -> list[int]:
-        from g3dr.cli import main
+        from g3dr.launchers.main import main
 
         codes = []
         for step in self.steps:
@@ -130,7 +130,7 @@ class TrainJob(CommandJob):
         import signal
         import time
 
-        from g3dr.cli import main
+        from g3dr.launchers.main import main
 
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         received: list[int] = []

@@ -3,8 +3,8 @@
 ``build_train_loader(cfg, dist)`` and ``build_eval_loader(cfg, dist, shards=None)`` yield dicts
 ``rgb`` (B, 3, H, W) in [-1, 1], ``depth`` (B, 1, H, W), ``label`` (B,), ``key`` list[str];
 ``encode_depth_png`` / ``decode_depth_png`` are the release depth encoding (exact uint16).
-Also here because library code needs them: the shard-writing engine (``shard_writer``), the procedural
-RGB-D set (``synth``) and the monocular depth backend (``depth_model``); ``g3dr prep`` (``data_prep/``)
+Also here because library code needs them: the shard-writing engine (``shard_writer``), the release and
+ImageNet sources (``sources``), the procedural RGB-D set (``synth``) and the monocular depth backend (``depth_model``); ``g3dr prep`` (``data_prep/``)
 drives them. See ``docs/data.md``. Imports of torch happen only when the loaders are used.
 """
 

@@ -140,7 +140,7 @@ def _time_shards(out: Path, resolution: int, workers: int, batch: int, n: int) -
 
 def _prep(folder: Path, out: Path, resolution: int, workers: int, shard_size: int) -> float:
     from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
-    from g3dr.data_prep.sources import FileSource  # the job's release-layout source: what prep measures
+    from g3dr.data.sources import FileSource  # the release-layout source: what prep measures
 
     source = FileSource(layout="release", src=str(folder), options=StoreOptions(resolutions=(resolution,)))
     result = run_shard_job(source, JobSpec(out=str(out), shard_size=shard_size, workers=workers), progress=False)

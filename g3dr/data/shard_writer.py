@@ -11,8 +11,9 @@ shards. When every shard of the plan is finished, the job that notices writes ``
 ``rejects.jsonl`` and checks that inputs = written + rejected.
 
 This module knows nothing about where inputs come from; a *source* prepares samples: the release and
-ImageNet layouts in :mod:`g3dr.data_prep.sources` (the ``g3dr prep shards`` job), the procedural set in
-:mod:`g3dr.data.synth`. It lives in the library because the loaders create the synthetic set on first use.
+ImageNet layouts in :mod:`g3dr.data.sources` (which ``g3dr prep shards`` and ``g3dr bench loader`` use), the
+procedural set in :mod:`g3dr.data.synth`. It lives in the library because the loaders create the synthetic set on
+first use.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import json
 import sys
 import traceback
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 
 cases = json.loads(open(sys.argv[1]).read())
 results = []

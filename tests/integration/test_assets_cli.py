@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 
 trimesh = pytest.importorskip("trimesh", reason="mesh export needs the optional 'mesh' extra")
 pytest.importorskip("skimage", reason="mesh export needs the optional 'mesh' extra")

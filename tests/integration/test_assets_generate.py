@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.data.depth_codec import decode_u16_png
 
 diffusers = pytest.importorskip("diffusers", reason="g3dr generate needs the optional 'generate' extra (diffusers)")

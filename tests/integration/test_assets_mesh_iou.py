@@ -88,7 +88,7 @@ def test_measure_scores_the_exact_primitive_high(tmp_path):
 @pytest.mark.slow
 def test_overfit_tiny_model_mesh_overlaps_the_true_visible_shape(tmp_path, tiny_config_path):
     from g3dr.assets.inputs import inputs_from_shards, rgbd_from_sample
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
     from g3dr.config import load_config
     from g3dr.models import FTrigen
     from g3dr.render import camera_to_world_from_angles

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 
 
 def _error_line(err: str, command: str) -> str:

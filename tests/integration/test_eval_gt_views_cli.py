@@ -9,7 +9,7 @@ def test_g3dr_eval_cli_scores_the_stored_views(tmp_path, capsys):
     printed results, results.json and the table."""
     import json
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
     from g3dr_test_support import load_test_helper
 
     fx = load_test_helper("eval_fixtures")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr_test_support import load_test_helper
 
 

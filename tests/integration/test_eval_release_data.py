@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.metrics.depth import non_flatness_score
 from g3dr_test_support import load_test_helper
 

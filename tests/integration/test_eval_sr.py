@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.data.synth import write_synthetic_shards
 from g3dr.distributed import DistEnv
 from g3dr.errors import ConfigError, DataError

@@ -140,7 +140,7 @@ def test_dead_tracking_server_is_a_clear_failure(run_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
-    proc = subprocess.run([sys.executable, "-m", "g3dr.cli", "eval", "--checkpoint",
+    proc = subprocess.run([sys.executable, "-m", "g3dr.launchers.main", "eval", "--checkpoint",
                            str(run_dir / "exports" / "step-10.safetensors"), "--mlflow-uri", f"http://127.0.0.1:{port}",
                            "--retries", "2", "--no-progress"],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -153,7 +153,7 @@ def test_watch_exits_cleanly_on_sigterm(run_dir, tmp_path):
     cfg = fx.tiny_config(tmp_path)
     (run_dir / "broken.safetensors").unlink()
     (run_dir / "exports" / "step-20.safetensors").unlink()
-    cmd = [sys.executable, "-m", "g3dr.cli", "eval", "--sweep", str(run_dir), "--watch", "--poll-seconds", "0.5",
+    cmd = [sys.executable, "-m", "g3dr.launchers.main", "eval", "--sweep", str(run_dir), "--watch", "--poll-seconds", "0.5",
            "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}", "--experiment", "eval-test", "--no-progress",
            "eval.sigma_scales=[1.0]", "eval.views=[canonical]", "eval.metrics=[nfs, da]"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -187,7 +187,7 @@ def test_watch_exits_cleanly_on_sigterm(run_dir, tmp_path):
 
 
 def test_cli_single_checkpoint_and_user_errors(run_dir, tmp_path, capsys):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     ck = str(run_dir / "exports" / "step-10.safetensors")
     common = ["--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}", "--experiment", "eval-test", "--no-progress",
@@ -228,7 +228,7 @@ def test_a_broken_checkpoint_fails_alone(run_dir, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     good = run_dir / "exports" / "step-10.safetensors"
     with safe_open(str(good), framework="pt") as f:
@@ -249,7 +249,7 @@ def test_a_broken_checkpoint_fails_alone(run_dir, capsys):
 
 
 def test_two_rank_sweep_through_torchrun(run_dir):
-    """`torchrun -m g3dr.cli eval --sweep` on 2 ranks: rank 0 alone records, scores equal one process."""
+    """`torchrun -m g3dr.launchers.main eval --sweep` on 2 ranks: rank 0 alone records, scores equal one process."""
     (run_dir / "broken.safetensors").unlink()
     dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
@@ -257,7 +257,7 @@ def test_two_rank_sweep_through_torchrun(run_dir):
     flags = ["--metrics", "nfs,da", "--sigma-scales", "1", "--views", "canonical", "--num-samples", "5",
              "--no-progress"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-           "-m", "g3dr.cli", "eval", "--sweep", str(run_dir), "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
+           "-m", "g3dr.launchers.main", "eval", "--sweep", str(run_dir), "--mlflow-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
            "--experiment", "eval-test", *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -66,7 +66,7 @@ def test_sweep_exports_and_evaluates_training_checkpoints(tmp_path, repo_root, c
     history = {m.step: m.value for m in client.get_metric_history(result.run_id, "eval/nfs/s1")}
     assert history == {o.checkpoint.step: o.results["nfs/s1"] for o in report.outcomes}
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     capsys.readouterr()
     assert main(["eval", "--sweep", str(run_dir), "--no-progress", "--metrics", "nfs,da", "--sigma-scales", "1",

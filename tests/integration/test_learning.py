@@ -40,7 +40,7 @@ def _train(root: Path, name: str) -> Path:
 
 
 def _score(root: Path, checkpoint: Path, eval_data: Path) -> dict[str, float]:
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     out = root / "eval" / checkpoint.parent.name
     rc = main(["eval", "--checkpoint", str(checkpoint), "--data", str(eval_data), "--metrics", "gt_views",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.data.depth_codec import u16_from_depth
 from g3dr.data.synth import synth_sample
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.data.depth_codec import decode_u16_png
 from g3dr.data.depth_model import codes_from_prediction
 from g3dr.data.synth import synth_sample

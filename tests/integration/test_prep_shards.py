@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.data.depth_codec import decode_u16_png, encode_u16_png
 from g3dr.data.synth import synth_sample
 from g3dr.data_prep.validate import read_tar_samples, validate_folder

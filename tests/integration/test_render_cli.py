@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.models import load_f_trigen
 from g3dr.models.render_cli import load_rgbd
 

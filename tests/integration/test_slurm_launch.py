@@ -244,7 +244,7 @@ class SetupSeen(LaunchedJob):
 def test_operator_sbatch_options_and_setup_lines(cluster, tmp_path, cancel_on_exit, capsys, tiny_config_path):
     """``g3dr submit`` passes an operator's options through: exclude, comment, mail, any --sbatch KEY=VALUE, and
     setup lines that run before the tasks (seen by a real job); too few CPUs for the loader is refused."""
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     argv = ["submit", "train", "--executor", "slurm", "--dry-run", "--skip-weights-check", "--config",
             str(tiny_config_path), f"run_dir={tmp_path / 'run'}", "--exclude", "node[01-04]", "--comment", "g3dr test",

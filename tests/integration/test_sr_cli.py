@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.config import load_config
 from g3dr.models import load_f_trigen, save_f_trigen
 from g3dr.models.sr import load_sr

@@ -14,7 +14,7 @@ STUDY = ["study", "table-s1", "--variants", "kernel,kl", "--steps", "3", "--view
 
 
 def test_table_s1_trains_each_variant_scores_it_and_resumes(tmp_path, capsys):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     out = tmp_path / "study"
     args = [*STUDY[:2], "--out", str(out), *STUDY[2:], f"eval.stats_cache={tmp_path / 'stats'}"]

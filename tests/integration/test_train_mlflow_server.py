@@ -15,7 +15,7 @@ server = load_test_helper("mlflow_server")
 def test_training_and_its_sweep_on_a_real_server(tmp_path, monkeypatch, repo_root):
     from mlflow.tracking import MlflowClient
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
     from g3dr.config import load_config
     from g3dr.train.trainer import train
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 
 
 @pytest.fixture(scope="module")

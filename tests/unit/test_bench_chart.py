@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from g3dr.bench_chart import cases
-from g3dr.cli import main
+from g3dr.launchers.main import main
 
 RENDERER = {"bench": "renderer", "device": "cpu", "config": {"resolution": 64, "num_coarse": 16, "num_fine": 16,
             "channels": 32, "canonical": False}, "fused_s": 1.5, "reference_s": 3.0, "fused_peak_mib": 100.0,

@@ -36,7 +36,7 @@ def test_train_step_updates_parameters_and_picks_the_view(tiny_config_path, view
 
 
 def test_bench_step_prints_one_json_line(tiny_config_path):
-    proc = subprocess.run([sys.executable, "-m", "g3dr.cli", "bench", "step", "--configs", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "g3dr.launchers.main", "bench", "step", "--configs", "tiny",
                            "--tiny-config", str(tiny_config_path), "--steps", "1", "--warmup", "0"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +65,7 @@ def test_bench_step_prints_one_json_line(tiny_config_path):
 
 
 def test_bench_step_rejects_unknown_config(capsys):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     assert main(["bench", "step", "--configs", "huge"]) != 0
     assert "--configs" in capsys.readouterr().err

@@ -181,7 +181,7 @@ def test_depth_is_exact_at_the_stored_resolution(synth_dir):
 
 
 def test_lanczos_resize_matches_pil_on_release_data(release_samples, tmp_path):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     out = tmp_path / "rel"
     assert main(["prep", "shards", "--src", str(release_samples / "1"), "--layout", "release", "--out", str(out),

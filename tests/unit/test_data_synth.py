@@ -217,7 +217,7 @@ def _stored_views(folder):
 def test_prep_synth_views_do_not_depend_on_sharding_or_workers(tmp_path):
     import json
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
     from g3dr.data.synth import ViewSpec, write_synthetic_shards
 
     assert main(["prep", "synth", "--out", str(tmp_path / "a"), "--n", "5", "--resolution", "16", "--views", "2",

@@ -344,7 +344,7 @@ def test_cli_saves_the_scored_images_and_reports_is_splits_and_std(tmp_path, cap
     metric is_std/s1) and in the report (table.md, table.csv)."""
     from mlflow.tracking import MlflowClient
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
     from g3dr.metrics.image_folder import folder_probabilities
     from g3dr.metrics.inception import load_inception
 

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.config import load_config
 from g3dr.errors import ConfigError, WeightsError
 from g3dr.models import load_f_trigen

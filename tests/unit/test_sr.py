@@ -246,7 +246,7 @@ def test_config_section(tiny_config_path):
 
 @pytest.mark.parametrize("arch", FOREIGN, ids=["x2-2g16f", "x4-1g8f"])
 def test_import_official_sr(tmp_path, capsys, arch):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     net = random_rcan(seed=2, **arch)
     torch.save({"params_ema": net.state_dict()}, tmp_path / "RCAN.pth")
@@ -270,7 +270,7 @@ def test_import_official_sr(tmp_path, capsys, arch):
 def test_import_official_sr_errors(tmp_path, capsys):
     from spandrel.architectures.Compact import Compact
 
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     torch.save(Compact(num_feat=8, num_conv=2, upscale=2).state_dict(), tmp_path / "compact.pth")
     dst = tmp_path / "sr.safetensors"
@@ -299,7 +299,7 @@ def test_bench_sr_prints_one_json_line(tiny_config_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "g3dr.cli", "bench", "sr", "--configs", "tiny", "--tiny-config",
+    proc = subprocess.run([sys.executable, "-m", "g3dr.launchers.main", "bench", "sr", "--configs", "tiny", "--tiny-config",
                            str(tiny_config_path), "--resolution", "16", "--batch", "2", "--repeats", "2",
                            "--warmup", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -92,7 +92,7 @@ def test_stored_targets_are_the_jpeg_and_differ_slightly(setup):
 
 
 def test_cli_prints_one_json_line(setup, capsys):
-    from g3dr.cli import main
+    from g3dr.launchers.main import main
 
     assert main(["bench", "sr-psnr", "--generator", str(setup["generator"]), "--sr", str(setup["sr"]),
                  "--data", str(setup["data"]), "--samples", "2"]) == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g3dr.cli import main
+from g3dr.launchers.main import main
 from g3dr.config import load_config
 from g3dr.errors import WeightsError
 from g3dr.weights import (check_requirements, file_sha256, load_lock, load_registry, requirements_for,
@@ -196,7 +196,7 @@ def test_registry_errors_name_the_entry(tmp_path):
 def test_list_from_a_neutral_cwd(tmp_path):
     """The registry ships inside the package: `g3dr weights list` works from any directory."""
     env = {k: v for k, v in os.environ.items() if k != "G3DR_WEIGHTS_REGISTRY"}
-    out = subprocess.run([sys.executable, "-m", "g3dr.cli", "weights", "list"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-m", "g3dr.launchers.main", "weights", "list"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "clip-vit-b-16-openai" in out.stdout and "prefix 397923af" in out.stdout

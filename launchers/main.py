@@ -1,5 +1,6 @@
-"""The ``g3dr`` command: one entry point, one subcommand per job.
+"""The ``g3dr`` command (``g3dr.launchers.main:main``): one entry point, one subcommand per job.
 
+It lives with the jobs because it imports them all: the library (``g3dr/``) never imports a job package.
 Each subcommand lives beside the code it runs and exposes ``register(subparsers)``; registering must
 stay cheap (no torch import) so that ``g3dr --help`` is instant. Handlers receive the parsed arguments
 and return an exit code. Typed errors (:class:`~g3dr.errors.G3DRError`) are printed as one line,
