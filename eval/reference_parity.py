@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_model.to(device).eval()
 
     if args.image is not None:
-        from g3dr.models.render_cli import load_rgbd
+        from g3dr.models.inference import load_rgbd
 
         rgb, depth = load_rgbd(args.image, args.depth, res, cfg.data.depth_scale, cfg.data.depth_offset)
     else:

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from g3dr.errors import ConfigError
-from g3dr.models.render_cli import add_sr_arguments, describe_sizes, load_model, load_sr_option
+from g3dr.models.render_cli import add_sr_arguments
 
 _CKPT_HELP = "f_trigen .safetensors checkpoint (ours; convert the reference's with 'g3dr import-official')"
 _DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards --depth-model'), used for images "
@@ -101,6 +101,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 
+def load_model_of(args: argparse.Namespace):
+    """:func:`g3dr.models.inference.load_model` of ``--checkpoint`` with ``--deterministic``, ``--sigma-scale``,
+    ``--device`` (the flags of ``_add_common``; also ``g3dr generate``'s)."""
+    from g3dr.models.inference import load_model
+
+    return load_model(args.checkpoint, deterministic=args.deterministic, sigma_scale=args.sigma_scale,
+                      device=args.device)
+
+
+def load_sr_of(args: argparse.Namespace, cfg, device):
+    """:func:`g3dr.models.inference.load_sr_option` of ``--sr`` / ``--no-sr``."""
+    from g3dr.models.inference import load_sr_option
+
+    return load_sr_option(cfg, device, sr=args.sr, no_sr=args.no_sr)
+
+
 def _depth_filler(args):
     from g3dr.assets.inputs import DepthFiller
 
@@ -121,7 +137,7 @@ def run_mesh(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} must end in one of {', '.join(MESH_FORMATS)}")
     if args.depth is None and args.depth_model is None:
         raise ConfigError("give --depth DEPTH_PNG or --depth-model DIR (to estimate the depth)")
-    model, cfg, meta, device = load_model(args)
+    model, cfg, meta, device = load_model_of(args)
     raw = input_from_files(args.image, args.depth)
     try:
         rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset,
@@ -149,6 +165,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from g3dr.assets.export import export_assets
     from g3dr.assets.inputs import Rejected, inputs_from_folder, inputs_from_shards, rgbd_from_sample
     from g3dr.errors import DataError
+    from g3dr.models.inference import describe_sizes
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.assets")
@@ -156,8 +173,8 @@ def run_batch(args: argparse.Namespace) -> int:
     options.check()
     if args.input and Path(args.out).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")
-    model, cfg, meta, device = load_model(args)
-    sr = load_sr_option(args, cfg, device)
+    model, cfg, meta, device = load_model_of(args)
+    sr = load_sr_of(args, cfg, device)
     resolution = options.resolution or cfg.data.resolution
     log.info("%s", describe_sizes(sr, resolution))
     inputs = inputs_from_folder(args.input) if args.input else inputs_from_shards(args.shards)

@@ -1,7 +1,7 @@
 """Everything one lifted image can be written as: canonical render (png/npz), circular video, mesh.
 
 :func:`export_assets` takes the triplane of one RGB-D input and writes the requested files under one
-stem; all renders go through :func:`g3dr.models.render_cli.render_angles` (the ``g3dr render`` path),
+stem; all renders go through :func:`g3dr.models.inference.render_angles` (the ``g3dr render`` path),
 videos through :mod:`g3dr.assets.video`, meshes through :mod:`g3dr.assets.mesh`. An optional
 super-resolution network (:mod:`g3dr.models.sr`) upscales every RGB picture; depth keeps the geometry's
 resolution. Results are computed in memory first and written at the end, so a failing input leaves no
@@ -80,7 +80,7 @@ def export_assets(model, planes: torch.Tensor, out_stem: str | Path, options: As
 
     from g3dr.assets.mesh import TriplaneField, extract_mesh, write_mesh
     from g3dr.assets.video import frames_from_images, write_video
-    from g3dr.models.render_cli import render_angles, uint8_rgb
+    from g3dr.models.inference import render_angles, uint8_rgb
     from g3dr.render import video_trajectory
 
     cfg = model.cfg
@@ -143,7 +143,7 @@ def _sheet(model, planes: torch.Tensor, options: AssetOptions, resolution: int, 
     from g3dr.assets.video import colorize_depth
     from g3dr.errors import DataError
     from g3dr.log import get_logger
-    from g3dr.models.render_cli import render_angles, uint8_rgb
+    from g3dr.models.inference import render_angles, uint8_rgb
     from g3dr.render import video_trajectory
 
     cfg = model.cfg

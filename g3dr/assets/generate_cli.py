@@ -118,6 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from g3dr.assets.inputs import input_from_files, rgbd_from_sample
     from g3dr.data.depth_codec import encode_u16_png
     from g3dr.log import get_logger
+    from g3dr.models.inference import resolve_device
 
     log = get_logger("g3dr.assets")
     if args.num < 1 or args.steps < 1:
@@ -129,12 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
         options.check()
     elif options.png or options.npz or options.video or options.mesh or args.sr:
         raise ConfigError("--png/--npz/--video/--mesh/--sr need --checkpoint (f_trigen lifts the generated RGB-D)")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     prompt = args.prompt if args.prompt is not None else f"a photo of a {args.class_name}"
     pipe = load_ldm3d(args.pipeline, device)
     images = generate_rgbd(pipe, prompt, args.num, steps=args.steps, guidance=args.guidance, size=args.size,
@@ -152,10 +148,11 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("wrote %d RGB-D image(s) to %s", len(names), out / "rgbd")
     written = []
     if args.checkpoint:
-        from g3dr.models.render_cli import describe_sizes, load_model, load_sr_option
+        from g3dr.assets.cli import load_model_of, load_sr_of
+        from g3dr.models.inference import describe_sizes
 
-        model, cfg, meta, device = load_model(args)
-        sr = load_sr_option(args, cfg, device)
+        model, cfg, meta, device = load_model_of(args)
+        sr = load_sr_of(args, cfg, device)
         log.info("%s", describe_sizes(sr, options.resolution or cfg.data.resolution))
         for name in names:
             raw = input_from_files(out / "rgbd" / f"{name}.png", out / "rgbd" / f"{name}_depth.png")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from g3dr.launchers.main import main
 from g3dr.models import load_f_trigen
-from g3dr.models.render_cli import load_rgbd
+from g3dr.models.inference import load_rgbd
 
 
 @pytest.fixture(scope="module")
