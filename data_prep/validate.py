@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from PIL import Image
 
 from g3dr.data.depth_codec import decode_u16_png
 from g3dr.data.shard_writer import MANIFEST, REJECTS, empty_dataset_message, sha256_file
+from g3dr.data.tar_reader import iter_samples
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 
@@ -84,22 +84,13 @@ def check_sample(key: str, files: dict[str, bytes], resolutions: list[int]) -> l
 
 
 def read_tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of a tar in order, grouped by key (WebDataset rule: the key ends at the first dot of the last component)."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                raise ValueError(f"member {member.name} has no extension")
-            key = f"{directory}/{stem}" if directory else stem
-            data = tar.extractfile(member).read()
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][ext] = data
-    return samples
+    """All samples of a tar in order as ``(key, {ext: bytes})``, read as the training pipeline reads them
+    (:func:`g3dr.data.tar_reader.iter_samples`: a corrupt header or a cut stream raises
+    :class:`~g3dr.data.tar_reader.TarReadError`, a member repeated inside a sample starts a second sample with the
+    same key)."""
+    with open(path, "rb") as stream:
+        return [(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+                for sample in iter_samples(stream, str(path))]
 
 
 def validate_folder(folder: str | Path, progress: bool = True) -> tuple[list[str], dict[str, Any]]:
@@ -124,7 +115,7 @@ def validate_folder(folder: str | Path, progress: bool = True) -> tuple[list[str
             problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt or modified)")
         try:
             samples = read_tar_samples(path)
-        except (tarfile.TarError, OSError, ValueError) as err:
+        except (OSError, ValueError) as err:  # TarReadError is an OSError; a bad PAX record a ValueError
             problems.append(f"{shard['name']}: unreadable tar: {err}")
             continue
         if len(samples) != shard["samples"]:

@@ -12,9 +12,8 @@ Inputs that cannot be used raise :class:`Rejected` with a short reason; the batc
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 from g3dr.errors import DataError
@@ -85,7 +84,12 @@ def inputs_from_folder(folder: str | Path) -> list[RawInput]:
 
 
 def inputs_from_shards(shards: list[str | Path]) -> Iterator[RawInput]:
-    """Samples of WebDataset tar shards (files or folders of ``*.tar``), in order; unreadable shards raise."""
+    """Samples of WebDataset tar shards (files or folders of ``*.tar``), in order, read as the training pipeline reads
+    them (:func:`g3dr.data.tar_reader.iter_samples`: WebDataset's key, the member's folder and the name up to its
+    first dot, so ``1/x`` and ``2/x`` are two samples and outputs keep the folders); an unreadable shard raises a
+    :class:`DataError` after the samples before the break."""
+    from g3dr.data.tar_reader import iter_samples
+
     paths: list[Path] = []
     for item in shards:
         item = Path(item)
@@ -99,25 +103,11 @@ def inputs_from_shards(shards: list[str | Path]) -> Iterator[RawInput]:
         raise DataError(f"no .tar shards in {', '.join(map(str, shards))}")
     for path in paths:
         try:
-            with tarfile.open(path) as tar:
-                sample: dict = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    member_path = PurePosixPath(member.name)
-                    key, _, ext = member_path.name.partition(".")
-                    # WebDataset's key: the member's folder and the name up to its first dot ("1/x" and "2/x"
-                    # are two samples; outputs keep the folders)
-                    prefix = (member_path.parent / key).as_posix()
-                    if sample and sample["__key__"] != prefix:
-                        yield _shard_input(sample, path)
-                        sample = {}
-                    if not sample:
-                        sample = {"__key__": prefix}
-                    sample[ext] = tar.extractfile(member).read()
-                if sample:
+            with open(path, "rb") as stream:
+                for sample in iter_samples(stream):
+                    del sample["__url__"]  # the raw sample is __key__ + files, as for the other inputs
                     yield _shard_input(sample, path)
-        except (tarfile.TarError, OSError) as err:
+        except OSError as err:  # TarReadError (corrupt or truncated) is an OSError
             raise DataError(f"cannot read shard {path}: {err}") from None
 
 

@@ -55,3 +55,26 @@ def test_truncated_and_corrupt_streams_raise_after_complete_samples():
     corrupt[10] ^= 0x01  # inside the first header's name
     with pytest.raises(TarReadError, match="checksum"):
         list(iter_members(io.BytesIO(bytes(corrupt))))
+
+
+def test_prep_validate_and_the_asset_commands_read_shards_with_this_reader(tmp_path):
+    """One tar reader serves the training pipeline, ``g3dr prep validate`` and ``g3dr batch --shards``: the same
+    samples, and a cut shard is an error after the whole samples before the cut."""
+    from g3dr.assets.inputs import inputs_from_shards
+    from g3dr.data_prep.validate import read_tar_samples
+    from g3dr.errors import DataError
+
+    whole = tmp_path / "whole.tar"
+    whole.write_bytes(_tar(tarfile.USTAR_FORMAT, MEMBERS))
+    expected = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                for s in iter_samples(io.BytesIO(whole.read_bytes()))]
+    assert read_tar_samples(whole) == expected
+    assert [(r.key, {k: v for k, v in r.sample.items() if k != "__key__"}) for r in inputs_from_shards([whole])] \
+        == expected
+    cut = tmp_path / "cut" / "cut.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[:3 * 512 + 100])  # inside the second member's header
+    with pytest.raises(TarReadError):
+        read_tar_samples(cut)
+    with pytest.raises(DataError, match="cannot read shard"):
+        list(inputs_from_shards([cut]))
