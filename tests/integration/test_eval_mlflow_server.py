@@ -60,7 +60,7 @@ def test_sweep_logs_everything_to_a_real_server(tmp_path, mlflow_uri):
     metrics = run_.data.metrics
     assert set(metrics) == {f"{m}/s{s}" for m in ("fid", "is", "is_std", "nfs", "da") for s in (1, 5)}
     assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["fid/s1"] > 0 and metrics["is/s1"] >= 1.0 and 1.0 <= metrics["nfs/s1"] <= 64
+    assert metrics["fid/s1"] > 0 and metrics["is/s1"] >= 1.0
     history = client.get_metric_history(run_.info.run_id, "fid/s5")
     assert [m.step for m in history] == [5]
 
@@ -74,6 +74,8 @@ def test_sweep_logs_everything_to_a_real_server(tmp_path, mlflow_uri):
     assert float(rows[1]["fid"]) == pytest.approx(metrics["fid/s5"]) and rows[1]["paper_fid"] == "12.98"
     saved = json.loads(next((run / "eval").glob("*/results.json")).read_text())
     assert saved["complete"] and saved["run_id"] == run_.info.run_id
+    # every number the server holds is the one the eval computed (NFS, DA, FID, IS at both scales), bit for bit
+    assert metrics == {name: saved["metrics"][name] for name in metrics}
 
     # the dataset statistics were cached once, keyed by the manifest content hash
     assert len(list(Path(cfg.eval.stats_cache).glob("inception-stats-32px-*.npz"))) == 1
