@@ -122,15 +122,6 @@ def check_output_file(path: str | Path, what: str, fix: str = "") -> Path:
     return path
 
 
-def check_free_space(path: str | Path, need: int, what: str, detail: str = "") -> int | None:
-    """OutputError when the file system of ``path`` has fewer than ``need`` free bytes; returns the free bytes."""
-    free = free_bytes(path)
-    if free is not None and free < need:
-        raise OutputError(f"{what} {path}: {human_bytes(free)} free, but {detail or 'the output'} needs about "
-                          f"{human_bytes(need)}; free space or choose another location")
-    return free
-
-
 @contextmanager
 def writing(path: str | Path, what: str, fix: str = "") -> Iterator[None]:
     """Turn an OSError raised by the writes inside the block into an :class:`OutputError` naming ``path``."""

@@ -51,27 +51,6 @@ REFERENCE_RECIPE: dict[str, str] = {
 ``tests/unit/test_metrics_repro.py`` checks that the data pipeline still decodes this way."""
 
 
-def manifest_content_hash(manifest_path: str | Path) -> str:
-    """SHA-256 of a shard manifest's content listing: sorted ``(name, samples, sha256)`` of its shards.
-
-    Falls back to the hash of the file's bytes for a manifest without a ``shards`` list.
-    """
-    path = Path(manifest_path)
-    if not path.is_file():
-        raise DataError(f"shard manifest {path} not found; FID statistics are keyed by it "
-                        f"(write the shards with `g3dr prep shards`, which writes the manifest last)")
-    raw = path.read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise DataError(f"shard manifest {path} is not valid JSON ({err}); rerun the shard writer") from None
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    if not shards:
-        return hashlib.sha256(raw).hexdigest()
-    listing = sorted((str(s.get("name")), int(s.get("samples", -1)), str(s.get("sha256", ""))) for s in shards)
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
 def dataset_content_hash(urls: list[str]) -> str:
     """SHA-256 of the content of the shards ``urls``: their ``(name, samples, sha256)`` from the manifests
     beside them (so a subset of a folder hashes differently from the whole, and moving shards changes nothing).
@@ -93,16 +72,6 @@ def dataset_content_hash(urls: list[str]) -> str:
             raise DataError(f"{path} does not list the shards {missing[:3]}; the folder changed after it was written")
         listing += [(n, int(entries[n].get("samples", -1)), str(entries[n].get("sha256", ""))) for n in names]
     return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
-
-
-def find_manifest(shards: str) -> Path:
-    """The ``manifest.json`` beside the shards named by a brace pattern, comma list or directory."""
-    first = shards.split(",")[0].strip()
-    if first.startswith("pipe:") or "://" in first:
-        raise DataError(f"cannot locate the manifest of remote shards {first!r}; pass --data-manifest explicitly")
-    base = Path(first)
-    directory = base if base.is_dir() else Path(first.split("{")[0]).parent
-    return directory / MANIFEST_NAME
 
 
 def stats_key(dataset_hash: str, resolution: int, detector_sha256: str, max_items: int | None,

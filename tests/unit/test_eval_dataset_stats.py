@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from g3dr.errors import DataError
-from g3dr.metrics.dataset_stats import (cached_dataset_stats, compute_dataset_moments, find_manifest,
-                                        manifest_content_hash, stats_key, stats_path)
+from g3dr.metrics.dataset_stats import (cached_dataset_stats, compute_dataset_moments, dataset_content_hash, stats_key,
+                                        stats_path)
 from g3dr.metrics.fid import FeatureMoments
 from g3dr.metrics.inception import quantize_images
 
@@ -25,20 +25,19 @@ SHARDS = [{"name": "train-000000.tar", "samples": 10, "bytes": 5, "sha256": "aa"
           {"name": "train-000001.tar", "samples": 7, "bytes": 4, "sha256": "bb"}]
 
 
-def test_manifest_hash_depends_on_content_only(tmp_path):
-    a = manifest_content_hash(_manifest(tmp_path, SHARDS, name="a.json"))
-    b = manifest_content_hash(_manifest(tmp_path, SHARDS[::-1], command="other", name="b.json"))
+def test_dataset_hash_depends_on_content_only(tmp_path):
+    """The shards' names, counts and sha256 from the manifest: not its order, nor its other fields."""
+    folders = {name: tmp_path / name for name in ("a", "b", "c")}
+    for folder in folders.values():
+        folder.mkdir()
+    _manifest(folders["a"], SHARDS)
+    _manifest(folders["b"], SHARDS[::-1], command="other")
+    _manifest(folders["c"], [dict(SHARDS[0], sha256="cc"), SHARDS[1]])
+    a, b, c = (dataset_content_hash([str(folder / s["name"]) for s in SHARDS]) for folder in folders.values())
     assert a == b
-    changed = [dict(SHARDS[0], sha256="cc"), SHARDS[1]]
-    assert manifest_content_hash(_manifest(tmp_path, changed, name="c.json")) != a
-    with pytest.raises(DataError, match="not found"):
-        manifest_content_hash(tmp_path / "missing.json")
-
-
-def test_find_manifest_from_patterns(tmp_path):
-    assert find_manifest(f"{tmp_path}/train-{{000000..000003}}.tar") == tmp_path / "manifest.json"
-    assert find_manifest(f"{tmp_path}/a.tar,{tmp_path}/b.tar") == tmp_path / "manifest.json"
-    assert find_manifest(str(tmp_path)) == tmp_path / "manifest.json"
+    assert c != a
+    with pytest.raises(DataError, match="no manifest.json"):
+        dataset_content_hash([str(tmp_path / "missing" / "train-000000.tar")])
 
 
 def _features(images: torch.Tensor) -> torch.Tensor:
