@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from g3dr.errors import ConfigError
-from g3dr.models.render_cli import add_sr_arguments
+from g3dr.models.render_cli import add_model_arguments, add_sr_arguments, model_from_args, sr_from_args
 
 _CKPT_HELP = "f_trigen .safetensors checkpoint (ours; convert the reference's with 'g3dr import-official')"
 _DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards --depth-model'), used for images "
@@ -22,10 +22,12 @@ _DEPTH_MODEL_HELP = ("depth-model folder (transformers, as for 'g3dr prep shards
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help=_CKPT_HELP)
     parser.add_argument("--depth-model", metavar="DIR", help=_DEPTH_MODEL_HELP)
-    parser.add_argument("--deterministic", action="store_true",
-                        help="no stratified jitter, evenly spaced importance samples (bit-reproducible renders)")
-    parser.add_argument("--sigma-scale", type=float, metavar="S", help="multiply the density (paper S.3)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_model_arguments(parser)
+    add_mesh_arguments(parser)
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--grid``, ``--threshold``, ``--keep-components``: the mesh extraction of ``mesh``, ``batch``, ``generate``."""
     parser.add_argument("--grid", type=int, default=128, metavar="N",
                         help="mesh: density samples per axis over the scene box (default 128)")
     parser.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
@@ -101,22 +103,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 
-def load_model_of(args: argparse.Namespace):
-    """:func:`g3dr.models.inference.load_model` of ``--checkpoint`` with ``--deterministic``, ``--sigma-scale``,
-    ``--device`` (the flags of ``_add_common``; also ``g3dr generate``'s)."""
-    from g3dr.models.inference import load_model
-
-    return load_model(args.checkpoint, deterministic=args.deterministic, sigma_scale=args.sigma_scale,
-                      device=args.device)
-
-
-def load_sr_of(args: argparse.Namespace, cfg, device):
-    """:func:`g3dr.models.inference.load_sr_option` of ``--sr`` / ``--no-sr``."""
-    from g3dr.models.inference import load_sr_option
-
-    return load_sr_option(cfg, device, sr=args.sr, no_sr=args.no_sr)
-
-
 def _depth_filler(args):
     from g3dr.assets.inputs import DepthFiller
 
@@ -137,7 +123,7 @@ def run_mesh(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} must end in one of {', '.join(MESH_FORMATS)}")
     if args.depth is None and args.depth_model is None:
         raise ConfigError("give --depth DEPTH_PNG or --depth-model DIR (to estimate the depth)")
-    model, cfg, meta, device = load_model_of(args)
+    model, cfg, meta, device = model_from_args(args)
     raw = input_from_files(args.image, args.depth)
     try:
         rgb, depth = rgbd_from_sample(raw, cfg.data.resolution, cfg.data.depth_scale, cfg.data.depth_offset,
@@ -173,8 +159,8 @@ def run_batch(args: argparse.Namespace) -> int:
     options.check()
     if args.input and Path(args.out).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--out {args.out} is the input folder: outputs (NAME.png, ...) could overwrite inputs")
-    model, cfg, meta, device = load_model_of(args)
-    sr = load_sr_of(args, cfg, device)
+    model, cfg, meta, device = model_from_args(args)
+    sr = sr_from_args(args, cfg, device)
     resolution = options.resolution or cfg.data.resolution
     log.info("%s", describe_sizes(sr, resolution))
     inputs = inputs_from_folder(args.input) if args.input else inputs_from_shards(args.shards)

@@ -29,7 +29,8 @@ _DOWNLOAD_HINT = ("download one on a machine with hub access, e.g. 'huggingface-
 
 
 def register_generate(subparsers: argparse._SubParsersAction) -> None:
-    from g3dr.assets.cli import _add_asset_outputs
+    from g3dr.assets.cli import _add_asset_outputs, add_mesh_arguments
+    from g3dr.models.render_cli import add_model_arguments
 
     parser = subparsers.add_parser(
         "generate", help="generate RGB-D images with an LDM3D pipeline (local weights) and lift them to 3D",
@@ -53,12 +54,8 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="f_trigen checkpoint; without it only the RGB-D images are written")
-    parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--sigma-scale", type=float, metavar="S")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--grid", type=int, default=128, metavar="N")
-    parser.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA")
-    parser.add_argument("--keep-components", type=int, metavar="K")
+    add_model_arguments(parser)
+    add_mesh_arguments(parser)
     _add_asset_outputs(parser)
     parser.set_defaults(handler=run_generate)
 
@@ -148,11 +145,11 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("wrote %d RGB-D image(s) to %s", len(names), out / "rgbd")
     written = []
     if args.checkpoint:
-        from g3dr.assets.cli import load_model_of, load_sr_of
         from g3dr.models.inference import describe_sizes
+        from g3dr.models.render_cli import model_from_args, sr_from_args
 
-        model, cfg, meta, device = load_model_of(args)
-        sr = load_sr_of(args, cfg, device)
+        model, cfg, meta, device = model_from_args(args)
+        sr = sr_from_args(args, cfg, device)
         log.info("%s", describe_sizes(sr, options.resolution or cfg.data.resolution))
         for name in names:
             raw = input_from_files(out / "rgbd" / f"{name}.png", out / "rgbd" / f"{name}_depth.png")

@@ -38,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "depth side by side")
     view.add_argument("--yaw", type=float, help="camera yaw in radians (default: canonical)")
     parser.add_argument("--pitch", type=float, help="camera pitch in radians (default: canonical)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="no stratified jitter, evenly spaced importance samples: bit-reproducible renders")
-    parser.add_argument("--sigma-scale", type=float, metavar="S", help="multiply the density (paper S.3 sweep)")
+    add_model_arguments(parser)
     parser.add_argument("--depth-prior", action="store_true",
                         help="canonical view only: use the input depth for the fine samples, as in training")
     parser.add_argument("--resolution", type=int, help="render resolution (default: the checkpoint's data.resolution)")
@@ -48,7 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=int, default=40, help="video frame rate (default 40, as the reference)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the renderer's random sampling (non-deterministic mode)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--save-npz", metavar="OUT.npz",
                         help="float32 arrays rgb (3,H,W) in [-1,1], depth (1,H,W), weight_sum (1,H,W); with --video "
                              "a leading frame axis; with super-resolution rgb is upscaled and rgb_render is the render")
@@ -57,6 +54,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="reject an input whose shorter side is smaller (default 64, as 'g3dr prep shards')")
     add_sr_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--deterministic``, ``--sigma-scale S``, ``--device``: how the checkpoint renders (:func:`model_from_args`)."""
+    parser.add_argument("--deterministic", action="store_true",
+                        help="no stratified jitter, evenly spaced importance samples: bit-reproducible renders")
+    parser.add_argument("--sigma-scale", type=float, metavar="S", help="multiply the density (paper S.3 sweep)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def model_from_args(args: argparse.Namespace):
+    """:func:`g3dr.models.inference.load_model` of ``--checkpoint`` and the flags of :func:`add_model_arguments`."""
+    from g3dr.models.inference import load_model
+
+    return load_model(args.checkpoint, deterministic=args.deterministic, sigma_scale=args.sigma_scale,
+                      device=args.device)
+
+
+def sr_from_args(args: argparse.Namespace, cfg, device):
+    """:func:`g3dr.models.inference.load_sr_option` of the flags of :func:`add_sr_arguments`."""
+    from g3dr.models.inference import load_sr_option
+
+    return load_sr_option(cfg, device, sr=args.sr, no_sr=args.no_sr)
 
 
 SR_PICTURES_HELP = ("upscale every RGB picture written (png, npz rgb, video, contact sheet) with this "
@@ -107,12 +127,10 @@ def run(args: argparse.Namespace) -> int:
         if path:  # before the model is loaded: a read-only or mistyped output fails now, not after the render
             check_output_file(path, flag)
 
-    from g3dr.models.inference import (describe_sizes, load_model, load_rgbd, load_sr_option, render_angles,
-                                       uint8_rgb, write_video)
+    from g3dr.models.inference import describe_sizes, load_rgbd, render_angles, uint8_rgb, write_video
 
-    model, cfg, meta, device = load_model(args.checkpoint, deterministic=args.deterministic,
-                                          sigma_scale=args.sigma_scale, device=args.device)
-    sr = load_sr_option(cfg, device, sr=args.sr, no_sr=args.no_sr)
+    model, cfg, meta, device = model_from_args(args)
+    sr = sr_from_args(args, cfg, device)
     resolution = args.resolution or cfg.data.resolution
     if args.depth_prior and resolution != cfg.data.resolution:
         raise ConfigError(f"--depth-prior needs --resolution {cfg.data.resolution} (the depth map's size)")
