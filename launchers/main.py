@@ -25,7 +25,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "g3dr.launchers.cli",     # submit
     "g3dr.eval.cli",          # eval
     "g3dr.models.render_cli",  # render
-    "g3dr.assets.cli",        # batch, mesh, generate
+    "g3dr.assets.cli",        # batch, mesh
+    "g3dr.assets.generate_cli",  # generate
     "g3dr.models.import_cli",  # import-official
     "g3dr.bench",             # bench
     "g3dr.weights.cli",       # weights

@@ -96,10 +96,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_asset_outputs(batch)
     batch.set_defaults(handler=run_batch)
 
-    from g3dr.assets.generate_cli import register_generate
-
-    register_generate(subparsers)
-
 
 
 

@@ -28,7 +28,7 @@ _DOWNLOAD_HINT = ("download one on a machine with hub access, e.g. 'huggingface-
                   "--local-dir weights/ldm3d-4c', and pass that folder to --pipeline")
 
 
-def register_generate(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     from g3dr.assets.cli import _add_asset_outputs, add_mesh_arguments
     from g3dr.models.render_cli import add_model_arguments
 

@@ -4,7 +4,8 @@ Nothing here owns an optimizer or knows about DeepSpeed; the task module (``g3dr
 terms with the per-view weight schedules of the config (``loss.canonical.*``, ``loss.novel.*``).
 """
 
-from g3dr.losses.critics import ClipCritic, Critics, VggCritic, build_critics
+from g3dr.losses.build import build_critics
+from g3dr.losses.critics import ClipCritic, Critics, VggCritic
 from g3dr.losses.terms import depth_l1_loss, kl_depth_loss, l1_loss, tv_loss, weight_sum_loss
 
 __all__ = [

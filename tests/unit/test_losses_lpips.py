@@ -16,10 +16,12 @@ import lpips  # a dependency (pyproject.toml); the library itself only reads its
 import pytest
 import torch
 
+import g3dr.losses.build as build_mod
 import g3dr.losses.critics as critics_mod
 from g3dr.config import load_config
 from g3dr.errors import ConfigError, WeightsError
-from g3dr.losses.critics import (LPIPS_VGG_CHANNELS, VggCritic, build_critics, build_vgg_critic, build_vgg_features,
+from g3dr.losses import build_critics
+from g3dr.losses.critics import (LPIPS_VGG_CHANNELS, VggCritic, build_vgg_critic, build_vgg_features,
                                  load_lpips_vgg_weights, lpips_vgg_weights_file)
 
 LAYER_SETS = [(1.0, 1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 1.0, 1.0)]  # reference canonical / novel view
@@ -81,9 +83,9 @@ def test_build_critics_wires_lpips_weights_and_keeps_them_fp32(lpips_pair, monke
     ``loss.perceptual_weights=uniform`` with unit weights. The weight files are replaced by in-memory models."""
     ref, features = lpips_pair
     tiny_clip = build_critics(load_config("configs/tiny.yaml").loss).clip.model
-    monkeypatch.setattr(critics_mod, "_require_file", lambda path, key, howto: path)
-    monkeypatch.setattr(critics_mod, "build_clip_model", lambda name, weights, overrides=None: copy.deepcopy(tiny_clip))
-    monkeypatch.setattr(critics_mod, "build_vgg_features", lambda name, weights, layers=None: copy.deepcopy(features))
+    monkeypatch.setattr(build_mod, "require_weight_file", lambda path, key, howto: path)
+    monkeypatch.setattr(build_mod, "build_clip_model", lambda name, weights, overrides=None: copy.deepcopy(tiny_clip))
+    monkeypatch.setattr(build_mod, "build_vgg_features", lambda name, weights, layers=None: copy.deepcopy(features))
     cfg = load_config("configs/tiny.yaml", ["loss.critics=pretrained"])
     assert cfg.loss.perceptual_weights == "lpips"  # the default
     vgg = build_critics(cfg.loss, dtype=torch.bfloat16).vgg
