@@ -1,11 +1,11 @@
 """``g3dr bench step``: time and peak memory of ONE training step, per config x renderer impl (one JSON line).
 
-A training step here is what the trainer does per optimizer step with one micro-batch: the
+A training step here is the trainer's own :func:`g3dr.train.trainer.train_step` with one micro-batch: the
 :class:`~g3dr.train.task.G3DRTask` forward (Eq. 1 view, render, the full weighted objective through the
 frozen critics), ``backward``, gradient clipping at ``train.grad_clip`` and an Adam step with the trainer's
 hyperparameters (``train.lr``, ``betas``, ``eps``, ``weight_decay``; DeepSpeed's CPU path is plain
-``torch.optim.Adam`` too). No DeepSpeed engine: the task is stepped with a plain torch optimizer, so
-the figures exclude DeepSpeed's bookkeeping and any ZeRO communication.
+``torch.optim.Adam`` too). No DeepSpeed engine: :class:`PlainEngine` steps the model with a plain torch
+optimizer, so the figures exclude DeepSpeed's bookkeeping and any ZeRO communication.
 
 Both views are measured, because they cost differently: ``canonical`` (L1, depth L1, VGG on all blocks;
 the depth prior drives the fine samples and the depth kernel) and ``novel`` (CLIP on the render and the
@@ -112,22 +112,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_step(task: Any, model: Any, optimizer: Any, batch: dict[str, Any], step: int,
-               grad_clip: float) -> dict[str, Any]:
-    """One optimizer step as the trainer takes it with one micro-batch: task forward, backward, clip, Adam.
+class PlainEngine:
+    """The engine :func:`g3dr.train.trainer.train_step` steps, without DeepSpeed: the module's forward,
+    ``loss.backward()``, then gradient clipping at ``grad_clip``, the optimizer's step and ``zero_grad``."""
 
-    Returns the task's report (without the image tensors).
-    """
-    import torch
+    def __init__(self, module: Any, optimizer: Any, grad_clip: float):
+        self.module, self.optimizer, self.grad_clip = module, optimizer, grad_clip
 
-    optimizer.zero_grad(set_to_none=True)
-    loss, report = task(model, batch, step)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
-    optimizer.step()
-    report.pop("images", None)
-    return report
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: Any) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        import torch
+
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def bench_step(case: dict[str, Any], step: int) -> dict[str, Any]:
+    """One optimizer step of a bench case as the trainer takes it (:func:`g3dr.train.trainer.train_step` with one
+    micro-batch: task forward, backward, clip, Adam); returns the task's report. A non-finite loss raises."""
+    import itertools
+
+    from g3dr.train.trainer import NonFiniteGuard, train_step
+
+    device = case["device"]
+    out = train_step(case["engine"], case["task"], itertools.repeat(case["batch"]), step, 1, device,
+                     NonFiniteGuard(1, device))
+    return out.reports[0]
 
 
 def build_paper_critics(loss_cfg: Any, device: Any) -> Any:
@@ -153,7 +170,7 @@ def random_batch(batch: int, resolution: int, gen: Any, device: Any) -> dict[str
 
 def build_case(config: str, impl: str, critics: str, batch: int, device_name: str, seed: int,
                extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Model, task, optimizer and inputs of one bench case (built exactly as the trainer builds them)."""
+    """Model, task, optimizer, engine and inputs of one bench case (built exactly as the trainer builds them)."""
     import torch
 
     from g3dr.config import load_config
@@ -174,7 +191,8 @@ def build_case(config: str, impl: str, critics: str, batch: int, device_name: st
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                  weight_decay=t.weight_decay)
     inputs = random_batch(batch, cfg.data.resolution, torch.Generator().manual_seed(seed), device)
-    return {"cfg": cfg, "device": device, "model": model, "task": task, "optimizer": optimizer, "batch": inputs}
+    return {"cfg": cfg, "device": device, "model": model, "task": task, "optimizer": optimizer, "batch": inputs,
+            "engine": PlainEngine(model, optimizer, t.grad_clip)}
 
 
 def view_step(cfg: Any, view: str) -> int:
@@ -191,8 +209,7 @@ def _child(args: argparse.Namespace) -> None:
     from g3dr.train.trainer import parameter_digest
 
     case = build_case(args.config, args.impl, args.critics, args.batch, args.device, args.seed)
-    cfg, device, model, task, optimizer, batch = (case[k] for k in ("cfg", "device", "model", "task",
-                                                                     "optimizer", "batch"))
+    cfg, device, model = case["cfg"], case["device"], case["model"]
     torch.manual_seed(args.seed + 1)
 
     def sync() -> None:
@@ -215,11 +232,9 @@ def _child(args: argparse.Namespace) -> None:
             if i == args.warmup:
                 sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
-            report = train_step(task, model, optimizer, batch, step, cfg.train.grad_clip)
+            report = bench_step(case, step)
             if report["canonical"] != (view == "canonical"):
                 raise RuntimeError(f"Eq. 1 chose the wrong view at step {step} (r={report['view_r']})")
-            if not torch.isfinite(torch.tensor(report["loss/total"])):
-                raise RuntimeError(f"non-finite loss in the {view} step: {report}")
         sync()
         wall[view] = (time.perf_counter() - start) / args.steps
         cpu[view] = (time.process_time() - start_cpu) / args.steps

@@ -167,7 +167,8 @@ def _all_gather(value: Any, world_size: int) -> list[Any]:
     return out
 
 
-def _broadcast_from_0(value: Any, world_size: int) -> Any:
+def broadcast_from_0(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank (collective when ``world_size`` > 1 and a process group is up)."""
     if not _is_collective(world_size):
         return value
     box = [value]
@@ -198,7 +199,7 @@ def record_files(folder: str | Path, rank: int = 0, world_size: int = 1) -> dict
     """``{relative name: {"size", "sha256"}}`` of every file in ``folder``; collective when ``world_size`` > 1
     (each rank hashes every ``world_size``-th file; every rank returns the whole table)."""
     folder = Path(folder)
-    names = _broadcast_from_0(_checkpoint_files(folder) if rank == 0 else None, world_size)  # one listing for all
+    names = broadcast_from_0(_checkpoint_files(folder) if rank == 0 else None, world_size)  # one listing for all
     mine = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
             for name in names[rank::world_size]}
     table: dict[str, dict[str, Any]] = {}
@@ -244,7 +245,7 @@ def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> l
     non-empty model-states file and per-rank files.
     """
     path = Path(path)
-    meta = _broadcast_from_0(_meta_or_none(path) if rank == 0 else None, world_size)  # one table for all ranks
+    meta = broadcast_from_0(_meta_or_none(path) if rank == 0 else None, world_size)  # one table for all ranks
     if meta is None:
         local = [f"{META_FILENAME}: unreadable or not valid JSON (empty or truncated)"]
     elif not isinstance(meta.get("step"), int) or not isinstance(meta.get("world_size"), int):
@@ -330,7 +331,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path, rank: int = 0, world
     root = checkpoints_root(run_dir)
     while True:
         head = find_latest(root) if rank == 0 else None
-        name = _broadcast_from_0(head.name if head is not None else None, world_size)
+        name = broadcast_from_0(head.name if head is not None else None, world_size)
         if name is None:
             return None
         path = root / name
@@ -374,6 +375,22 @@ def _fsync_dir(path: Path) -> None:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The RNG seed of ``rank``, derived from the run's one seed (distinct per rank, stable across runs)."""
+    return (seed * 1_000_003 + rank * 7919 + 1) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs from ``seed``."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from g3dr.train.trainer import export_checkpoint
+    from g3dr.train.checkpointer import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}")

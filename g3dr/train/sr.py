@@ -15,13 +15,14 @@ Novel views get no term: they have no image to compare with at any size (docs/tr
 perceptual or CLIP term against the input was not used either).
 
 Everything else (DeepSpeed, checkpoints, exact resume, signals, MLflow) is :func:`g3dr.train.trainer.train`'s,
-run with :data:`SR_STAGE`. The export is the fp32 RCAN (:func:`g3dr.models.sr.save_sr`, ``source = train``).
+run with :data:`SR_STAGE` (a :class:`~g3dr.train.stage.TrainingStage`). The export is the fp32 RCAN
+(:func:`g3dr.models.sr.save_sr`, ``source = train``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from g3dr.config import Config
 from g3dr.distributed import DistEnv
 from g3dr.errors import ConfigError, WeightsError
 from g3dr.log import get_logger
-from g3dr.train.trainer import TrainingStage, checkpoint_fp32_state
+from g3dr.train.stage import Loader, TrainingStage, checkpoint_fp32_state, default_loader
 
 log = get_logger("g3dr.train.sr")
 
@@ -236,20 +237,8 @@ class SRStage(TrainingStage):
         critics = build_critics(cfg.loss, device, critics_dtype, target_resolution(cfg))
         return SRTask(cfg, generator, g_cfg, critics, model_dtype=dtype)
 
-    def build_loader(self, cfg: Config, dist: DistEnv) -> Iterable[dict[str, Any]]:
-        import sys
-
-        from g3dr.data import build_train_loader
-
-        target = target_resolution(cfg)
-        if cfg.data.source == "synthetic":
-            from g3dr.data.loader import ensure_synthetic
-
-            if dist.is_main:  # rank 0 writes the set once (at both sizes); the other ranks wait
-                ensure_synthetic(cfg, progress=sys.stderr.isatty(), target_resolution=target)
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-        return build_train_loader(cfg, dist, target_resolution=target)
+    def build_loader(self, cfg: Config, dist: DistEnv) -> Loader:
+        return default_loader(cfg, dist, target_resolution=target_resolution(cfg))
 
     def image_grid(self, module: nn.Module, cfg: Config, batch: dict[str, Any], dtype: torch.dtype,
                    report: dict[str, Any]) -> Any:

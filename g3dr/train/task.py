@@ -68,8 +68,8 @@ class G3DRTask:
 
         Returns the weighted total loss (a differentiable scalar) and a report: each computed unweighted
         term (``loss/<view>/<name>``, view ``canonical`` or ``novel``), its weight (``weight/<view>/<name>``),
-        ``loss/total``, ``canonical`` and the Eq. 1 draw ``view_r``; ``images`` holds the detached renders for
-        image grids.
+        ``loss/total``, ``canonical`` and the Eq. 1 draw ``view_r`` (no tensors: f_trigen's image grid renders
+        its own views).
         """
         loss_cfg = self.cfg.loss
         rgb, depth = batch["rgb"], batch["depth"]
@@ -109,7 +109,5 @@ class G3DRTask:
         report["loss/total"] = float(total.detach())
         report["canonical"] = canonical
         report["view_r"] = r
-        report["images"] = {"input": rgb.detach(), "render": render.detach(), "depth": out["depth"].detach(),
-                            "pseudo_depth": depth.detach()}
         return total, report
 

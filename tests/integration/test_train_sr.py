@@ -41,9 +41,10 @@ def test_resume_is_exact_and_the_export_loads(tmp_path, generator):
     from mlflow.tracking import MlflowClient
 
     from g3dr.models.sr import load_sr
+    from g3dr.train.checkpointer import export_checkpoint
     from g3dr.train.sr import SR_STAGE
     from g3dr.train.tracking import tracking_uri
-    from g3dr.train.trainer import export_checkpoint, parameter_digest, train
+    from g3dr.train.trainer import parameter_digest, train
 
     common = ["train.total_steps=4", "train.checkpoint_every=2"]
     straight = train(_cfg(tmp_path, "straight", generator, *common), stage=SR_STAGE)

@@ -412,7 +412,7 @@ def test_zero_stage_switch_that_would_lose_the_optimizer_state_is_refused(tmp_pa
 
 
 def test_data_position_on_a_new_world_starts_an_unused_epoch():
-    from g3dr.train.trainer import _fresh_data_position
+    from g3dr.train.checkpointer import fresh_data_position
 
     class Loader:
         def state_dict(self):
@@ -420,6 +420,6 @@ def test_data_position_on_a_new_world_starts_an_unused_epoch():
 
     saved = [{"data": {"epoch": 4, "batches_done": 3, "consumed": {"0": 5}}},
              {"data": {"epoch": 5, "batches_done": 1, "consumed": {"1": 2}}}]
-    position = _fresh_data_position(Loader(), saved)
+    position = fresh_data_position(Loader(), saved)
     assert position == {"epoch": 6, "batches_done": 0, "consumed": {}, "num_workers": 2, "batches_per_epoch": 9}
-    assert _fresh_data_position(Loader(), [{"data": None}])["epoch"] == 0
+    assert fresh_data_position(Loader(), [{"data": None}])["epoch"] == 0

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from g3dr.train.bench import build_case, train_step, view_step
+from g3dr.train.bench import bench_step, build_case, view_step
 
 
 @pytest.mark.parametrize("view", ["canonical", "novel"])
@@ -18,8 +18,7 @@ def test_train_step_updates_parameters_and_picks_the_view(tiny_config_path, view
     model, cfg = case["model"], case["cfg"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
-    report = train_step(case["task"], model, case["optimizer"], case["batch"], view_step(cfg, view),
-                        cfg.train.grad_clip)
+    report = bench_step(case, view_step(cfg, view))
     assert report["canonical"] == (view == "canonical")
     assert torch.isfinite(torch.tensor(report["loss/total"]))
     # The full objective of the view is in the step.

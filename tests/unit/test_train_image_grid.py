@@ -5,7 +5,7 @@ import torch
 
 from g3dr.config import load_config
 from g3dr.models.f_trigen import FTrigen
-from g3dr.train.trainer import GRID_COLUMNS, image_grid
+from g3dr.train.stage import GRID_COLUMNS, image_grid
 
 
 def test_grid_has_a_header_one_row_per_sample_and_coloured_depth():

@@ -1,6 +1,6 @@
 """The per-window training log line: every loss term, the rates and an ETA at the window's pace."""
 
-from g3dr.train.trainer import step_line
+from g3dr.train.metrics_log import step_line
 
 
 def test_step_line_lists_every_term_and_a_readable_eta():
