@@ -29,12 +29,12 @@ import torch
 
 from g3dr.config import Config, config_from_dict
 from g3dr.distributed import DistEnv, StopSignal, broadcast_object
-from g3dr.errors import ConfigError, DataError, WeightsError
+from g3dr.errors import ConfigError, DataError, TrackingError, WeightsError
 from g3dr.eval.evaluate import (GT_VIEWS, EvalInterrupted, EvalSpec, attach_sr_views, check_sr_render, eval_hash,
                                 evaluate_model, image_resolution)
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
-from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.log import get_logger
+from g3dr.tracking import EvalTracker, resolve_tracking
 
 log = get_logger("g3dr.eval")
 

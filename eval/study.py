@@ -258,7 +258,7 @@ def run_table_s1(args: argparse.Namespace) -> int:
     from g3dr.config import dump_config
     from g3dr.distributed import resolve_dist_env
     from g3dr.eval.runner import EvalOptions, Evaluator, checkpoint_ref
-    from g3dr.eval.tracking import EvalTracker, resolve_tracking
+    from g3dr.tracking import EvalTracker, resolve_tracking
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.study")

@@ -451,7 +451,7 @@ def train(cfg: Config, resume: str | None = None,
     from g3dr.train import checkpoint as ckpt
     from g3dr.train.ds_config import deepspeed_config
     from g3dr.train.schedules import StepSchedule
-    from g3dr.train.tracking import build_tracker
+    from g3dr.tracking import build_tracker
 
     stage = stage or F_TRIGEN
     stage.check(cfg)
