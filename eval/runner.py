@@ -80,6 +80,14 @@ def checkpoint_ref(path: str | Path) -> CheckpointRef:
     return CheckpointRef(path=path, step=int(meta["step"]), mtime=path.stat().st_mtime, training_run_id=run_id)
 
 
+def stored_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Config:
+    """The config an evaluation of the checkpoint ``path`` runs with: the one stored in it, with ``overrides``."""
+    from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+    meta = read_f_trigen_metadata(path)
+    return config_from_dict(meta["config"], overrides, source=f"{path} (stored config)")
+
+
 def discover_checkpoints(directory: str | Path, exclude: Path | None = None) -> list[CheckpointRef]:
     """Every readable f_trigen ``.safetensors`` under ``directory``, newest (highest step, then latest) first.
 
@@ -214,10 +222,7 @@ class Evaluator:
     # -- configuration ----------------------------------------------------------------------------
 
     def config_for(self, ref: CheckpointRef) -> Config:
-        from g3dr.models.checkpoint_io import read_f_trigen_metadata
-
-        meta = read_f_trigen_metadata(ref.path)
-        return config_from_dict(meta["config"], self.options.overrides, source=f"{ref.path} (stored config)")
+        return stored_config(ref.path, self.options.overrides)
 
     def device(self) -> torch.device:
         choice = self.options.device

@@ -14,9 +14,8 @@ import pytest
 WORKER = '''
 import json, sys
 from g3dr.config import load_config
-from g3dr.distributed import resolve_dist_env
+from g3dr.distributed import resolve_dist_env, shutdown_process_group
 from g3dr.log import setup_logging
-from g3dr.distributed import shutdown_process_group
 from g3dr.train.trainer import train
 
 setup_logging("INFO")
