@@ -203,7 +203,7 @@ def _git_state() -> tuple[str, str]:
     """(commit, "true"/"false") of the checkout this package runs from; ("unknown", "unknown") outside one."""
     import subprocess
 
-    where = Path(__file__).resolve().parents[2]
+    where = Path(__file__).resolve().parents[1]  # the checkout holding g3dr/
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

@@ -183,8 +183,10 @@ class EvalJob(LaunchedJob):
     def run(self, rdv: Rendezvous) -> int:
         from g3dr.eval.cli import run_request
 
-        log.info("%s: %s", self.name, self.request)
-        code = run_request(self.request)
+        r = self.request
+        target = f"--sweep {r.sweep}{' --watch' if r.watch else ''}" if r.sweep else f"--checkpoint {r.checkpoint}"
+        log.info("%s: g3dr eval %s %s", self.name, target, " ".join(r.overrides))
+        code = run_request(r)
         if code != 0:
             raise RuntimeError(f"{self.name}: the evaluation ended with status {code} (see the log above)")
         return code
