@@ -224,7 +224,7 @@ def check_eval_outputs(request: EvalRequest) -> None:
                                "pass --no-export, or make the run folder writable", create=False)
     elif request.out:
         check_writable_dir(request.out, "--out", create=False)
-    elif Path(request.checkpoint).is_file():  # the default beside it (a wrong path is reported by the checkpoint reader)
+    elif Path(request.checkpoint).is_file():  # the default beside it (the checkpoint reader reports a wrong path)
         check_writable_dir(Path(request.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk",
                            create=False)
     if request.save_images:

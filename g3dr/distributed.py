@@ -104,7 +104,8 @@ def _free_port() -> int:
 
 
 def init_process_group(dist: DistEnv, device_type: str, backend: str = "auto", timeout_minutes: int = 30,
-                       via: Literal["torch", "deepspeed"] = "torch", launch_hint: str = "torchrun or `g3dr submit`") -> bool:
+                       via: Literal["torch", "deepspeed"] = "torch",
+                       launch_hint: str = "torchrun or `g3dr submit`") -> bool:
     """Join the process group of this job; True when this call created it (the caller then owns
     :func:`shutdown_process_group`), False when one existed or none is needed.
 

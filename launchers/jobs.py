@@ -158,7 +158,8 @@ class TrainJob(LaunchedJob):
         return [0]
 
     def __repr__(self) -> str:
-        return f"TrainJob(stage={self.stage!r}, resume='auto', run_dir={self.config.run_dir!r}, requeues={self.requeues})"
+        return (f"TrainJob(stage={self.stage!r}, resume='auto', run_dir={self.config.run_dir!r}, "
+                f"requeues={self.requeues})")
 
 
 def train_job(config: str | None, overrides: Sequence[str], command: str = "train") -> TrainJob:
