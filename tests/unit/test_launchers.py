@@ -173,3 +173,27 @@ def test_eval_jobs_are_checkpoints_times_metrics(tmp_path):
         eval_jobs([a], [], ["--bogus"])
     with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
         check_g3dr_arguments(["eval", "--checkpoint", a, "--bogus"])
+
+
+def test_one_stop_signal_is_what_a_launched_training_hands_usr2_to():
+    """The trainer and eval share :class:`StopSignal`; a launched job finds the installed one without knowing who
+    installed it, and the previous handlers come back on exit."""
+    import os
+    import signal
+
+    from g3dr.distributed import StopSignal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    assert StopSignal.installed() is None
+    with StopSignal((signal.SIGTERM, signal.SIGUSR1)) as stop:
+        assert StopSignal.installed() is stop and not stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop() and stop.received == signal.SIGUSR1
+        inner = StopSignal().install()
+        assert StopSignal.installed() is inner
+        inner.uninstall()
+        assert StopSignal.installed() is stop
+    assert StopSignal.installed() is None and signal.getsignal(signal.SIGUSR1) is before
+    by_hand = StopSignal()
+    by_hand.request()
+    assert by_hand() and by_hand.received == signal.SIGTERM
