@@ -140,7 +140,8 @@ class TrainJob(LaunchedJob):
 
         signal.signal(signal.SIGUSR2, on_usr2)
         try:
-            log.info("%s: run_dir %s, resume auto", self.name, self.config.run_dir)
+            log.info("%s: g3dr %s --resume auto on the config resolved at submission (run_dir %s)", self.name,
+                     self.name, self.config.run_dir)
             result = run_training(self.config, resume="auto", stage=self.stage)
         finally:
             signal.signal(signal.SIGUSR2, submitit_handler)
