@@ -214,14 +214,14 @@ def _finish(args: argparse.Namespace, executor: str, jobs, what: str) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """``g3dr submit train`` and ``g3dr submit train-sr`` (``args.train_command``)."""
-    from g3dr.config import load_config
-    from g3dr.launchers.jobs import TrainJob
+    from g3dr.launchers.jobs import train_job
     from g3dr.launchers.submit import submit_jobs
 
     command = getattr(args, "train_command", "train")
     executor = _executor(args)
     options = _options(args, command)
-    cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
+    job = train_job(args.config, args.overrides, command)  # the config is resolved here: it fails now, not queued
+    cfg = job.config
     cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
     check_cpus(options.cpus_per_task, cfg.data.num_workers, executor)
     if command == "train-sr":
@@ -232,7 +232,6 @@ def run_train(args: argparse.Namespace) -> int:
         from g3dr.weights import verify_for
 
         verify_for(cfg, "train")  # a missing CLIP/VGG file fails here, not after the queue
-    job = TrainJob(cfg, "sr" if command == "train-sr" else "f_trigen")  # the config resolved above, not argv
     # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
     folder = Path(args.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
     sweep = None
