@@ -15,6 +15,7 @@ across ranks and gathered exactly.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from g3dr.models.render_cli import add_sr_arguments
 
@@ -116,37 +117,79 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     return (*out, *args.overrides)
 
 
+@dataclass(frozen=True)
+class EvalRequest:
+    """One ``g3dr eval --checkpoint``/``--sweep`` run, typed: what the command parses, and what a launched eval job
+    (``g3dr submit eval``) carries and runs with :func:`run_request`. Picklable."""
+
+    checkpoint: str | None = None
+    sweep: str | None = None
+    watch: bool = False
+    poll_s: float = 60.0
+    export: bool = True
+    """With ``sweep``: export DeepSpeed checkpoints to ``exports/`` first."""
+    overrides: tuple[str, ...] = ()
+    """The flags as dotted overrides, then the user's ``KEY=VALUE`` (:func:`overrides_from_args`)."""
+    out: str | None = None
+    mlflow_uri: str = ""
+    experiment: str = "g3dr-eval"
+    device: str = "auto"
+    retries: int = 3
+    save_images: str | None = None
+    progress: bool = True
+
+
+def request_from_args(args: argparse.Namespace) -> EvalRequest:
+    """The :class:`EvalRequest` of parsed ``g3dr eval`` arguments."""
+    return EvalRequest(checkpoint=args.checkpoint, sweep=args.sweep, watch=args.watch, poll_s=args.poll_seconds,
+                       export=not args.no_export, overrides=overrides_from_args(args), out=args.out,
+                       mlflow_uri=args.mlflow_uri, experiment=args.experiment, device=args.device, retries=args.retries,
+                       save_images=args.save_images, progress=not args.no_progress)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.score_images:
+        return _score_images(args)
+    return run_request(request_from_args(args))
+
+
+def run_request(request: EvalRequest) -> int:
+    """Evaluate one checkpoint or sweep a folder, on this rank of the job (joining the process group when there are
+    several); prints one line per checkpoint on rank 0. The exit status: 1 when a sweep had failures."""
     from pathlib import Path
 
+    from g3dr.distributed import init_process_group, resolve_dist_env, shutdown_process_group
     from g3dr.errors import ConfigError
-    from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, checkpoint_ref, run_sweep
+    from g3dr.eval.runner import EvalOptions, Evaluator, checkpoint_ref, run_sweep, stop_signal
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.eval")
-    if args.score_images:
-        return _score_images(args)
-    if args.watch and not args.sweep:
+    if request.watch and not request.sweep:
         raise ConfigError("--watch needs --sweep DIR")
-    check_eval_outputs(args)
-    dist, owns_group = _init_distributed()
-    stop = StopFlag().install()
+    check_eval_outputs(request)
+    dist = resolve_dist_env()
+    import torch
+
+    owns_group = init_process_group(dist, "cuda" if torch.cuda.is_available() else "cpu",
+                                    launch_hint="torchrun or `g3dr submit eval`")
+    stop = stop_signal().install()
     try:
-        sweep_dir = Path(args.sweep) if args.sweep else None
+        sweep_dir = Path(request.sweep) if request.sweep else None
         if sweep_dir is not None and not sweep_dir.is_dir():
             raise ConfigError(f"--sweep {sweep_dir}: not a directory")
-        out = Path(args.out) if args.out else (sweep_dir / "eval" if sweep_dir else None)
+        out = Path(request.out) if request.out else (sweep_dir / "eval" if sweep_dir else None)
         options = EvalOptions(
-            overrides=overrides_from_args(args), out_dir=out, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
-            tracking_base=sweep_dir or Path(args.checkpoint).parent, device=args.device, attempts=max(1, args.retries),
-            progress=not args.no_progress, save_images=Path(args.save_images) if args.save_images else None)
+            overrides=request.overrides, out_dir=out, mlflow_uri=request.mlflow_uri, experiment=request.experiment,
+            tracking_base=sweep_dir or Path(request.checkpoint).parent, device=request.device,
+            attempts=max(1, request.retries), progress=request.progress,
+            save_images=Path(request.save_images) if request.save_images else None)
         evaluator = Evaluator(options, dist, stop)
         if sweep_dir is None:
-            outcome = evaluator.evaluate(checkpoint_ref(args.checkpoint))
+            outcome = evaluator.evaluate(checkpoint_ref(request.checkpoint))
             if dist.is_main:
                 _print_outcome(outcome)
             return 0
-        report = run_sweep(sweep_dir, evaluator, watch=args.watch, poll_s=args.poll_seconds, export=not args.no_export)
+        report = run_sweep(sweep_dir, evaluator, watch=request.watch, poll_s=request.poll_s, export=request.export)
         if dist.is_main:
             for outcome in report.outcomes:
                 _print_outcome(outcome)
@@ -158,12 +201,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop.uninstall()
         if owns_group:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
+            shutdown_process_group(barrier=False)
 
 
-def check_eval_outputs(args: argparse.Namespace) -> None:
+def check_eval_outputs(request: EvalRequest) -> None:
     """Before any model or data is loaded: the folders eval writes can be written (an OutputError naming the flag,
     the folder and the cause otherwise: read-only, full, a file where a folder should be). Nothing is created:
     a job that stops later (missing weights) leaves no empty folders behind."""
@@ -172,22 +213,22 @@ def check_eval_outputs(args: argparse.Namespace) -> None:
     from g3dr.errors import ConfigError
     from g3dr.outputs import check_writable_dir
 
-    if args.sweep:
-        sweep_dir = Path(args.sweep)
+    if request.sweep:
+        sweep_dir = Path(request.sweep)
         if not sweep_dir.is_dir():
             raise ConfigError(f"--sweep {sweep_dir}: not a directory")
-        check_writable_dir(Path(args.out) if args.out else sweep_dir / "eval", "--out" if args.out else "eval folder",
-                           "pass --out DIR on a writable disk", create=False)
-        if not args.no_export and (sweep_dir / "checkpoints").is_dir():
+        check_writable_dir(Path(request.out) if request.out else sweep_dir / "eval",
+                           "--out" if request.out else "eval folder", "pass --out DIR on a writable disk", create=False)
+        if request.export and (sweep_dir / "checkpoints").is_dir():
             check_writable_dir(sweep_dir / "exports", "the exports folder of --sweep",
                                "pass --no-export, or make the run folder writable", create=False)
-    elif args.out:
-        check_writable_dir(args.out, "--out", create=False)
-    elif Path(args.checkpoint).is_file():  # the default beside it (a wrong path is reported by the checkpoint reader)
-        check_writable_dir(Path(args.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk",
+    elif request.out:
+        check_writable_dir(request.out, "--out", create=False)
+    elif Path(request.checkpoint).is_file():  # the default beside it (the checkpoint reader reports a wrong path)
+        check_writable_dir(Path(request.checkpoint).parent / "eval", "eval folder", "pass --out DIR on a writable disk",
                            create=False)
-    if args.save_images:
-        check_writable_dir(args.save_images, "--save-images", create=False)
+    if request.save_images:
+        check_writable_dir(request.save_images, "--save-images", create=False)
 
 
 def _score_images(args: argparse.Namespace) -> int:
@@ -231,28 +272,3 @@ def _print_by_step(outcomes, evaluator) -> None:
             columns.append((f"step {o.checkpoint.step} ({o.checkpoint.path.name})", metrics))
     if len(columns) >= 2:
         print(by_step_markdown(columns), end="", flush=True)
-
-
-def _init_distributed():
-    """Join the process group when launched with several ranks (torchrun / srun); returns (dist, owns_group)."""
-    import os
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as tdist
-
-    from g3dr.distributed import resolve_dist_env
-
-    dist = resolve_dist_env()
-    if dist.world_size == 1 or tdist.is_initialized():
-        return dist, False
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        from g3dr.errors import ConfigError
-
-        raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
-                          "launch with torchrun or `g3dr submit eval`")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
-    tdist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size, timeout=timedelta(minutes=30))
-    return dist, True

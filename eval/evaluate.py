@@ -45,13 +45,14 @@ import numpy as np
 import torch
 
 from g3dr.config import CameraConfig, Config, EvalConfig
+from g3dr.distributed import rank_and_world_size
 from g3dr.errors import ConfigError, DataError
 from g3dr.eval.report import format_scale, metric_key
 from g3dr.log import get_logger
 from g3dr.metrics.dataset_stats import STATS_RECIPE_VERSION
 from g3dr.metrics.depth import depth_accuracy_per_map, non_flatness_per_map
 from g3dr.metrics.fid import FeatureMoments, frechet_distance
-from g3dr.metrics.gather import _world, all_reduce_moments, as_numpy, gather_rows, shard_range
+from g3dr.metrics.gather import all_reduce_moments, as_numpy, gather_rows, shard_range
 from g3dr.metrics.image_folder import write_png_batch
 from g3dr.metrics.inception import FEATURE_DIM, InceptionDetector, quantize_images
 from g3dr.metrics.inception_score import inception_score
@@ -347,7 +348,7 @@ def evaluate_model(model: torch.nn.Module, cfg: Config, batches: Iterable[dict],
         raise ValueError("FID/IS need the Inception detector")
     if "fid" in spec.metrics and real_stats is None:
         raise ValueError("FID needs the dataset statistics")
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     block = shard_range(spec.total_samples, rank, world)
     batch_size = batch_size or cfg.eval.batch_size
     image_views = list(spec.views) if spec.needs_inception else []

@@ -12,7 +12,7 @@ and then
    KILLED and leaves ``complete: false`` on disk.
 
 Sweeps (:func:`run_sweep`) take checkpoints newest first and, with ``watch``, poll for new ones until a
-SIGTERM (:class:`StopFlag`) arrives; the stop is honoured between batches and between checkpoints.
+SIGTERM (:func:`stop_signal`) arrives; the stop is honoured between batches and between checkpoints.
 Only rank 0 talks to MLflow and writes files; decisions are broadcast so every rank does the same work.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,48 +28,22 @@ from typing import Any
 import torch
 
 from g3dr.config import Config, config_from_dict
-from g3dr.distributed import DistEnv
-from g3dr.errors import ConfigError, DataError, WeightsError
+from g3dr.distributed import DistEnv, StopSignal, broadcast_object
+from g3dr.errors import ConfigError, DataError, TrackingError, WeightsError
 from g3dr.eval.evaluate import (GT_VIEWS, EvalInterrupted, EvalSpec, attach_sr_views, check_sr_render, eval_hash,
                                 evaluate_model, image_resolution)
 from g3dr.eval.report import plot_metrics, save_grid, table_csv, table_markdown, table_rows
-from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
 from g3dr.log import get_logger
-from g3dr.metrics.gather import broadcast_object
+from g3dr.tracking import EvalTracker, resolve_tracking
 
 log = get_logger("g3dr.eval")
 
 RESULTS_FILE = "results.json"
 
 
-# ------------------------------------------------------------------------------------------------
-# Stop requests
-# ------------------------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set by SIGTERM (once installed) or by hand; polled between batches and checkpoints."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def request(self, *_: Any) -> None:
-        if not self.requested:
-            log.warning("stop requested: finishing nothing new; an evaluation in progress is abandoned")
-        self.requested = True
-
-    def install(self) -> StopFlag:
-        self._previous = signal.signal(signal.SIGTERM, self.request)
-        return self
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+def stop_signal() -> StopSignal:
+    """Eval's stop request: SIGTERM (once installed) or by hand; polled between batches and checkpoints."""
+    return StopSignal(notice="stop requested: finishing nothing new; an evaluation in progress is abandoned")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,6 +78,14 @@ def checkpoint_ref(path: str | Path) -> CheckpointRef:
     meta = read_f_trigen_metadata(path)
     run_id = str(meta.get("mlflow_run_id") or meta.get("training_run_id") or "")
     return CheckpointRef(path=path, step=int(meta["step"]), mtime=path.stat().st_mtime, training_run_id=run_id)
+
+
+def stored_config(path: str | Path, overrides: tuple[str, ...] = ()) -> Config:
+    """The config an evaluation of the checkpoint ``path`` runs with: the one stored in it, with ``overrides``."""
+    from g3dr.models.checkpoint_io import read_f_trigen_metadata
+
+    meta = read_f_trigen_metadata(path)
+    return config_from_dict(meta["config"], overrides, source=f"{path} (stored config)")
 
 
 def discover_checkpoints(directory: str | Path, exclude: Path | None = None) -> list[CheckpointRef]:
@@ -150,7 +131,7 @@ def export_training_checkpoints(run_dir: str | Path) -> list[Path]:
     from safetensors.torch import load_file, save_file
 
     from g3dr.train.checkpoint import checkpoints_root, list_complete, read_meta
-    from g3dr.train.trainer import export_f_trigen
+    from g3dr.train.stage import export_f_trigen
 
     run_dir = Path(run_dir)
     written = []
@@ -227,10 +208,10 @@ class Outcome:
 class Evaluator:
     """Evaluates checkpoints one after another; see the module docstring."""
 
-    def __init__(self, options: EvalOptions, dist: DistEnv, stop: StopFlag | None = None):
+    def __init__(self, options: EvalOptions, dist: DistEnv, stop: StopSignal | None = None):
         self.options = options
         self.dist = dist
-        self.stop = stop or StopFlag()
+        self.stop = stop or stop_signal()
         self.tracker: EvalTracker | None = None
         self._detectors: dict[str, Any] = {}
         self._srs: dict[str, Any] = {}
@@ -241,10 +222,7 @@ class Evaluator:
     # -- configuration ----------------------------------------------------------------------------
 
     def config_for(self, ref: CheckpointRef) -> Config:
-        from g3dr.models.checkpoint_io import read_f_trigen_metadata
-
-        meta = read_f_trigen_metadata(ref.path)
-        return config_from_dict(meta["config"], self.options.overrides, source=f"{ref.path} (stored config)")
+        return stored_config(ref.path, self.options.overrides)
 
     def device(self) -> torch.device:
         choice = self.options.device

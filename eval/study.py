@@ -135,7 +135,7 @@ def save_initialisation(cfg, path: Path) -> Path:
     """The weights every variant starts from (the trainer's init: everything seeded from ``train.seed``)."""
     from g3dr.models.checkpoint_io import save_f_trigen
     from g3dr.models.f_trigen import FTrigen
-    from g3dr.train.trainer import seed_everything
+    from g3dr.train.checkpoint import seed_everything
 
     if path.is_file():
         return path
@@ -258,7 +258,7 @@ def run_table_s1(args: argparse.Namespace) -> int:
     from g3dr.config import dump_config
     from g3dr.distributed import resolve_dist_env
     from g3dr.eval.runner import EvalOptions, Evaluator, checkpoint_ref
-    from g3dr.eval.tracking import EvalTracker, resolve_tracking
+    from g3dr.tracking import EvalTracker, resolve_tracking
     from g3dr.log import get_logger
 
     log = get_logger("g3dr.study")

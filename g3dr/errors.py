@@ -29,3 +29,8 @@ class WeightsError(G3DRError):
 class OutputError(G3DRError):
     """An output location cannot be written: a read-only file system, a full disk, no permission, or a file
     where a folder should be. The message names the location, the cause and what to do."""
+
+
+class TrackingError(G3DRError):
+    """The MLflow tracking store could not be reached or refused a write (after retries), where tracking must
+    succeed (evaluation; training's tracking never stops training)."""

@@ -166,8 +166,8 @@ def check_cpus(cpus_per_task: int, num_workers: int, executor: str) -> None:
                           "or lower data.num_workers")
 
 
-def check_g3dr_arguments(argv: list[str]) -> None:
-    """Parse ``g3dr ARGV`` as the job will, before submitting: a ConfigError with argparse's message if it fails."""
+def check_g3dr_arguments(argv: list[str]) -> argparse.Namespace:
+    """Parse ``g3dr ARGV`` before submitting: the namespace, or a ConfigError with argparse's message."""
     import contextlib
     import io
 
@@ -177,11 +177,18 @@ def check_g3dr_arguments(argv: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            build_parser().parse_args(argv)
+            return build_parser().parse_args(argv)
     except SystemExit as exit_:
-        if exit_.code:
-            msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
-            raise ConfigError(f"the job would run `g3dr {' '.join(argv)}`, which is invalid: {msg}") from None
+        msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
+        raise ConfigError(f"the job would run `g3dr {' '.join(argv)}`, which is invalid: {msg}") from None
+
+
+def eval_job(argv: list[str], name: str):
+    """An :class:`~g3dr.launchers.jobs.EvalJob` of the ``g3dr eval`` arguments ``argv`` (parsed here, once)."""
+    from g3dr.eval.cli import request_from_args
+    from g3dr.launchers.jobs import EvalJob
+
+    return EvalJob(request_from_args(check_g3dr_arguments(["eval", *argv])), name=name)
 
 
 def _executor(args: argparse.Namespace) -> str:
@@ -207,14 +214,14 @@ def _finish(args: argparse.Namespace, executor: str, jobs, what: str) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """``g3dr submit train`` and ``g3dr submit train-sr`` (``args.train_command``)."""
-    from g3dr.config import load_config
     from g3dr.launchers.jobs import train_job
     from g3dr.launchers.submit import submit_jobs
 
     command = getattr(args, "train_command", "train")
     executor = _executor(args)
     options = _options(args, command)
-    cfg = load_config(args.config, args.overrides)  # fails here, not in the queue
+    job = train_job(args.config, args.overrides, command)  # the config is resolved here: it fails now, not queued
+    cfg = job.config
     cfg.train.grad_accumulation(options.world_size)  # a ConfigError when the world size cannot divide the batch
     check_cpus(options.cpus_per_task, cfg.data.num_workers, executor)
     if command == "train-sr":
@@ -225,8 +232,6 @@ def run_train(args: argparse.Namespace) -> int:
         from g3dr.weights import verify_for
 
         verify_for(cfg, "train")  # a missing CLIP/VGG file fails here, not after the queue
-    job = train_job(str(Path(args.config).resolve()) if args.config else None, args.overrides, command)
-    check_g3dr_arguments(list(job.steps[0]))
     # Logs beside the checkpoints they belong to; run_dir itself is stable across requeues (resume).
     folder = Path(args.log_dir or Path(cfg.run_dir) / "slurm").resolve() / "%j"
     sweep = None
@@ -235,7 +240,6 @@ def run_train(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         sweep = sweep_job(str(Path(cfg.run_dir).resolve()), shlex.split(args.eval_args), watch=False)
-        check_g3dr_arguments(list(sweep.steps[0]))
         # One process evaluates (GPUs: one), after the training job has ended, however it ended.
         eval_options = replace(options, job_name=f"{options.job_name}-eval", nodes=1, tasks_per_node=0,
                                gpus_per_node=min(options.gpus_per_node, 1))
@@ -261,16 +265,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def sweep_job(directory: str, eval_args: list[str], watch: bool):
-    """One :class:`CommandJob` running ``g3dr eval --sweep DIR [--watch] EVAL_ARGS`` (idempotent, so a requeue
-    re-runs it safely: finished checkpoints are skipped)."""
-    from g3dr.launchers.jobs import CommandJob
-
+    """One eval job running ``g3dr eval --sweep DIR [--watch] EVAL_ARGS`` (idempotent, so a requeue re-runs it
+    safely: finished checkpoints are skipped)."""
     from g3dr.errors import ConfigError
 
     if any(a.startswith(("--checkpoint", "--sweep", "--watch")) for a in eval_args):
         raise ConfigError("the eval arguments of a sweep job must not name --checkpoint, --sweep or --watch")
-    return CommandJob([["eval", "--sweep", directory, *(["--watch"] if watch else []), "--no-progress", *eval_args]],
-                      name="eval-sweep")
+    return eval_job(["--sweep", directory, *(["--watch"] if watch else []), "--no-progress", *eval_args],
+                    name="eval-sweep")
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -332,29 +334,13 @@ def run_prep_shards(args: argparse.Namespace) -> int:
 
 
 def eval_jobs(checkpoints: list[str], metrics: list[str], eval_args: list[str]):
-    """One :class:`CommandJob` per checkpoint, or per (checkpoint, metric) when ``metrics`` is not empty."""
-    from g3dr.launchers.jobs import CommandJob
-
+    """One eval job per checkpoint, or per (checkpoint, metric) when ``metrics`` is not empty."""
     jobs = []
     for ck in checkpoints:
         for metric in metrics or [None]:
-            argv = ["eval", "--checkpoint", str(Path(ck).resolve()), *(["--metrics", metric] if metric else []),
-                    *eval_args]
-            jobs.append(CommandJob([argv], name=f"eval-{len(jobs)}"))
+            argv = ["--checkpoint", str(Path(ck).resolve()), *(["--metrics", metric] if metric else []), *eval_args]
+            jobs.append(eval_job(argv, name=f"eval-{len(jobs)}"))
     return jobs
-
-
-def eval_job_config(argv: list[str]):
-    """The config ``g3dr eval ARGV`` (one checkpoint) will run with: the checkpoint's stored config plus the
-    flags and overrides, as :class:`g3dr.eval.runner.Evaluator` builds it."""
-    from g3dr.launchers.main import build_parser
-    from g3dr.config import config_from_dict
-    from g3dr.eval.cli import overrides_from_args
-    from g3dr.models.checkpoint_io import read_f_trigen_metadata
-
-    ns = build_parser().parse_args(argv)
-    meta = read_f_trigen_metadata(ns.checkpoint)
-    return config_from_dict(meta["config"], overrides_from_args(ns), source=f"{ns.checkpoint} (stored config)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -367,7 +353,6 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.metrics:
             args.eval_args = ["--metrics", args.metrics, *args.eval_args]
         job = sweep_job(str(Path(args.sweep).resolve()), list(args.eval_args), watch=args.watch)
-        check_g3dr_arguments(list(job.steps[0]))
         executor = _executor(args)
         options = _options(args, "eval")
         folder = Path(args.log_dir or Path(args.sweep) / "eval-slurm").resolve() / "%j"
@@ -386,12 +371,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"checkpoint file(s) not found: {', '.join(missing)}")
     jobs_to_run = eval_jobs(args.checkpoints, metrics, list(args.eval_args))
-    for job in jobs_to_run:
-        check_g3dr_arguments(list(job.steps[0]))
-        if not args.skip_weights_check:
-            from g3dr.weights import verify_for
+    if not args.skip_weights_check:
+        from g3dr.eval.runner import stored_config
+        from g3dr.weights import verify_for
 
-            verify_for(eval_job_config(list(job.steps[0])), "eval")  # Inception when the job computes FID/IS
+        for job in jobs_to_run:  # Inception when the job computes FID/IS
+            verify_for(stored_config(job.request.checkpoint, job.request.overrides), "eval")
     executor = _executor(args)
     options = _options(args, "eval")
     folder = Path(args.log_dir or "outputs/eval-slurm").resolve() / "%j"

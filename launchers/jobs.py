@@ -1,11 +1,14 @@
 """The callables that launched jobs run: small, picklable, the same object under the local and SLURM executors.
 
-A job holds only plain arguments (paths, argument lists); heavy code is imported inside ``__call__``. Every
-job follows submitit's checkpoint/requeue protocol: on the preemption or time-limit signal (USR2) rank 0 calls
-``checkpoint()``, which returns a delayed resubmission of the job itself; submitit then requeues the SLURM job
-and the next run calls ``__call__`` again. The jobs keep their state in their output folders (training resumes
-from its newest checkpoint in ``run_dir``; shard writing skips finished shards), so the resubmitted object
-needs nothing new except its requeue count.
+A job holds only plain, picklable arguments -- a training job the resolved :class:`~g3dr.config.Config`, an eval
+job a typed :class:`~g3dr.eval.cli.EvalRequest` -- and calls the library directly in ``__call__``, where the heavy
+code is imported; it never goes back through the ``g3dr`` command line. (Data preparation jobs still run ``g3dr
+prep`` argument lists: :class:`CommandJob`.) Every job follows submitit's checkpoint/requeue protocol: on the
+preemption or time-limit signal (USR2) rank 0 calls ``checkpoint()``, which returns a delayed resubmission of the
+job itself; submitit then requeues the SLURM job and the next run calls ``__call__`` again. The jobs keep their
+state in their output folders (training resumes from its newest checkpoint in ``run_dir``; shard writing skips
+finished shards; a sweep skips finished evaluations), so the resubmitted object needs nothing new except its
+requeue count.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from g3dr.launchers.rendezvous import Rendezvous, rendezvous_from_env
 from g3dr.log import get_logger
@@ -22,11 +25,8 @@ log = get_logger("g3dr.launchers")
 
 
 class LaunchedJob:
-    """Base of every launched job: rendezvous, requeue bookkeeping, then :meth:`run`.
-
-    Subclasses implement ``run(rdv) -> result`` and may override :meth:`on_signal` (called on rank 0 before
-    the requeue, e.g. to flush state).
-    """
+    """Base of every launched job: rendezvous, logging, requeue bookkeeping, then :meth:`run` (``run(rdv) ->
+    result``, what subclasses implement)."""
 
     name = "job"
 
@@ -34,20 +34,21 @@ class LaunchedJob:
         from g3dr.log import requested_level
 
         self.requeues = 0
+        """Times this job object was resubmitted by :meth:`checkpoint` (counts local requeues too)."""
         self.log_level = requested_level()
         """The console level the submitting user asked for (None: the job's own default)."""
-        """Times this job object was resubmitted by :meth:`checkpoint` (counts local requeues too)."""
 
     def requeue_count(self, rdv: Rendezvous) -> int:
         """Times this job was requeued: SLURM's restart count, or our own count where SLURM has none."""
         return max(self.requeues, rdv.restarts)
 
     def __call__(self) -> Any:
-        from g3dr.log import requested_level, setup_logging
+        from g3dr.log import request_level, requested_level, setup_logging
 
-        rdv = rendezvous_from_env(os.environ)
+        rdv = rendezvous_from_env()
         os.environ.update(rdv.env())
-        setup_logging(getattr(self, "log_level", None) or requested_level() or "INFO")
+        request_level(self.log_level)  # as `g3dr --log-level` would: training then keeps it over logging.level
+        setup_logging(self.log_level or requested_level() or "INFO")
         log.info("%s: task %d/%d (local %d) on %s, job %s (%s), master %s:%d, requeue count %d",
                  self.name, rdv.rank, rdv.world_size, rdv.local_rank, socket.gethostname(), rdv.job_id, rdv.source,
                  rdv.master_addr, rdv.master_port, self.requeue_count(rdv))
@@ -56,14 +57,10 @@ class LaunchedJob:
     def run(self, rdv: Rendezvous) -> Any:
         raise NotImplementedError
 
-    def on_signal(self) -> None:
-        """Hook run on rank 0 when the job is signalled, before it is requeued."""
-
     def checkpoint(self, *args: Any, **kwargs: Any):
         """submitit's protocol: a delayed resubmission of this job, with its requeue count advanced."""
         import submitit
 
-        self.on_signal()
         resubmitted = copy.copy(self)
         resubmitted.requeues = self.requeues + 1
         log.warning("%s: signalled (preemption or time limit); requeueing, this will be requeue #%d",
@@ -72,7 +69,8 @@ class LaunchedJob:
 
 
 class CommandJob(LaunchedJob):
-    """Run ``g3dr`` subcommands in this process, one after the other (``steps`` are argument lists).
+    """Run ``g3dr`` subcommands in this process, one after the other (``steps`` are argument lists): the data
+    preparation jobs, whose arguments are ``g3dr prep``'s own.
 
     The job fails (raises) on the first step whose exit code is not 0; the result is the list of exit codes.
     """
@@ -98,59 +96,56 @@ class CommandJob(LaunchedJob):
 
     def argv(self, step: Sequence[str]) -> list[str]:
         """The ``g3dr`` arguments of one step, with the submitting user's ``--log-level`` when one was given."""
-        level = getattr(self, "log_level", None)  # None in a job pickled before the attribute existed
-        return [*(["--log-level", level] if level else []), *step]
+        return [*(["--log-level", self.log_level] if self.log_level else []), *step]
 
     def __repr__(self) -> str:
         return f"CommandJob(name={self.name!r}, steps={self.steps!r}, requeues={self.requeues})"
 
 
-EXIT_PREEMPTED = 75
-"""``g3dr train``'s exit status after it checkpointed on a stop signal (EX_TEMPFAIL; see g3dr.train.trainer)."""
+class TrainJob(LaunchedJob):
+    """One task of ``g3dr train --resume auto`` (``stage="sr"``: of ``g3dr train-sr``) on the resolved ``config``;
+    every task of the job runs it and they meet at the rendezvous.
 
-
-class TrainJob(CommandJob):
-    """One task of ``g3dr train --resume auto`` (or ``g3dr train-sr``: ``command``); every task of the job runs it
-    and they meet at the rendezvous.
-
-    The preemption/time-limit signal (USR2, sent by SLURM to every task) is handed to the trainer's own stop
-    handler (the one it installs for SIGTERM/SIGUSR1 while training): all ranks finish the current step, save
-    a checkpoint and return ``EXIT_PREEMPTED``; then rank 0 runs submitit's requeue (``checkpoint()`` below)
-    and the requeued job resumes from that checkpoint and the same MLflow run. A signal outside the training
-    loop (start-up, export) goes straight to submitit: requeue now, resume from the newest checkpoint.
+    The preemption/time-limit signal (USR2, sent by SLURM to every task) is handed to the trainer's stop signal
+    (the :class:`~g3dr.distributed.StopSignal` installed while training): all ranks finish the current step, save
+    a checkpoint and return preempted; then rank 0 runs submitit's requeue (``checkpoint()`` above) and the
+    requeued job resumes from that checkpoint and the same MLflow run. A signal outside the training loop
+    (start-up, export) goes straight to submitit: requeue now, resume from the newest checkpoint.
     """
 
-    def __init__(self, config: str | None, overrides: Sequence[str], command: str = "train") -> None:
-        if command not in ("train", "train-sr"):
-            raise ValueError(f"a training job runs g3dr train or g3dr train-sr, not {command!r}")
-        argv = [command, *(["--config", config] if config else []), "--resume", "auto", *overrides]
-        super().__init__([argv], name=command)
+    def __init__(self, config: Any, stage: Literal["f_trigen", "sr"] = "f_trigen") -> None:
+        super().__init__()
+        self.config = config
+        self.stage = stage
+        self.name = "train-sr" if stage == "sr" else "train"
 
-    def run(self, rdv: Rendezvous) -> list[int]:
+    def run(self, rdv: Rendezvous) -> Any:
         import signal
         import time
 
-        from g3dr.launchers.main import main
+        from g3dr.distributed import StopSignal
+        from g3dr.train.cli import run_training
 
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         received: list[int] = []
 
         def on_usr2(signum: int, frame: Any) -> None:
-            trainer_stop = signal.getsignal(signal.SIGUSR1)
-            if type(getattr(trainer_stop, "__self__", None)).__name__ == "StopSignal":  # the trainer's, in its loop
+            stop = StopSignal.installed()
+            if stop is not None:  # the trainer's, in its loop
                 log.warning("%s: USR2 received: checkpointing at the end of this step, then requeueing", self.name)
                 received.append(signum)
-                trainer_stop(signal.SIGUSR1, frame)
+                stop.request(signal.SIGUSR1, frame)
             elif callable(submitit_handler):
                 submitit_handler(signum, frame)
 
         signal.signal(signal.SIGUSR2, on_usr2)
         try:
-            log.info("%s: g3dr %s", self.name, " ".join(self.steps[0]))
-            code = main(self.argv(self.steps[0]))
+            log.info("%s: g3dr %s --resume auto on the config resolved at submission (run_dir %s)", self.name,
+                     self.name, self.config.run_dir)
+            result = run_training(self.config, resume="auto", stage=self.stage)
         finally:
             signal.signal(signal.SIGUSR2, submitit_handler)
-        if code == EXIT_PREEMPTED:
+        if result.preempted:
             # The trainer saved a checkpoint on every rank. Rank 0 requeues (submitit: checkpoint() + scontrol
             # requeue + exit); the other ranks wait for the requeue to end them.
             log.warning("%s: stopped after a checkpoint (%s); requeueing", self.name,
@@ -161,14 +156,45 @@ class TrainJob(CommandJob):
                 time.sleep(120)
             raise RuntimeError("training stopped by a signal and the job could not be requeued; "
                                "resubmit it (it resumes from its newest checkpoint)")
-        if code != 0:
-            raise RuntimeError(f"`g3dr {' '.join(self.steps[0])}` exited with status {code} (see the log above)")
-        return [code]
+        return [0]
+
+    def __repr__(self) -> str:
+        return (f"TrainJob(stage={self.stage!r}, resume='auto', run_dir={self.config.run_dir!r}, "
+                f"requeues={self.requeues})")
 
 
 def train_job(config: str | None, overrides: Sequence[str], command: str = "train") -> TrainJob:
-    """The job of ``g3dr submit train`` (``command="train-sr"``: of ``g3dr submit train-sr``): see :class:`TrainJob`."""
-    return TrainJob(config, overrides, command)
+    """The job of ``g3dr submit train`` (``command="train-sr"``: of ``g3dr submit train-sr``) on the config file
+    ``config`` with ``overrides``, resolved now: see :class:`TrainJob`."""
+    from g3dr.config import load_config
+
+    if command not in ("train", "train-sr"):
+        raise ValueError(f"a training job runs g3dr train or g3dr train-sr, not {command!r}")
+    return TrainJob(load_config(config, list(overrides)), "sr" if command == "train-sr" else "f_trigen")
+
+
+class EvalJob(LaunchedJob):
+    """One ``g3dr eval`` run (a checkpoint, or a sweep of a folder) from its typed request; every task of the job
+    runs it (samples are split across ranks). A sweep is idempotent, so a requeue re-runs it safely."""
+
+    def __init__(self, request: Any, name: str = "eval") -> None:
+        super().__init__()
+        self.request = request
+        self.name = name
+
+    def run(self, rdv: Rendezvous) -> int:
+        from g3dr.eval.cli import run_request
+
+        r = self.request
+        target = f"--sweep {r.sweep}{' --watch' if r.watch else ''}" if r.sweep else f"--checkpoint {r.checkpoint}"
+        log.info("%s: g3dr eval %s %s", self.name, target, " ".join(r.overrides))
+        code = run_request(r)
+        if code != 0:
+            raise RuntimeError(f"{self.name}: the evaluation ended with status {code} (see the log above)")
+        return code
+
+    def __repr__(self) -> str:
+        return f"EvalJob(name={self.name!r}, request={self.request!r}, requeues={self.requeues})"
 
 
 def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:

@@ -1,18 +1,19 @@
-"""Rendezvous of a launched job's tasks, read from the scheduler's environment.
+"""Rendezvous of a launched job's tasks, read from the scheduler's environment by submitit.
 
-Under SLURM the master is the first host of ``SLURM_JOB_NODELIST`` (expanded by ``scontrol show hostnames``) and
-the port is derived from the job id, so every task of a job computes the same address without talking to the
-others, and two jobs sharing a node use different ports. Under submitit's local executor the master is
-127.0.0.1 and the port comes from the local job id. The result is exported as the torchrun variables
+Under SLURM the master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id, so
+every task of a job computes the same address without talking to the others, and two jobs sharing a node use
+different ports. Under submitit's local executor the master is 127.0.0.1 and the port comes from the local job
+id. The result is exported as the torchrun variables
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), which
 :func:`g3dr.distributed.resolve_dist_env` reads first.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 from g3dr.errors import ConfigError
 
@@ -54,41 +55,31 @@ class Rendezvous:
         }
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
-    if name not in env:
-        if default is None:
-            raise ConfigError(f"environment variable {name} is missing: not inside a launched job?")
-        return default
-    try:
-        return int(env[name])
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+def rendezvous_from_env() -> Rendezvous:
+    """The rendezvous of this task inside a submitit job (SLURM or local), else of a single process.
 
-
-def rendezvous_from_env(env: Mapping[str, str], hostnames=None) -> Rendezvous:
-    """The rendezvous of this task from a SLURM or submitit-local environment (or a single process).
-
-    ``hostnames(nodelist) -> list[str]`` expands a SLURM node list; default ``scontrol show hostnames``.
+    Read with submitit's :class:`~submitit.helpers.TorchDistributedEnvironment` (the master is the first host of
+    the job's node list; ranks, world size and local world size from the scheduler), with two choices of ours:
+    the port is :func:`port_from_job_id` of the scheduler's job id (submitit's default, a random one seeded by the
+    job id, may take ``$MASTER_PORT`` from the submitting shell), and a local job meets at 127.0.0.1 (this host's
+    name need not resolve to a local interface).
     """
-    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
-        if hostnames is None:
-            from g3dr.launchers.slurm import expand_hostnames as hostnames
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise ConfigError("SLURM_JOB_NODELIST is not set: cannot find the master node")
-        hosts = hostnames(nodelist)
-        world = _int(env, "SLURM_NTASKS")
-        num_nodes = _int(env, "SLURM_JOB_NUM_NODES", len(hosts))
-        return Rendezvous(master_addr=hosts[0], master_port=port_from_job_id(env["SLURM_JOB_ID"]),
-                          rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID", 0), world_size=world,
-                          local_world_size=max(1, world // max(1, num_nodes)), node_rank=_int(env, "SLURM_NODEID", 0),
-                          job_id=env["SLURM_JOB_ID"], restarts=_int(env, "SLURM_RESTART_COUNT", 0), source="slurm")
-    if "SUBMITIT_LOCAL_JOB_ID" in env:
-        world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
-        return Rendezvous(master_addr="127.0.0.1", master_port=port_from_job_id(env["SUBMITIT_LOCAL_JOB_ID"]),
-                          rank=_int(env, "SUBMITIT_LOCAL_GLOBALID", 0),
-                          local_rank=_int(env, "SUBMITIT_LOCAL_LOCALID", 0),
-                          world_size=world, local_world_size=world, node_rank=0,
-                          job_id=env["SUBMITIT_LOCAL_JOB_ID"], restarts=0, source="local")
-    return Rendezvous(master_addr="127.0.0.1", master_port=29500, rank=0, local_rank=0, world_size=1,
-                      local_world_size=1, node_rank=0, job_id="0", restarts=0, source="single")
+    import submitit
+
+    try:
+        job = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return Rendezvous(master_addr="127.0.0.1", master_port=29500, rank=0, local_rank=0, world_size=1,
+                          local_world_size=1, node_rank=0, job_id="0", restarts=0, source="single")
+    slurm = job.cluster == "slurm"
+    if slurm:
+        for name in ("SLURM_NTASKS", "SLURM_JOB_NODELIST"):
+            if name not in os.environ:  # submitit would default to one task on this host
+                raise ConfigError(f"environment variable {name} is missing: not inside a launched SLURM job?")
+    torch_env = submitit.helpers.TorchDistributedEnvironment()
+    return Rendezvous(master_addr=torch_env.master_addr if slurm else "127.0.0.1",
+                      master_port=port_from_job_id(job.raw_job_id), rank=torch_env.rank,
+                      local_rank=torch_env.local_rank, world_size=torch_env.world_size,
+                      local_world_size=torch_env.local_world_size, node_rank=job.node, job_id=job.raw_job_id,
+                      restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)) if slurm else 0,
+                      source="slurm" if slurm else "local")

@@ -129,11 +129,6 @@ def check_request(parts: dict[str, PartitionInfo], partition: str | None, nodes:
     return info
 
 
-def expand_hostnames(nodelist: str) -> list[str]:
-    """``scontrol show hostnames`` of a SLURM node list (``n[01-03],gpu7`` -> n01, n02, n03, gpu7)."""
-    return _run(["scontrol", "show", "hostnames", nodelist]).split()
-
-
 def job_state(job_id: str) -> tuple[str, int]:
     """``(JobState, Restarts)`` of a job from ``scontrol show job``; ``("UNKNOWN", 0)`` once SLURM forgot it."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)

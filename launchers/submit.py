@@ -142,8 +142,12 @@ def check_cluster(options: LaunchOptions) -> slurm.PartitionInfo:
 
 
 def render_sbatch(folder: str | Path, options: LaunchOptions, array_size: int = 1) -> str:
-    """The sbatch script submitit writes for this submission (same function, same parameters)."""
-    from submitit.slurm.slurm import _make_sbatch_string  # the one submitit itself uses when submitting
+    """The sbatch script submitit writes for this submission (same function, same parameters).
+
+    The one use of a private submitit function: submitit 1.5 has no public way to render the script without
+    submitting it (``SlurmExecutor`` writes it only inside ``submit``), so ``--dry-run`` calls the function that
+    ``SlurmExecutor`` itself calls; keep it here, and only here."""
+    from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=str(folder), map_count=array_size if array_size > 1 else None,
@@ -234,7 +238,7 @@ def wait_jobs(jobs: Sequence[Any], timeout_s: float = 3600.0, poll_s: float = 1.
                     pending.remove(job)
                 continue
             # Every task writes its own result; a multi-task job is done when all have.
-            if all(task.paths.result_pickle.exists() for task in (job._sub_jobs or [job])):
+            if all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks)):
                 pending.remove(job)
                 continue
             state, _ = slurm.job_state(job.job_id)
@@ -254,6 +258,8 @@ def wait_jobs(jobs: Sequence[Any], timeout_s: float = 3600.0, poll_s: float = 1.
 
 def job_restarts(job: Any) -> int:
     """How many times SLURM restarted (requeued) ``job`` so far (0 for local jobs)."""
-    if type(job).__name__ != "SlurmJob":
+    import submitit
+
+    if not isinstance(job, submitit.SlurmJob):
         return 0
     return slurm.job_state(job.job_id)[1]

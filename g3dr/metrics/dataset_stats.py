@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from g3dr.distributed import all_ranks_true, rank_and_world_size
 from g3dr.errors import DataError
 from g3dr.log import get_logger
 from g3dr.metrics.fid import FeatureMoments, load_moments
-from g3dr.metrics.gather import _world, all_ranks_true, all_reduce_moments, shard_range
+from g3dr.metrics.gather import all_reduce_moments, shard_range
 from g3dr.metrics.inception import FEATURE_DIM, quantize_images
 
 log = get_logger("g3dr.metrics")
@@ -98,7 +99,7 @@ def compute_dataset_moments(batches: Iterable[dict], features_fn: Callable[[torc
     ``max_items`` when every rank's loader holds enough samples. ``features_fn`` maps uint8 images to
     ``(n, 2048)`` features (:meth:`InceptionDetector.features`).
     """
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     limit = None if max_items is None else len(shard_range(max_items, rank, world))
     moments = FeatureMoments(FEATURE_DIM)
     bar = None
@@ -168,7 +169,7 @@ def cached_dataset_stats(cache_dir: str | Path, key: dict[str, Any], compute: Ca
         log.info("FID statistics from cache %s (%d images)", path, count)
         return mu, sigma, count, path
     moments = compute()
-    rank, _ = _world()
+    rank, _ = rank_and_world_size()
     if rank == 0:
         moments.save(path, **{k: str(v) for k, v in key.items()})
         log.info("FID statistics of %d images written to %s", moments.count, path)

@@ -7,7 +7,8 @@ only for the collective, then trimming), and :func:`all_reduce_moments` sums flo
 equals the single-process computation exactly, for any N and world size.
 
 Works with or without an initialised ``torch.distributed`` process group (gloo on CPU, NCCL on GPU);
-without one (or with one rank) every function is the identity.
+without one (or with one rank) every function is the identity. The generic collectives (``broadcast_object``,
+``all_ranks_true``) and the process group itself are :mod:`g3dr.distributed`'s.
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from g3dr.distributed import collective_device, rank_and_world_size
 from g3dr.metrics.fid import FeatureMoments
-
-
-def _world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
 
 
 def shard_range(num_samples: int, rank: int | None = None, world_size: int | None = None) -> range:
@@ -34,16 +30,10 @@ def shard_range(num_samples: int, rank: int | None = None, world_size: int | Non
     current process group's rank and size.
     """
     if rank is None or world_size is None:
-        rank, world_size = _world()
+        rank, world_size = rank_and_world_size()
     if num_samples < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad shard request: {num_samples} samples, rank {rank}, world size {world_size}")
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
-
-
-def _collective_device() -> torch.device:
-    if tdist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -55,10 +45,10 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     same ValueError (no rank is left waiting in a collective). Returns a CPU tensor with exactly
     ``sum(n_rank)`` rows.
     """
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     if world == 1:
         return x.detach().cpu()
-    device = _collective_device()
+    device = collective_device()
     local = x.detach()
     # One small object gather: rows, trailing shape and dtype of every rank (the collective shapes below
     # must match on all ranks, or gloo/NCCL would fail or wait).
@@ -84,12 +74,12 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_moments(moments: FeatureMoments) -> FeatureMoments:
     """Sum the float64 moments of all ranks (each over its own samples); returns a new accumulator."""
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     out = FeatureMoments(moments.dim)
     if world == 1:
         out.merge(moments)
         return out
-    device = _collective_device()
+    device = collective_device()
     flat = torch.cat([
         torch.tensor([float(moments.count)], dtype=torch.float64),
         torch.from_numpy(moments.sum),
@@ -101,26 +91,6 @@ def all_reduce_moments(moments: FeatureMoments) -> FeatureMoments:
     out.sum = flat[1:1 + moments.dim].copy()
     out.outer_sum = flat[1 + moments.dim:].reshape(moments.dim, moments.dim).copy()
     return out
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (picklable objects; identity without a process group)."""
-    rank, world = _world()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_ranks_true(flag: bool) -> bool:
-    """True when ``flag`` is true on every rank (e.g. "my cache file exists")."""
-    rank, world = _world()
-    if world == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
 
 
 def as_numpy(x: torch.Tensor) -> np.ndarray:

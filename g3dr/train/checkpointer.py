@@ -121,7 +121,7 @@ class CheckpointManager:
         if warning:
             log.warning("%s", warning)
         # A rollback (resuming from an older checkpoint than the newest): the newer ones are set aside, `latest`
-        # names the one resumed from, and the MLflow run is forked (g3dr.train.tracking).
+        # names the one resumed from, and the MLflow run is forked (g3dr.tracking).
         abandoned = ckpt.broadcast_from_0(ckpt.set_aside_newer(self.root, path) if dist.is_main else None,
                                           dist.world_size) or []
         return ResumePlan(path, meta, abandoned, universal=self._needs_universal(path))

@@ -8,6 +8,7 @@ size from the environment). Registering is cheap; torch and deepspeed are import
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 
 from g3dr.config_cli import add_config_arguments
 
@@ -43,29 +44,34 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from g3dr.config import load_config
-    from g3dr.log import get_logger
-    from g3dr.train.trainer import EXIT_PREEMPTED, shutdown_distributed, train
+    from g3dr.train.trainer import EXIT_PREEMPTED
 
-    cfg = load_config(args.config, args.overrides)
-    from g3dr.log import requested_level, setup_logging
+    result = run_training(load_config(args.config, args.overrides), resume=args.resume, export=not args.no_export,
+                          progress=not args.no_progress, stage=getattr(args, "stage", "f_trigen"))
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+def run_training(cfg, resume: str | None = None, export: bool = True, progress: bool = True,
+                 stage: Literal["f_trigen", "sr"] = "f_trigen"):
+    """One rank's training of the resolved config ``cfg``, as ``g3dr train`` (``stage="sr"``: ``g3dr train-sr``)
+    runs it and as the launched training job calls it: the console level (the config's ``logging.level`` unless
+    one was requested), the weight files checked, :func:`~g3dr.train.trainer.train`, then every rank leaves the
+    process group together. Returns the :class:`~g3dr.train.trainer.TrainResult`."""
+    from g3dr.distributed import resolve_dist_env, shutdown_process_group
+    from g3dr.log import get_logger, requested_level, setup_logging
+    from g3dr.train.trainer import train
+    from g3dr.weights import verify_for
 
     if requested_level() is None:  # neither --log-level nor $G3DR_LOG_LEVEL: the config's logging.level
         setup_logging(cfg.logging.level)
-    from g3dr.distributed import resolve_dist_env
-    from g3dr.weights import verify_for
-
     # Before any process group: every rank checks the same files and fails alike (hashes are cached).
     verify_for(cfg, "train", progress=resolve_dist_env().is_main)
-    stage = None
-    if getattr(args, "stage", "f_trigen") == "sr":
-        from g3dr.train.sr import SR_STAGE as stage
-    result = train(cfg, resume=args.resume, export=not args.no_export, progress=not args.no_progress, stage=stage)
-    shutdown_distributed()  # every rank leaves together (also after a preemption: all ranks stopped at one step)
-    log = get_logger("g3dr.train")
-    if result.preempted:
-        return EXIT_PREEMPTED
-    if result.already_finished:  # the trainer said what happened; nothing was trained or rewritten
-        return 0
-    log.info("done: step %d, checkpoint %s, export %s, MLflow run %s", result.step, result.checkpoint,
-             result.export, result.run_id)
-    return 0
+    training_stage = None
+    if stage == "sr":
+        from g3dr.train.sr import SR_STAGE as training_stage
+    result = train(cfg, resume=resume, export=export, progress=progress, stage=training_stage)
+    shutdown_process_group()  # every rank leaves together (also after a preemption: all ranks stopped at one step)
+    if not (result.preempted or result.already_finished):  # else the trainer said what happened
+        get_logger("g3dr.train").info("done: step %d, checkpoint %s, export %s, MLflow run %s", result.step,
+                                      result.checkpoint, result.export, result.run_id)
+    return result

@@ -9,7 +9,7 @@ through their ``should_*`` checks:
   state saved and restored (engine, RNG states, data position, MLflow run id), ``should_save``, the exports;
 - :class:`~g3dr.train.metrics_log.MetricsLogger` (``g3dr/train/metrics_log.py``): the logging window, the
   progress bar and the image grids, ``should_log`` / ``should_log_images``;
-- the tracker (:mod:`g3dr.train.tracking`), the :class:`StopSignal` and the loader (:class:`~g3dr.train.stage.Loader`).
+- the tracker (:mod:`g3dr.tracking`), the :class:`StopSignal` and the loader (:class:`~g3dr.train.stage.Loader`).
 
 What is trained is a :class:`~g3dr.train.stage.TrainingStage` (``g3dr/train/stage.py``): it supplies the model,
 the task (forward + loss), the loader, the image grid and the fp32 export. :data:`~g3dr.train.stage.F_TRIGEN`
@@ -26,26 +26,23 @@ and RNG and data position are re-derived from the seed and the step.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
 from g3dr.config import CONFIG_FILENAME, Config, save_config
-from g3dr.distributed import DistEnv, resolve_dist_env
+from g3dr.distributed import (DistEnv, StopSignal, all_ranks_true, any_rank_flags, init_process_group,
+                              resolve_dist_env)
 from g3dr.errors import ConfigError, G3DRError, OutputError
 from g3dr.log import get_logger
 from g3dr.train.checkpoint import seed_everything
 from g3dr.train.checkpointer import CheckpointManager, ResumePlan, check_outputs
 from g3dr.train.metrics_log import MetricsLogger
 from g3dr.train.stage import F_TRIGEN, Batch, Loader, TrainingStage, as_loader
-from g3dr.train.stage import export_f_trigen  # noqa: F401 - eval/runner.py imports it from here
 
 log = get_logger("g3dr.train")
 
@@ -89,124 +86,6 @@ def resolve_device(cfg: Config, dist: DistEnv) -> torch.device:
         torch.cuda.set_device(dist.local_rank)
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def extensions_dir() -> str:
-    """Where DeepSpeed's JIT-built ops go: ``$TORCH_EXTENSIONS_DIR`` when set, else ``torch_extensions`` inside
-    this Python environment (``sys.prefix``), so two virtualenvs never rebuild each other's copy in the shared
-    default (``~/.cache/torch_extensions``) whatever the entry point (``g3dr``, ``torchrun``, a script, submitit)."""
-    import sys
-
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
-
-
-def _skip_unused_deepspeed_ops() -> None:
-    """Keep DeepSpeed from building its CPU shared-memory communication op (55 to 90 s of C++ compilation on a
-    cold cache). DeepSpeed builds it for every CPU process group, but only uses it in ``inference_all_reduce``
-    (tensor-parallel inference); training's collectives go through torch.distributed. DeepSpeed skips ops its
-    compatibility table marks unusable, so the op is marked so for this process."""
-    import deepspeed.ops
-
-    from deepspeed.accelerator import get_accelerator
-
-    try:
-        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # None on accelerators without it
-    except Exception as err:  # noqa: BLE001 - an optimisation only: never stop a run for it
-        log.debug("cannot look up DeepSpeed's ShareMemCommBuilder (%s); leaving DeepSpeed's ops as they are", err)
-        return
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
-
-
-def init_process_group(cfg: Config, dist: DistEnv, device: torch.device) -> None:
-    """Initialise torch.distributed through DeepSpeed: gloo on CPU, NCCL on CUDA (or ``distributed.backend``)."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
-    import deepspeed
-
-    if torch.distributed.is_initialized():
-        return
-    _skip_unused_deepspeed_ops()
-    init_method = None
-    if dist.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        # A lone process: a private TCP rendezvous; RANK/WORLD_SIZE stay unset (DeepSpeed only needs LOCAL_RANK).
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        os.environ.setdefault("LOCAL_RANK", "0")
-    else:
-        # SLURM sets only SLURM_* variables; DeepSpeed and torch read these.
-        os.environ.setdefault("RANK", str(dist.rank))
-        os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise ConfigError(f"{dist.world_size} ranks ({dist.source}) but MASTER_ADDR/MASTER_PORT are not set; "
-                              "launch with torchrun, the DeepSpeed launcher or `g3dr submit train`")
-    backend = cfg.distributed.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
-                               init_method=init_method, rank=dist.rank, world_size=dist.world_size)
-
-
-def shutdown_distributed() -> None:
-    """End this process's part of a multi-rank job: wait for every rank (rank 0 may still be exporting), then
-    destroy the process group. Call it once, after :func:`train` returned normally, right before the process
-    exits. Leaving the group to interpreter exit while another rank still works aborted the exiting rank in
-    about 1 of 12 two-rank gloo runs ("terminate called without an active exception", SIGABRT)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def _all_ranks_true(flag: bool, device: torch.device) -> bool:
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _any_rank_flags(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over the ranks, in one collective."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return list(flags)
-    comm = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignal":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -261,7 +140,7 @@ class NonFiniteGuard:
 
     def finite(self, loss: torch.Tensor, step: int) -> bool:
         """True when ``loss`` is finite on every rank (collective)."""
-        if _all_ranks_true(bool(torch.isfinite(loss)), self.device):
+        if all_ranks_true(bool(torch.isfinite(loss))):
             self.in_row = 0
             return True
         self.skipped += 1
@@ -349,7 +228,7 @@ class Trainer:
         """Load ``plan``'s checkpoint (or seed a fresh start), then start tracking: the MLflow run resumed, forked
         after a rollback (the abandoned steps stay in the old run, so no curve holds two values of one step) or
         new; the resolved config.yaml is written and logged."""
-        from g3dr.train.tracking import build_tracker
+        from g3dr.tracking import build_tracker
 
         cfg, dist = self.cfg, self.dist
         start_step, run_id = self.checkpoints.load(plan)
@@ -401,9 +280,8 @@ class Trainer:
     def _stop_requested(self, stop: StopSignal, step: int) -> bool:
         """One collective per step: a stop signal on any rank, and the run folder still there (rank 0 looks)."""
         run_dir = self.checkpoints.run_dir
-        stopping, gone = _any_rank_flags([stop.received is not None,
-                                          self.dist.is_main and not _run_dir_intact(run_dir, self.checkpoints.root)],
-                                         self.device)
+        stopping, gone = any_rank_flags([stop.received is not None,
+                                          self.dist.is_main and not _run_dir_intact(run_dir, self.checkpoints.root)])
         if gone:
             raise OutputError(f"the run folder {run_dir} was deleted or moved during training ({CONFIG_FILENAME} or "
                               f"checkpoints/ is gone) at step {step}; stopping, since nothing more can be saved "
@@ -435,7 +313,8 @@ def _prepare(cfg: Config, stage: TrainingStage, export: bool) -> tuple[DistEnv, 
                           "train.precision=fp32")
     # A read-only, full or mistyped output location fails now, not at the first save.
     check_outputs(cfg, export and dist.is_main, stage.export_filename)
-    init_process_group(cfg, dist, device)
+    init_process_group(dist, device.type, cfg.distributed.backend, cfg.distributed.timeout_minutes, via="deepspeed",
+                       launch_hint="torchrun, the DeepSpeed launcher or `g3dr submit train`")
     return dist, device
 
 
@@ -458,7 +337,7 @@ def train(cfg: Config, resume: str | None = None,
     dist, device = _prepare(cfg, stage, export)
     checkpoints = CheckpointManager(cfg, stage, dist, stop_at)
     # Signals are caught from here on: one arriving during setup stops the run after its first step.
-    with StopSignal() as stop:
+    with StopSignal((signal.SIGTERM, signal.SIGUSR1)) as stop:
         plan = checkpoints.plan(resume)
         if not plan.finished:
             trainer = Trainer(cfg, stage, dist, device, checkpoints, plan, build_loader)

@@ -12,9 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-from g3dr.distributed import resolve_dist_env
+from g3dr.distributed import all_ranks_true, broadcast_object, resolve_dist_env
 from g3dr.metrics.fid import FeatureMoments
-from g3dr.metrics.gather import all_ranks_true, all_reduce_moments, broadcast_object, gather_rows, shard_range
+from g3dr.metrics.gather import all_reduce_moments, gather_rows, shard_range
 
 
 def sample_rows(indices: torch.Tensor) -> torch.Tensor:

@@ -221,7 +221,7 @@ def test_training_logs_the_skip_counts_to_mlflow(uneven, tmp_path):
 
     from g3dr.config import load_config
     from g3dr.data import build_train_loader
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
     from g3dr.train.trainer import train
 
     folder, corrupt = uneven

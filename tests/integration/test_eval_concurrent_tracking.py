@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from g3dr.eval.tracking import EvalTracker, TrackingError, resolve_tracking
-from g3dr.train.tracking import get_or_create_experiment, is_lock_error, sqlite_db_path
+from g3dr.errors import TrackingError
+from g3dr.tracking import EvalTracker, get_or_create_experiment, is_lock_error, resolve_tracking, sqlite_db_path
 from g3dr_test_support import load_test_helper
 
 JOBS = 8
@@ -39,7 +39,7 @@ import json, sys, time
 from pathlib import Path
 base, index, sync = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 import mlflow.tracking, mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the slow imports, before the start
-from g3dr.eval.tracking import EvalTracker, resolve_tracking
+from g3dr.tracking import EvalTracker, resolve_tracking
 (sync / f"ready-{index}").touch()
 deadline = time.monotonic() + 120
 while not (sync / "go").exists():

@@ -15,8 +15,8 @@ import pytest
 
 from g3dr.distributed import DistEnv
 from g3dr.eval.evaluate import EvalSpec
-from g3dr.eval.runner import EvalOptions, Evaluator, StopFlag, checkpoint_ref, discover_checkpoints, run_sweep
-from g3dr.eval.tracking import TrackingError
+from g3dr.eval.runner import EvalOptions, Evaluator, checkpoint_ref, discover_checkpoints, run_sweep, stop_signal
+from g3dr.errors import TrackingError
 from g3dr_test_support import load_test_helper
 
 fx = load_test_helper("eval_fixtures")
@@ -58,12 +58,12 @@ def test_discovery_is_newest_first_and_ignores_partial_and_broken(run_dir):
 
 def test_sweep_skips_finished_and_redoes_interrupted(run_dir):
     # 1) interrupted during the first (newest) checkpoint: its run is KILLED, nothing complete on disk
-    stop = StopFlag()
+    stop = stop_signal()
     calls = {"n": 0}
 
     def stop_after_first_batch() -> bool:
         calls["n"] += 1
-        return calls["n"] > 1 or stop.requested
+        return calls["n"] > 1 or stop()
 
     evaluator = Evaluator(_options(run_dir, overrides=("eval.batch_size=3",)), DistEnv(), stop)
     evaluator.stop = stop_after_first_batch

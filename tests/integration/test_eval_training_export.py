@@ -15,7 +15,7 @@ from g3dr.eval.runner import EvalOptions, Evaluator, run_sweep
 def test_sweep_exports_and_evaluates_training_checkpoints(tmp_path, repo_root, capsys):
     from mlflow.tracking import MlflowClient
 
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
     from g3dr.train.trainer import train
 
     run_dir = tmp_path / "run"
@@ -34,7 +34,7 @@ def test_sweep_exports_and_evaluates_training_checkpoints(tmp_path, repo_root, c
     from safetensors.torch import load_file
 
     from g3dr.models.f_trigen import FTrigen
-    from g3dr.train.trainer import seed_everything
+    from g3dr.train.checkpoint import seed_everything
 
     seed_everything(cfg.train.seed)
     init = FTrigen(cfg).state_dict()

@@ -69,7 +69,7 @@ def test_submit_cli_checks_before_submitting(tmp_path, tiny_config_path):
     assert no_ck.returncode == 2 and "not found" in no_ck.stderr
     local_dry = g3dr("submit", "train", "--executor", "local", "--dry-run", "--config", str(tiny_config_path))
     assert local_dry.returncode == 0 and "# local executor: 1 job(s)" in local_dry.stdout
-    assert "--resume', 'auto'" in local_dry.stdout
+    assert "resume='auto'" in local_dry.stdout
     assert not any(tmp_path.iterdir()), "nothing may be written before a job is submitted"
 
 

@@ -61,7 +61,7 @@ def scores(tmp_path_factory):
     from g3dr.data.synth import ViewSpec, write_synthetic_shards
     from g3dr.models.checkpoint_io import save_f_trigen
     from g3dr.models.f_trigen import FTrigen
-    from g3dr.train.trainer import seed_everything
+    from g3dr.train.checkpoint import seed_everything
 
     root = tmp_path_factory.mktemp("learning")
     cfg = load_config("configs/tiny.yaml", OVERRIDES)

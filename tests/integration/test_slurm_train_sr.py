@@ -42,7 +42,7 @@ def test_submit_train_sr_runs_a_two_task_job(slurm_cluster, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr + logs
     print(f"two-task tiny train-sr ({STEPS} steps) via SLURM: {time.monotonic() - start:.1f}s")
     assert "train-sr (2 ranks, run_dir" in out.stdout and "g3dr-train-sr" not in out.stderr
-    assert "task 0/2" in logs and "global_rank=1(2)" in logs and "train-sr: g3dr train-sr --config" in logs
+    assert "task 0/2" in logs and "global_rank=1(2)" in logs and "train-sr: g3dr train-sr --resume auto" in logs
     assert (run / "checkpoints" / f"step-{STEPS}").is_dir()
     assert load_sr(run / "sr.safetensors").source == "train"
 

@@ -28,7 +28,7 @@ def _cfg(tmp_path: Path, name: str, *overrides: str):
 def _history(cfg, run_id: str, key: str = "loss/total") -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
 
     return {m.step: m.value for m in MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, key)}
 
@@ -39,7 +39,7 @@ def test_rollback_then_resume_auto_follows_latest_and_forks_the_mlflow_run(tmp_p
     lineage hold no step of the abandoned stretch."""
     from mlflow.tracking import MlflowClient
 
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
     from g3dr.train.trainer import train
 
     cfg = _cfg(tmp_path, "run", "train.total_steps=6", "train.checkpoint_every=2", "train.keep_last=5")

@@ -54,7 +54,7 @@ def test_resume_is_exact(tmp_path):
     # One MLflow run holds the metrics of both halves.
     from mlflow.tracking import MlflowClient
 
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(cfg))
     history = client.get_metric_history(first.run_id, "loss/total")

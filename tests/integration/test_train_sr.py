@@ -43,7 +43,7 @@ def test_resume_is_exact_and_the_export_loads(tmp_path, generator):
     from g3dr.models.sr import load_sr
     from g3dr.train.checkpointer import export_checkpoint
     from g3dr.train.sr import SR_STAGE
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
     from g3dr.train.trainer import parameter_digest, train
 
     common = ["train.total_steps=4", "train.checkpoint_every=2"]

@@ -14,9 +14,9 @@ import pytest
 WORKER = '''
 import json, sys
 from g3dr.config import load_config
-from g3dr.distributed import resolve_dist_env
+from g3dr.distributed import resolve_dist_env, shutdown_process_group
 from g3dr.log import setup_logging
-from g3dr.train.trainer import shutdown_distributed, train
+from g3dr.train.trainer import train
 
 setup_logging("INFO")
 out, overrides = sys.argv[1], sys.argv[2:]
@@ -26,7 +26,7 @@ with open(f"{out}/rank-{rank}.json", "w") as f:
     json.dump({"digest": result.param_digest, "draws": result.view_draws, "losses": result.losses,
                "run_id": result.run_id, "step": result.step,
                "export": str(result.export) if result.export else None}, f)
-shutdown_distributed()
+shutdown_process_group()
 '''
 
 
@@ -42,7 +42,7 @@ def test_two_ranks_train_with_zero2(tmp_path, repo_root):
 
     from g3dr.config import load_config
     from g3dr.train import checkpoint as ckpt
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
 
     torchrun = Path(sys.executable).parent / "torchrun"
     (tmp_path / "worker.py").write_text(WORKER)

@@ -34,11 +34,11 @@ import json, math, sys
 import deepspeed
 import torch
 from g3dr.config import load_config
-from g3dr.distributed import resolve_dist_env
+from g3dr.distributed import resolve_dist_env, shutdown_process_group
 from g3dr.log import setup_logging
 from g3dr.render.cameras import camera_to_world_from_angles
 from g3dr.train import checkpoint as ckpt
-from g3dr.train.trainer import shutdown_distributed, train
+from g3dr.train.trainer import train
 
 setup_logging("INFO")
 out, resume, stop_at, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
@@ -103,7 +103,7 @@ if rank == 0:
 with open(f"{out}/rank-{rank}.json", "w") as f:
     json.dump({"losses": result.losses, "start": result.start_step, "step": result.step, "run_id": result.run_id,
                "digest": result.param_digest, "export": str(result.export) if result.export else None}, f)
-shutdown_distributed()
+shutdown_process_group()
 '''
 
 # micro 2 x global 12: accumulation 3 on 2 ranks, 6 on 1, 2 on 3.
@@ -194,7 +194,7 @@ def test_resume_saved_by_two_ranks_on_one_and_three(tmp_path, repo_root):
     from g3dr.config import load_config
     from g3dr.models.checkpoint_io import load_f_trigen
     from g3dr.train.schedules import learning_rate
-    from g3dr.train.tracking import tracking_uri
+    from g3dr.tracking import tracking_uri
 
     synth = f"data.synthetic_dir={tmp_path / 'synthetic'}"
     saved_run = tmp_path / "run-2"
@@ -275,10 +275,10 @@ def _linear_engine(zero_stage: int, load_universal: bool = False):
     from g3dr.config import load_config
     from g3dr.distributed import DistEnv
     from g3dr.train.ds_config import deepspeed_config
-    from g3dr.train.trainer import init_process_group
+    from g3dr.distributed import init_process_group
 
     cfg = load_config("configs/tiny.yaml", [f"train.zero_stage={zero_stage}", "train.global_batch_size=2"])
-    init_process_group(cfg, DistEnv(), torch.device("cpu"))
+    init_process_group(DistEnv(), "cpu", cfg.distributed.backend, cfg.distributed.timeout_minutes, via="deepspeed")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
     model.register_buffer("marker", torch.zeros(2))

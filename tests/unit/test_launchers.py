@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from g3dr.config import load_config
 from g3dr.errors import ConfigError
 from g3dr.launchers.jobs import CommandJob, prep_merge_job, prep_shard_jobs, train_job
 from g3dr.launchers.rendezvous import port_from_job_id, rendezvous_from_env
@@ -65,32 +66,41 @@ def test_port_from_job_id_is_stable_distinct_and_in_range():
         port_from_job_id("abc")
 
 
-def test_rendezvous_from_slurm_environment():
-    env = {"SLURM_JOB_ID": "777", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+def _job_environment(monkeypatch, env):
+    """``env`` as the whole scheduler environment of this process (what submitit's JobEnvironment reads)."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "SUBMITIT_", "MASTER_", "_TEST_CLUSTER_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_rendezvous_from_slurm_environment(monkeypatch):
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "777", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+           "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
            "SLURM_RESTART_COUNT": "2"}
-    seen = []
-
-    def hostnames(nodelist):
-        seen.append(nodelist)
-        return ["gpu07", "gpu08"]
-
-    rdv = rendezvous_from_env(env, hostnames=hostnames)
-    assert seen == ["gpu[07-08]"]
+    _job_environment(monkeypatch, env)
+    rdv = rendezvous_from_env()
     assert (rdv.master_addr, rdv.master_port) == ("gpu07", 10777)
     assert (rdv.rank, rdv.local_rank, rdv.world_size, rdv.local_world_size, rdv.node_rank) == (5, 1, 8, 4, 1)
     assert rdv.restarts == 2 and rdv.source == "slurm"
     assert rdv.env() == {"MASTER_ADDR": "gpu07", "MASTER_PORT": "10777", "RANK": "5", "LOCAL_RANK": "1",
                          "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}
+    _job_environment(monkeypatch, {k: v for k, v in env.items() if k != "SLURM_NTASKS"})
     with pytest.raises(ConfigError, match="SLURM_NTASKS"):
-        rendezvous_from_env({k: v for k, v in env.items() if k != "SLURM_NTASKS"}, hostnames=hostnames)
+        rendezvous_from_env()
 
 
-def test_rendezvous_local_and_single():
-    local = rendezvous_from_env({"SUBMITIT_LOCAL_JOB_ID": "31337", "SUBMITIT_LOCAL_NTASKS": "2",
-                                 "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1"})
+def test_rendezvous_local_and_single(monkeypatch):
+    _job_environment(monkeypatch, {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "31337",
+                                   "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
+                                   "SUBMITIT_LOCAL_LOCALID": "1"})
+    local = rendezvous_from_env()
     assert (local.master_addr, local.master_port, local.rank, local.world_size) == ("127.0.0.1", 21337, 1, 2)
-    single = rendezvous_from_env({})
+    _job_environment(monkeypatch, {})
+    single = rendezvous_from_env()
     assert (single.rank, single.world_size, single.source) == (0, 1, "single")
 
 
@@ -133,12 +143,13 @@ def test_render_sbatch_multi_node_gpu(tmp_path):
 
 def test_jobs_pickle_and_checkpoint_returns_a_requeue_of_themselves():
     job = train_job("configs/tiny.yaml", ["train.total_steps=4"])
-    assert job.steps == (("train", "--config", "configs/tiny.yaml", "--resume", "auto", "train.total_steps=4"),)
+    assert job.config == load_config("configs/tiny.yaml", ["train.total_steps=4"]) and job.stage == "f_trigen"
     again = pickle.loads(pickle.dumps(job))
-    assert again.steps == job.steps and again.requeues == 0
+    assert again.config == job.config and again.requeues == 0
     delayed = again.checkpoint()
-    assert delayed.function is not again and delayed.function.requeues == 1 and delayed.function.steps == job.steps
+    assert delayed.function is not again and delayed.function.requeues == 1 and delayed.function.config == job.config
     assert delayed.function.checkpoint().function.requeues == 2
+    assert train_job("configs/tiny.yaml", [], "train-sr").stage == "sr"
     prep = prep_shard_jobs(["--src", "s", "--layout", "release", "--out", "o"], 3)
     assert [j.steps[0][-3:] for j in prep] == [("0", "--num-shard-jobs", "3"), ("1", "--num-shard-jobs", "3"),
                                               ("2", "--num-shard-jobs", "3")]
@@ -154,9 +165,35 @@ def test_eval_jobs_are_checkpoints_times_metrics(tmp_path):
 
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     jobs = eval_jobs([a, b], ["fid", "is"], ["--num-samples", "8"])
-    assert [j.steps[0] for j in jobs] == [("eval", "--checkpoint", ck, "--metrics", m, "--num-samples", "8")
-                                          for ck in (a, b) for m in ("fid", "is")]
-    assert [j.steps[0][2] for j in eval_jobs([a, b], [], [])] == [a, b]
-    check_g3dr_arguments(list(jobs[0].steps[0]))
+    assert [(j.request.checkpoint, j.request.overrides) for j in jobs] == [
+        (ck, (f"eval.metrics=[{m}]", "eval.num_samples=8")) for ck in (a, b) for m in ("fid", "is")]
+    assert [j.request.checkpoint for j in eval_jobs([a, b], [], [])] == [a, b]
+    assert pickle.loads(pickle.dumps(jobs[0])).request == jobs[0].request
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
+        eval_jobs([a], [], ["--bogus"])
     with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
         check_g3dr_arguments(["eval", "--checkpoint", a, "--bogus"])
+
+
+def test_one_stop_signal_is_what_a_launched_training_hands_usr2_to():
+    """The trainer and eval share :class:`StopSignal`; a launched job finds the installed one without knowing who
+    installed it, and the previous handlers come back on exit."""
+    import os
+    import signal
+
+    from g3dr.distributed import StopSignal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    assert StopSignal.installed() is None
+    with StopSignal((signal.SIGTERM, signal.SIGUSR1)) as stop:
+        assert StopSignal.installed() is stop and not stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop() and stop.received == signal.SIGUSR1
+        inner = StopSignal().install()
+        assert StopSignal.installed() is inner
+        inner.uninstall()
+        assert StopSignal.installed() is stop
+    assert StopSignal.installed() is None and signal.getsignal(signal.SIGUSR1) is before
+    by_hand = StopSignal()
+    by_hand.request()
+    assert by_hand() and by_hand.received == signal.SIGTERM

@@ -13,12 +13,10 @@ from pathlib import Path
 PROBE = '''
 import json, os, sys, time
 import torch
-from g3dr.config import load_config
-from g3dr.distributed import DistEnv
-from g3dr.train.trainer import init_process_group
+from g3dr.distributed import DistEnv, init_process_group
 
 started = time.time()
-init_process_group(load_config("configs/tiny.yaml"), DistEnv(), torch.device("cpu"))
+init_process_group(DistEnv(), "cpu", via="deepspeed")
 from deepspeed.comm import comm
 print(json.dumps({"seconds": time.time() - started, "shm_op": comm.cdb.shm_comm_op is not None,
                   "extensions": os.environ.get("TORCH_EXTENSIONS_DIR")}))

@@ -1,8 +1,7 @@
 """A team's MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME apply where the config leaves them empty."""
 
 from g3dr.config import load_config
-from g3dr.eval.tracking import resolve_tracking
-from g3dr.train.tracking import artifact_location, experiment_name, tracking_uri
+from g3dr.tracking import artifact_location, experiment_name, resolve_tracking, tracking_uri
 
 
 def test_environment_fills_what_the_config_leaves_empty(tmp_path, monkeypatch):

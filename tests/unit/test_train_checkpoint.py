@@ -107,14 +107,14 @@ def test_deepspeed_accepts_the_bf16_config_with_fp32_accumulation():
     import deepspeed
 
     from g3dr.distributed import DistEnv
-    from g3dr.train.trainer import init_process_group
+    from g3dr.distributed import init_process_group
 
     with pytest.raises(ConfigError, match="zero_stage=1 or 2"):
         deepspeed_config(load_config("configs/tiny.yaml", ["train.precision=bf16", "train.zero_stage=0"]), 1, "cpu")
     for stage in (1, 2):
         cfg = load_config("configs/tiny.yaml", ["train.precision=bf16", f"train.zero_stage={stage}",
                                                 "train.global_batch_size=4"])
-        init_process_group(cfg, DistEnv(), torch.device("cpu"))
+        init_process_group(DistEnv(), "cpu", cfg.distributed.backend, cfg.distributed.timeout_minutes, via="deepspeed")
         model = torch.nn.Linear(4, 3)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                        config=deepspeed_config(cfg, 1, "cpu"), dist_init_required=False)

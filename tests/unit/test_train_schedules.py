@@ -167,13 +167,13 @@ def test_step_schedule_cycles_beta1_through_deepspeed(zero_stage):
 
     from g3dr.distributed import DistEnv
     from g3dr.train.ds_config import deepspeed_config
-    from g3dr.train.trainer import init_process_group
+    from g3dr.distributed import init_process_group
 
     cfg = load_config("configs/imagenet128-reference.yaml", [
         "device=cpu", "train.precision=fp32", f"train.zero_stage={zero_stage}", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.total_steps=8", "train.warmup_steps=3", "train.lr=0.05",
         "train.lr_start=0.002", "train.lr_min=0.0001"])
-    init_process_group(cfg, DistEnv(), torch.device("cpu"))
+    init_process_group(DistEnv(), "cpu", cfg.distributed.backend, cfg.distributed.timeout_minutes, via="deepspeed")
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 3)
     copy = torch.nn.Linear(5, 3)

@@ -164,9 +164,9 @@ def test_submit_job_runs_train_sr_and_requeues_itself():
     from g3dr.launchers.jobs import train_job
 
     job = train_job("configs/tiny.yaml", ["sr.generator=g.safetensors"], "train-sr")
-    assert job.steps == (("train-sr", "--config", "configs/tiny.yaml", "--resume", "auto",
-                          "sr.generator=g.safetensors"),)
+    assert job.stage == "sr" and job.config == load_config("configs/tiny.yaml", ["sr.generator=g.safetensors"])
     again = pickle.loads(pickle.dumps(job))
-    assert again.checkpoint().function.steps == job.steps and again.name == "train-sr"
+    requeued = again.checkpoint().function
+    assert (requeued.config, requeued.stage) == (job.config, job.stage) and again.name == "train-sr"
     with pytest.raises(ValueError, match="g3dr train or g3dr train-sr"):
         train_job("configs/tiny.yaml", [], "eval")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from g3dr.config import load_config
-from g3dr.train.tracking import MlflowTracker, NullTracker, build_tracker, tracking_uri
+from g3dr.tracking import MlflowTracker, NullTracker, build_tracker, tracking_uri
 
 
 def test_run_contents_read_back(tmp_path):

@@ -1,32 +1,42 @@
-"""Experiment tracking with MLflow: one run per training job, written by rank 0 only.
+"""Experiment tracking with MLflow, for training and evaluation: one store default, one retry loop, two policies.
 
-- Other ranks get a :class:`NullTracker` (same interface, does nothing), so a 64-rank job makes one run.
-- Params: the resolved config flattened to dotted keys. Metrics: whatever the trainer reports per log step.
-- The run id goes into every checkpoint; a resumed job reopens the same run.
-- A tracking store that is down or broken never stops training: every call is retried a few times, then
-  dropped with a (rate-limited) warning; after repeated failures calls are attempted only now and then.
-- An empty ``logging.mlflow_uri`` means a sqlite store ``<run_dir>/mlflow.db`` with artifacts beside it
-  (MLflow 3 refuses the old ``file:`` store).
+- Where: :func:`resolve_store` -- an explicit URI, else ``$MLFLOW_TRACKING_URI``, else a sqlite store
+  ``<base>/mlflow.db`` with artifacts in ``<base>/mlartifacts`` (training: ``base`` is ``run_dir``; eval: the
+  sweep folder or the checkpoint's). MLflow 3 refuses the old ``file:`` store.
+- How: every MLflow call goes through :func:`call_with_retries` (a few attempts; SQLite's transient "database is
+  locked" retried with jittered back-off without using them up, where the policy allows waiting).
+- Training is best effort (:class:`MlflowTracker`, rank 0; other ranks get a :class:`NullTracker`): a store that
+  is down or broken never stops training; a failed call is dropped with a (rate-limited) warning, and after
+  repeated failures calls are attempted only now and then. One run per training job; params are the resolved
+  config flattened to dotted keys; the run id goes into every checkpoint and a resumed job reopens the run.
+- Evaluation must succeed (:class:`EvalTracker`): an evaluation exists to be recorded, so a call that still fails
+  after its retries raises :class:`~g3dr.errors.TrackingError` and fails the job (its results stay on disk as
+  JSON, and the next sweep uploads them without recomputing).
 
-Shared with the eval jobs (``g3dr.eval.tracking``): :func:`prepare_tracking_store` creates or upgrades a
-sqlite store once under a file lock (MLflow's own table creation races when several processes open a new
-database together), :func:`get_or_create_experiment` tolerates another process creating the experiment
-first, and :func:`is_lock_error` recognises SQLite's transient "database is locked".
+Several jobs may share one store: :func:`prepare_tracking_store` creates or upgrades a sqlite store once under a
+file lock (MLflow's own table creation races when several processes open a new database together) and
+:func:`get_or_create_experiment` tolerates another process creating the experiment first. With an ``mlflow
+server`` in front of the database nothing more is needed (the recommended setup on a cluster, docs/eval.md).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import random
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from g3dr.config import Config, flatten_config
+from g3dr.errors import TrackingError
 from g3dr.log import get_logger
 
-log = get_logger("g3dr.train.tracking")
+log = get_logger("g3dr.tracking")
+
+T = TypeVar("T")
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 
@@ -100,14 +110,20 @@ def is_lock_error(err: BaseException) -> bool:
 DEFAULT_EXPERIMENT = "g3dr"
 
 
+def resolve_store(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
+    """``(tracking_uri, artifact_location)``: ``uri`` as given, else ``$MLFLOW_TRACKING_URI`` (what a team sets for
+    all its tools), else a sqlite store ``base_dir/mlflow.db`` with artifacts in ``base_dir/mlartifacts``
+    (artifact location None: the store's own default)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri:
+        return uri, None
+    base = Path(base_dir).resolve()
+    return f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri()
+
+
 def tracking_uri(cfg: Config) -> str:
-    """The MLflow tracking URI of ``cfg``: ``logging.mlflow_uri``, else ``$MLFLOW_TRACKING_URI`` (what a team
-    sets for all its tools), else a sqlite store under the run directory."""
-    if cfg.logging.mlflow_uri:
-        return cfg.logging.mlflow_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+    """The MLflow tracking URI of a training run (:func:`resolve_store` of ``logging.mlflow_uri`` and ``run_dir``)."""
+    return resolve_store(cfg.logging.mlflow_uri, cfg.run_dir)[0]
 
 
 def experiment_name(cfg: Config) -> str:
@@ -116,10 +132,49 @@ def experiment_name(cfg: Config) -> str:
 
 
 def artifact_location(cfg: Config) -> str | None:
-    """Where a new experiment stores artifacts when the store is the default local sqlite one."""
-    if cfg.logging.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
-    return (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
+    """Where a new experiment of a training run stores artifacts when the store is the default local sqlite one."""
+    return resolve_store(cfg.logging.mlflow_uri, cfg.run_dir)[1]
+
+
+def resolve_tracking(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
+    """:func:`resolve_store` where tracking must succeed (evaluation): a ``file:`` store is a
+    :class:`~g3dr.errors.TrackingError` now, and the default store's folder is created."""
+    uri, artifacts = resolve_store(uri, base_dir)
+    if uri.startswith("file:"):
+        raise TrackingError(f"MLflow 3 does not accept file: stores ({uri}); use sqlite:///PATH.db or http://HOST:PORT")
+    if artifacts is not None:
+        Path(base_dir).resolve().mkdir(parents=True, exist_ok=True)
+    return uri, artifacts
+
+
+def call_with_retries(fn: Callable[[], T], attempts: int, retry_wait_s: float, lock_wait_s: float = 0.0,
+                      on_lock: Callable[[], None] | None = None,
+                      on_retry: Callable[[int, Exception], None] | None = None) -> T:
+    """``fn()``, tried up to ``attempts`` times (waiting ``retry_wait_s`` x the attempt number before each retry);
+    raises the last error. SQLite's transient "database is locked" (another job holds the write lock beyond its
+    busy timeout) is retried with jittered exponential back-off for up to ``lock_wait_s`` seconds on top, without
+    using up attempts (``on_lock()`` is called for each such retry); 0 (training) waits for no lock.
+    ``on_retry(attempt, error)`` is called before each ordinary retry."""
+    attempt = 1
+    lock_deadline = time.monotonic() + lock_wait_s
+    lock_wait = 0.2
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # MLflow raises many types (MlflowException, requests, sqlalchemy)
+            if lock_wait_s > 0 and is_lock_error(err) and time.monotonic() < lock_deadline:
+                if on_lock is not None:
+                    on_lock()
+                # jitter: the waiting jobs do not all retry at the same instant
+                time.sleep(min(lock_wait, max(0.0, lock_deadline - time.monotonic())) * random.uniform(0.5, 1.5))
+                lock_wait = min(lock_wait * 2, 5.0)
+                continue
+            if attempt >= attempts:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, err)
+            time.sleep(retry_wait_s * attempt)
+            attempt += 1
 
 
 def run_tags(cfg: Config, world_size: int) -> dict[str, str]:
@@ -148,7 +203,7 @@ def _git_state() -> tuple[str, str]:
     """(commit, "true"/"false") of the checkout this package runs from; ("unknown", "unknown") outside one."""
     import subprocess
 
-    where = Path(__file__).resolve().parents[2]
+    where = Path(__file__).resolve().parents[1]  # the checkout holding g3dr/
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
@@ -252,22 +307,18 @@ class MlflowTracker(NullTracker):
         # After repeated failures, try only every 20th call so a dead store does not slow training down.
         if self.failures >= 3 and self.calls % 20:
             return None
-        for attempt in range(self.attempts):
-            try:
-                result = fn()
-                if self.failures:
-                    log.warning("MLflow tracking at %s works again after %d failed calls", self.uri, self.failures)
-                self.failures = 0
-                return result
-            except Exception as err:  # noqa: BLE001 - tracking must never stop training
-                last = err
-                if attempt + 1 < self.attempts:
-                    time.sleep(self.retry_wait_s)
-        self.failures += 1
-        if self.failures in (1, 3) or self.failures % 100 == 0:
-            log.warning("MLflow %s failed (%d consecutive failures; training continues): %s: %s", what,
-                        self.failures, type(last).__name__, str(last).splitlines()[0] if str(last) else "")
-        return None
+        try:
+            result = call_with_retries(fn, self.attempts, self.retry_wait_s)
+        except Exception as last:  # noqa: BLE001 - tracking must never stop training
+            self.failures += 1
+            if self.failures in (1, 3) or self.failures % 100 == 0:
+                log.warning("MLflow %s failed (%d consecutive failures; training continues): %s: %s", what,
+                            self.failures, type(last).__name__, str(last).splitlines()[0] if str(last) else "")
+            return None
+        if self.failures:
+            log.warning("MLflow tracking at %s works again after %d failed calls", self.uri, self.failures)
+        self.failures = 0
+        return result
 
     @property
     def active(self) -> bool:
@@ -392,3 +443,129 @@ def build_tracker(cfg: Config, is_main: bool, run_id: str | None = None,
         log.warning("rollback to step %d: MLflow run %s continues in the new run %s (the abandoned steps stay in "
                     "the old run, tagged %s)", step, old_run, tracker.run_id, ABANDONED_AFTER_STEP_TAG)
     return tracker
+
+
+class EvalTracker:
+    """Rank-0 MLflow client for evaluation runs: every call must succeed (bounded retries, then a
+    :class:`~g3dr.errors.TrackingError`). One run per (checkpoint, eval config), nested under a sweep run; a run
+    counts as done only with status ``FINISHED``.
+
+    Several eval jobs may log to one sqlite store at once (a ``g3dr submit eval`` array): the store is created once
+    under a file lock and "database is locked" is waited for up to ``lock_wait_s`` seconds, on top of (and not
+    counted as) the ordinary attempts.
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
+                 attempts: int = 3, retry_wait_s: float = 1.0, lock_wait_s: float = 120.0):
+        # Bound MLflow's own HTTP back-off so that "down" costs seconds, then our retries decide.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.attempts = max(1, attempts)
+        self.retry_wait_s = retry_wait_s
+        self.lock_wait_s = lock_wait_s
+        self.lock_retries = 0
+        """How many times a call met "database is locked" and was retried (for tests and logs)."""
+
+        def open_store():
+            prepare_tracking_store(uri, lock_timeout_s=max(lock_wait_s, 1.0))
+            return MlflowClient(tracking_uri=uri)
+
+        self.client = self._call(open_store, "open the tracking store")
+        self.experiment_id = self._call(lambda: get_or_create_experiment(self.client, experiment, artifact_location),
+                                        f"open experiment {experiment!r}")
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        def locked() -> None:
+            self.lock_retries += 1
+            if self.lock_retries in (1, 10) or self.lock_retries % 100 == 0:
+                log.warning("MLflow: %s: the sqlite store is locked by another job (%d lock retries so far); "
+                            "retrying", what, self.lock_retries)
+
+        def failed(attempt: int, err: Exception) -> None:
+            log.warning("MLflow: %s failed (attempt %d/%d: %s); retrying", what, attempt, self.attempts,
+                        type(err).__name__)
+
+        try:
+            return call_with_retries(fn, self.attempts, self.retry_wait_s, self.lock_wait_s, on_lock=locked,
+                                     on_retry=failed)
+        except Exception as err:
+            raise TrackingError(f"MLflow at {self.uri}: {what} failed after {self.attempts} attempts "
+                                f"({type(err).__name__}: {str(err)[:300]}); check that the tracking server "
+                                f"is up (results stay in the eval directory as JSON)") from None
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def find_finished(self, checkpoint_id: str, eval_hash: str) -> str | None:
+        """Run id of a FINISHED eval run of this checkpoint with this eval config, or None."""
+        query = (f"tags.`g3dr.checkpoint_id` = '{checkpoint_id}' and tags.`g3dr.eval_hash` = '{eval_hash}' "
+                 f"and attributes.status = 'FINISHED'")
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=1),
+                          "search finished eval runs")
+        return runs[0].info.run_id if runs else None
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of ``run_id`` (a skipped eval's results, read back)."""
+        run = self._call(lambda: self.client.get_run(run_id), f"read run {run_id}")
+        return dict(run.data.metrics)
+
+    def log_to_training_run(self, training_run_id: str, metrics: Mapping[str, float], step: int,
+                            prefix: str = "eval/") -> bool:
+        """Also record ``metrics`` in the training run they came from, at the checkpoint's ``step`` (as
+        ``eval/<name>``), so FID, NFS... against step is one chart of that run. False (nothing logged) when
+        this store does not hold the run (the training logged elsewhere)."""
+        try:
+            self.client.get_run(training_run_id)
+        except Exception as err:  # noqa: BLE001 - not in this store: the eval runs alone carry the numbers
+            log.info("training run %s is not in %s (%s); its eval metrics stay in the eval runs", training_run_id,
+                     self.uri, type(err).__name__)
+            return False
+        self.log_metrics(training_run_id, {f"{prefix}{k}": v for k, v in metrics.items()}, step=step)
+        return True
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def start_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags),
+                         f"create run {name!r}")
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow's batch limit on params
+            chunk = items[i:i + 100]
+            self._call(lambda: self.client.log_batch(run_id, params=chunk), "log params")
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), 1000):
+            chunk = items[i:i + 1000]
+            self._call(lambda: self.client.log_batch(run_id, metrics=chunk), "log metrics")
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifacts(run_id, str(directory), artifact_path), "upload artifacts")
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_tag(run_id, key, value), f"set tag {key}")
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call(lambda: self.client.set_terminated(run_id, status), f"end run as {status}")
+
+    def end_run_quietly(self, run_id: str | None, status: str) -> None:
+        """Best-effort end of a run on the failure path (never raises; the original error matters more)."""
+        if run_id is None:
+            return
+        try:
+            self.client.set_terminated(run_id, status)
+        except Exception as err:  # the store may be the thing that failed
+            log.warning("MLflow: could not mark run %s as %s (%s)", run_id, status, type(err).__name__)
