@@ -178,7 +178,7 @@ def check_g3dr_arguments(argv: list[str]) -> argparse.Namespace:
     try:
         with contextlib.redirect_stderr(err):
             return build_parser().parse_args(argv)
-    except SystemExit as exit_:
+    except SystemExit:
         msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
         raise ConfigError(f"the job would run `g3dr {' '.join(argv)}`, which is invalid: {msg}") from None
 

@@ -58,7 +58,6 @@ def make_folder(work: Path, src: Path | None, n: int) -> tuple[Path, str]:
             shutil.copyfile(image, folder / f"s{i:06d}.jpg")
             shutil.copyfile(image.parent / f"{image.stem}_depth.png", folder / f"s{i:06d}_depth.png")
         return folder, str(src)
-    import numpy as np
     from PIL import Image
 
     from g3dr.data.depth_codec import u16_from_depth

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from g3dr.config import LossConfig
 from g3dr.errors import WeightsError
 from g3dr.log import get_logger
 

@@ -183,7 +183,7 @@ def sr_image_grid(images: dict[str, torch.Tensor], n: int = 4) -> Any:
 def export_sr(cfg: Config, checkpoint: Path, out: Path, extra_metadata: dict[str, str] | None = None) -> Path:
     """The fp32 SR network of the complete checkpoint ``checkpoint`` as one ``.safetensors``
     (:func:`g3dr.models.sr.save_sr`, ``source = train``, with the step, the generator and ``extra_metadata``)."""
-    from g3dr.models.sr import build_sr, save_sr
+    from g3dr.models.sr import build_sr
     from g3dr.train.checkpoint import step_of
 
     step = step_of(checkpoint)
