@@ -234,25 +234,21 @@ def render_rays(
                                 cut_quantile=cut_quantile)
 
 
-def render_rays_with(
-    primitives: RenderPrimitives,
-    origins: torch.Tensor,
-    directions: torch.Tensor,
-    cfg: RendererConfig,
-    *,
-    depth_prior: torch.Tensor | None = None,
-    use_depth_kernel: bool = False,
-    sample_depths: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    cut_quantile: float = 0.0,
-) -> RenderResult:
-    """Place the samples, decide the depth kernel and composite, with ``primitives`` decoding and compositing.
+def render_rays_with(primitives: RenderPrimitives, origins: torch.Tensor, directions: torch.Tensor, cfg: RendererConfig,
+                     *, depth_prior: torch.Tensor | None = None, use_depth_kernel: bool = False,
+                     sample_depths: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     cut_quantile: float = 0.0) -> RenderResult:
+    """Place the samples and decide the depth kernel; ``primitives`` decode and composite.
 
-    The one place of the steps in the module docstring, for both paths: near/far, stratified coarse depths,
-    the fine depths (depth prior or importance sampling from the coarse weights), the merge, the depth
-    kernel. Arguments as :func:`render_rays` (``origins`` and ``directions`` (B, R, 3), B that of the planes
-    the primitives were built from), which checks them; called directly (e.g. with
-    ``FusedPrimitives(..., backend="triton")``), a cut render is not wrapped in ``torch.no_grad`` here.
+    The one implementation of the steps in the module docstring, for both paths: near/far, stratified
+    coarse depths, the fine depths (depth prior or importance sampling from the coarse weights), the
+    merge, the depth kernel. The other arguments are :func:`render_rays`'s; ``origins`` and ``directions``
+    must be (B, R, 3) with the B of the planes the primitives were built from (:func:`render_rays` checks
+    that; this function checks the depth prior and explicit depths). Unlike :func:`render_rays`, a cut
+    render is not wrapped in ``torch.no_grad`` here. Example (a test of the Triton kernels)::
+
+        primitives = FusedPrimitives(planes, decoder, cfg, plane_axes, backend="triton")
+        result = render_rays_with(primitives, origins, directions, cfg, generator=torch.Generator().manual_seed(1))
     """
     batch, rays = origins.shape[:2]
     if depth_prior is not None and depth_prior.shape != (batch, rays, 1):
