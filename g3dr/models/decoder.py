@@ -8,6 +8,11 @@ what this module reproduces:
   and scaled at run time by ``lr_mul / sqrt(fan_in)``, biases scaled by ``lr_mul``;
 - colour = sigmoid(x[..., 1:]) * (1 + 2e-3) - 1e-3 (MipNeRF's widened sigmoid), density = x[..., :1] raw.
 
+The activations are module functions (``hidden_from_pre``, ``rgb_from_logits``) with their backward
+(``pre_grad_from_hidden_grad``, ``logits_grad_from_rgb_grad``): the fused renderer (``g3dr.render.fused``),
+which recomputes the MLP from ``TriplaneDecoder.mlp_weights`` and backpropagates it by hand, takes them
+from here, so the decoder's functional form is written once.
+
 The reference config also lists ``add_global_position_as_feature``, ``fourier_n``, ``num_of_layers``,
 ``zero_outside_triplanes`` and ``lod``, but its decoder never reads them: sample coordinates and ray
 directions do not enter the MLP. The renderer passes both anyway (the agreed callable signature); they
@@ -27,6 +32,28 @@ from g3dr.config import ModelConfig
 COLOR_CHANNELS = 3
 COLOR_STRETCH = 1e-3
 """The colour is ``sigmoid(x) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH`` (MipNeRF's widened sigmoid)."""
+SOFTPLUS_THRESHOLD = 20.0
+"""The hidden activation is ``F.softplus`` (beta 1) with this threshold (its default): the identity above it."""
+
+
+def hidden_from_pre(pre: torch.Tensor) -> torch.Tensor:
+    """The hidden activation: softplus of the pre-activations."""
+    return F.softplus(pre, beta=1.0, threshold=SOFTPLUS_THRESHOLD)
+
+
+def pre_grad_from_hidden_grad(grad_hidden: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`hidden_from_pre`: dL/dpre from dL/dhidden (torch's own softplus backward)."""
+    return torch.ops.aten.softplus_backward(grad_hidden, pre, 1.0, SOFTPLUS_THRESHOLD)
+
+
+def rgb_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The colour activation: ``sigmoid(logits) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH``, in [-1e-3, 1 + 1e-3]."""
+    return torch.sigmoid(logits) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH
+
+
+def logits_grad_from_rgb_grad(grad_rgb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`rgb_from_logits`: dL/dlogits from dL/drgb (the formula torch's autograd applies)."""
+    return torch.ops.aten.sigmoid_backward(grad_rgb * (1 + 2 * COLOR_STRETCH), torch.sigmoid(logits))
 
 
 class EqualizedLinear(nn.Module):
@@ -85,17 +112,15 @@ class TriplaneDecoder(nn.Module):
                 directions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if features.dim() != 3 or features.shape[-1] != self.in_features:
             raise ValueError(f"features must be (B, N, {self.in_features}), got {tuple(features.shape)}")
-        x = self.out(F.softplus(self.hidden(features)))
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH
-        sigma_raw = x[..., :1]
-        return rgb, sigma_raw
+        x = self.out(hidden_from_pre(self.hidden(features)))
+        return rgb_from_logits(x[..., 1:]), x[..., :1]
 
     def mlp_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MLP in functional form for fused renderers (``g3dr.render.fused``).
 
         Returns the applied (gain-scaled) ``hidden_weight (hidden, C)``, ``hidden_bias (hidden,)``,
         ``out_weight (1 + 3, hidden)``, ``out_bias (1 + 3,)``, differentiable in the parameters. With them,
-        ``forward`` is ``x = softplus(f @ hidden_weight.T + hidden_bias) @ out_weight.T + out_bias``,
-        ``sigma_raw = x[..., :1]``, ``rgb = sigmoid(x[..., 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH``.
+        ``forward`` is ``x = hidden_from_pre(f @ hidden_weight.T + hidden_bias) @ out_weight.T + out_bias``,
+        ``sigma_raw = x[..., :1]``, ``rgb = rgb_from_logits(x[..., 1:])`` (this module's activations).
         """
         return (*self.hidden.applied_weight_bias(dtype), *self.out.applied_weight_bias(dtype))

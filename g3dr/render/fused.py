@@ -1,4 +1,7 @@
-"""The fused renderer (``renderer.impl: fused``): the numbers of :func:`render_rays`, a fraction of the memory.
+"""The fused primitives (``renderer.impl: fused``): the numbers of the reference path, a fraction of the memory.
+
+:class:`FusedPrimitives` is the ``decode`` and ``composite`` that :func:`g3dr.render.renderer.render_rays_with`
+plugs into its one pipeline (sample placement and the depth-kernel decision live there, not here).
 
 The reference path runs triplane sampling, the plane mean, the decoder MLP and the ray marcher as plain
 autograd ops, so backward keeps every per-sample intermediate: grid-sample outputs of 9 plane-levels,
@@ -27,14 +30,16 @@ fallback; large CPU renders run the per-chunk math through ``torch.compile``) an
 (``g3dr.render.fused_triton``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1`` in tests). The
 marcher backward is shared torch code. Everything runs in at least float32 with autocast off.
 
-The coarse pass that only places importance samples runs without grad. ``cut_quantile`` (3DGP's density
-cut for NFS depth maps) acts in every marcher call of the forward pass (coarse and final, per image, as
-on the reference path); cut renders are evaluation renders run without grad (``render_rays``), and the
-hand-written backward refuses them. The decoder must expose
-``mlp_weights(dtype)`` (:class:`g3dr.models.decoder.TriplaneDecoder`); :func:`decoder_supports_fused`
-says whether one does (``render_rays`` falls back to the reference path otherwise).
+``cut_quantile`` (3DGP's density cut for NFS depth maps) acts in every ``composite`` call (per image, as on
+the reference path); cut renders are evaluation renders run without grad (``render_rays``), and the
+hand-written backward refuses them. The decoder must expose ``mlp_weights(dtype)``
+(:class:`g3dr.models.decoder.TriplaneDecoder`); :func:`decoder_supports_fused` says whether one does
+(``render_rays`` falls back to the reference path otherwise). The MLP's activations and their backward
+are the decoder module's (``hidden_from_pre``, ``rgb_from_logits``, ...): its functional form is written
+there once.
 
-Must not: import training code; change any number of the reference path (tests compare both).
+Must not: import training code or the pipeline (``renderer.py`` imports this module); change any number
+of the reference path (tests compare both).
 """
 
 from __future__ import annotations
@@ -49,19 +54,12 @@ import torch.nn.functional as F
 
 from g3dr.config import RendererConfig
 from g3dr.log import get_logger
-from g3dr.render.marching import (composite_from_samples, depth_kernel_from_depths, median_depth_from_weights,
-                                  split_grad_scale)
-from g3dr.render.sampling import (
-    depths_from_depth_prior,
-    depths_from_importance,
-    depths_from_stratified,
-    merge_samples,
-    near_far_from_box,
-)
+from g3dr.models.decoder import (hidden_from_pre, logits_grad_from_rgb_grad, pre_grad_from_hidden_grad,
+                                 rgb_from_logits)
+from g3dr.render.marching import Composite, composite_from_samples, split_grad_scale
 from g3dr.render.triplane import planes_pyramid_from_planes
 
 __all__ = [
-    "COLOR_STRETCH",
     "SAMPLES_PER_CHUNK",
     "LevelTable",
     "decoder_supports_fused",
@@ -69,19 +67,17 @@ __all__ = [
     "rows_from_points",
     "decode_samples",
     "FusedTriplaneComposite",
-    "render_rays_fused",
+    "FusedPrimitives",
 ]
 
-COLOR_STRETCH = 1e-3
-"""The decoder's colour is ``sigmoid(x) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH`` (``TriplaneDecoder``)."""
 log = get_logger("g3dr.render.fused")
 
 SAMPLES_PER_CHUNK = 131072
 """Samples processed at once (rounded to whole rays): bounds the transient memory of forward and backward."""
 COMPILE_MIN_SAMPLES = 2**20
 """On CPU, renders of at least this many samples compile the lookups (``G3DR_FUSED_COMPILE=0``: never)."""
-SOFTPLUS_THRESHOLD = 20.0
-"""``F.softplus``'s default threshold (above it softplus is the identity); the backward uses the same."""
+MARCHER_SOFTPLUS_THRESHOLD = 20.0
+"""``F.softplus``'s default threshold, which the marcher's density activation uses; its backward here too."""
 
 Backend = Literal["torch", "triton"]
 
@@ -210,15 +206,15 @@ def _mlp_tensors(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 
 
 def _outputs_from_x(x: torch.Tensor) -> torch.Tensor:
-    """(n, 4) decoder output -> (n, 4) = (sigma_raw, r, g, b) with the widened sigmoid colour."""
-    return torch.cat([x[:, :1], torch.sigmoid(x[:, 1:]) * (1 + 2 * COLOR_STRETCH) - COLOR_STRETCH], 1)
+    """(n, 4) raw decoder output -> (n, 4) = (sigma_raw, r, g, b) with the decoder's colour activation."""
+    return torch.cat([x[:, :1], rgb_from_logits(x[:, 1:])], 1)
 
 
 def _torch_decode(table, hidden_weight, hidden_bias, out_weight, out_bias, rows, weights):
     """Features, pre-activations, hidden activations and raw outputs x (n, 4) of one chunk (plain torch)."""
     features = F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
     pre = torch.addmm(hidden_bias, features, hidden_weight.t())
-    hidden = F.softplus(pre)
+    hidden = hidden_from_pre(pre)
     x = torch.addmm(out_bias, hidden, out_weight.t())
     return features, pre, hidden, x
 
@@ -234,8 +230,7 @@ def _grad_x_from_x(x, depths, grad_rgb, grad_depth, grad_weight_sum, scale, dens
     n_rays, samples = depths.shape
     grad_outputs = _composite_backward(_outputs_from_x(x).view(n_rays, samples, 4), depths, grad_rgb, grad_depth,
                                        grad_weight_sum, scale, density_offset, sigma_scale).view(-1, 4)
-    grad_colors = torch.ops.aten.sigmoid_backward(grad_outputs[:, 1:] * (1 + 2 * COLOR_STRETCH), torch.sigmoid(x[:, 1:]))
-    return torch.cat([grad_outputs[:, :1], grad_colors], 1)
+    return torch.cat([grad_outputs[:, :1], logits_grad_from_rgb_grad(grad_outputs[:, 1:], x[:, 1:])], 1)
 
 
 def _torch_chunk_backward(table, hidden_weight, hidden_bias, out_weight, out_bias, rows, weights, depths, grad_rgb,
@@ -243,7 +238,7 @@ def _torch_chunk_backward(table, hidden_weight, hidden_bias, out_weight, out_bia
     """Recompute one chunk and backpropagate: (dL/dfeatures (n * S, C), dW_hidden, db_hidden, dW_out, db_out)."""
     features, pre, hidden, x = _torch_decode(table, hidden_weight, hidden_bias, out_weight, out_bias, rows, weights)
     grad_x = _grad_x_from_x(x, depths, grad_rgb, grad_depth, grad_weight_sum, scale, density_offset, sigma_scale)
-    grad_pre = torch.ops.aten.softplus_backward(grad_x @ out_weight, pre, 1.0, SOFTPLUS_THRESHOLD)
+    grad_pre = pre_grad_from_hidden_grad(grad_x @ out_weight, pre)
     return grad_pre @ hidden_weight, grad_pre.t() @ features, grad_pre.sum(0), grad_x.t() @ hidden, grad_x.sum(0)
 
 
@@ -298,10 +293,6 @@ class _Rays:
         return points.reshape(-1, 3), image[:, None].expand(-1, depths.shape[1]).reshape(-1)
 
 
-def _mlp_from_decoder(decoder, dtype: torch.dtype) -> _Mlp:
-    return _Mlp(*decoder.mlp_weights(dtype))
-
-
 def decode_samples(
     levels: LevelTable,
     mlp: _Mlp,
@@ -346,7 +337,8 @@ def _composite_backward(
     Args:
         outputs: (n, S, 4) (sigma_raw, colour) of n rays; depths: (n, S).
         grad_rgb (n, 3), grad_depth (n, 1), grad_weight_sum (n, 1): gradients of the marcher's outputs.
-        grad_scale: (n, S - 1) depth kernel, (n, S - 1, 2) its alpha and colour scales, or None.
+        grad_scale: (n, S - 1, 1) depth kernel, (n, S - 1, 2) its alpha and colour scales
+            (:func:`split_grad_scale`), or None.
 
     Returns:
         (n, S, 4) gradient w.r.t. (sigma_raw, colour) - the formulas torch's autograd applies to
@@ -378,13 +370,13 @@ def _composite_backward(
     later = torch.flip(torch.cumsum(torch.flip(gw, [1]), 1), [1]) - gw
     grad_alpha = grad_weights * transmittance - later / keep
     if grad_scale is not None:
-        alpha_scale, colour_scale = split_grad_scale(grad_scale, channel_dim=False)
-        grad_alpha = grad_alpha * alpha_scale
-        grad_colors_mid = grad_colors_mid * colour_scale[..., None]
+        alpha_scale, colour_scale = split_grad_scale(grad_scale)
+        grad_alpha = grad_alpha * alpha_scale[..., 0]
+        grad_colors_mid = grad_colors_mid * colour_scale
     grad_density = grad_alpha * decay * deltas
     if sigma_scale != 1.0:
         grad_density = grad_density * sigma_scale
-    grad_raw_mid = torch.ops.aten.softplus_backward(grad_density, raw_mid, 1.0, SOFTPLUS_THRESHOLD)
+    grad_raw_mid = torch.ops.aten.softplus_backward(grad_density, raw_mid, 1.0, MARCHER_SOFTPLUS_THRESHOLD)
     grad = outputs.new_zeros(outputs.shape)
     grad_mid = torch.cat([grad_raw_mid[..., None], grad_colors_mid], -1) / 2
     grad[:, :-1] += grad_mid
@@ -487,7 +479,7 @@ class _FusedState:
     density_offset: float
     sigma_scale: float
     grad_scale: torch.Tensor | None
-    """(B * R, S - 1) depth kernel, (B * R, S - 1, 2) its alpha and colour scales (``depth_kernel.scales``), or None."""
+    """(B * R, S - 1, 1) depth kernel, (B * R, S - 1, 2) its alpha and colour scales (``depth_kernel.scales``), or None."""
     backend: Backend
     samples_per_chunk: int
     cut_quantile: float = 0.0
@@ -509,114 +501,70 @@ def _default_backend(planes: torch.Tensor) -> Backend:
     return "torch"
 
 
-def render_rays_fused(
-    planes: torch.Tensor,
-    decoder,
-    origins: torch.Tensor,
-    directions: torch.Tensor,
-    cfg: RendererConfig,
-    *,
-    depth_prior: torch.Tensor | None = None,
-    use_depth_kernel: bool = False,
-    sample_depths: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    plane_axes: torch.Tensor,
-    backend: Backend | None = None,
-    samples_per_chunk: int = SAMPLES_PER_CHUNK,
-    cut_quantile: float = 0.0,
-):
-    """:func:`g3dr.render.renderer.render_rays` with the fused core (same arguments, checked by the caller).
+class FusedPrimitives:
+    """The fused ``decode`` and ``composite`` (:class:`g3dr.render.renderer.RenderPrimitives`) of one render.
 
-    The sampling steps are those of ``render_rays`` (same functions, same random draws in the same
-    order), so for one seed both paths composite the same depths. ``decoder`` must satisfy
-    :func:`decoder_supports_fused`. ``backend`` defaults to Triton for CUDA tensors (when importable)
-    and torch otherwise. ``RenderResult.weights`` carries no gradient here. Lookups, decoder and
-    compositing run in at least float32 with autocast off (bf16 planes and decoders are cast; the
-    reference runs its decoder in the features' dtype, so bf16 results differ by bf16 rounding).
+    Built from the planes and a decoder with ``mlp_weights`` (:func:`decoder_supports_fused`): the plane
+    pyramid as one :class:`LevelTable` and the MLP's applied weights, in ``geometry_dtype`` = at least
+    float32 (bf16 planes or decoders are cast; the casts are differentiable, so gradients reach them in
+    their own dtype; the reference runs its decoder in the features' dtype, so bf16 results differ by bf16
+    rounding). ``decode`` returns the decoder outputs without grad, chunked over rays; ``composite`` is
+    :class:`FusedTriplaneComposite`, whose ``weights`` carry no gradient. Autocast is off in all of it.
+    ``backend`` defaults to Triton for CUDA tensors (when importable) and torch otherwise;
+    ``samples_per_chunk`` bounds the transient memory.
     """
-    with torch.autocast(planes.device.type, enabled=False):
-        return _render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
-                                  use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
-                                  plane_axes=plane_axes, backend=backend, samples_per_chunk=samples_per_chunk,
-                                  cut_quantile=cut_quantile)
+
+    def __init__(self, planes: torch.Tensor, decoder, cfg: RendererConfig, plane_axes: torch.Tensor, *,
+                 backend: Backend | None = None, samples_per_chunk: int = SAMPLES_PER_CHUNK):
+        self.backend = backend or _default_backend(planes)
+        self.geometry_dtype = torch.promote_types(planes.dtype, torch.float32)
+        with torch.autocast(planes.device.type, enabled=False):
+            pyramid = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
+            self.levels = table_from_levels([level.to(self.geometry_dtype) for level in pyramid])
+            self.mlp = _Mlp(*decoder.mlp_weights(self.geometry_dtype))
+        self.plane_axes = plane_axes.to(planes.device)
+        self.samples_per_chunk = samples_per_chunk
+        self.box_warp, self.density_offset, self.sigma_scale = cfg.box_warp, cfg.density_offset, cfg.sigma_scale
+
+    def decode(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor) -> list[torch.Tensor]:
+        """[(B, R, S, 4) = (sigma_raw, r, g, b)] at ``depths`` (B, R, S, 1), without grad."""
+        with torch.autocast(origins.device.type, enabled=False):
+            out = decode_samples(self.levels, self.mlp, _rays_from(origins, directions, depths), self.plane_axes,
+                                 self.box_warp, self.backend, self.samples_per_chunk)
+        return [out.view(*depths.shape[:2], -1, 4)]
+
+    def composite(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor,
+                  values: list[torch.Tensor], *, grad_scale: torch.Tensor | None = None,
+                  cut_quantile: float = 0.0) -> Composite:
+        """The marcher on ``decode``'s values; ``grad_scale`` (B, R, S - 1, 1 or 2) acts in the backward."""
+        (outputs,) = values
+        batch, rays_per_image, samples = depths.shape[:3]
+        if grad_scale is not None:
+            grad_scale = grad_scale.reshape(batch * rays_per_image, samples - 1, -1)
+        state = _FusedState(
+            rays=_rays_from(origins, directions, depths), levels=self.levels, plane_axes=self.plane_axes,
+            box_warp=self.box_warp, density_offset=self.density_offset, sigma_scale=self.sigma_scale,
+            grad_scale=grad_scale, backend=self.backend, samples_per_chunk=self.samples_per_chunk,
+            cut_quantile=cut_quantile,
+        )
+        with torch.autocast(origins.device.type, enabled=False):
+            rgb, depth, weight_sum, weights = FusedTriplaneComposite.apply(
+                self.levels.table, *_mlp_tensors(self.mlp), outputs.reshape(-1, samples, 4), state
+            )
+        weights = weights.view(batch, rays_per_image, samples - 1, 1)
+        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+        return Composite(
+            rgb=rgb.view(batch, rays_per_image, 3),
+            depth=depth.view(batch, rays_per_image, 1),
+            depth_3dgp=torch.sum(weights * depths_mid, -2),  # the marcher's formula (no gradient here)
+            weights=weights,
+            weight_sum=weight_sum.view(batch, rays_per_image, 1),
+            depths_mid=depths_mid,
+        )
 
 
-def _render_rays_fused(planes, decoder, origins, directions, cfg, *, depth_prior, use_depth_kernel, sample_depths,
-                       generator, plane_axes, backend, samples_per_chunk, cut_quantile):
-    from g3dr.render.renderer import RenderResult  # renderer.py imports this module lazily
-
-    batch, rays_per_image = origins.shape[:2]
-    backend = backend or _default_backend(planes)
-    # Everything runs in at least float32 (bf16 planes or decoders included; the casts are differentiable,
-    # so gradients reach them in their own dtype).
-    compute = torch.promote_types(planes.dtype, torch.float32)
-    origins, directions = origins.to(compute), directions.to(compute)
-    depth_prior = None if depth_prior is None else depth_prior.to(compute)
-    sample_depths = None if sample_depths is None else sample_depths.to(compute)
-    levels = table_from_levels([lvl.to(compute) for lvl in planes_pyramid_from_planes(planes, cfg.plane_resolutions)])
-    mlp = _mlp_from_decoder(decoder, compute)
-    plane_axes = plane_axes.to(planes.device)
-    flat_origins, flat_directions = origins.detach().reshape(-1, 3), directions.detach().reshape(-1, 3)
-
-    def decode(depths: torch.Tensor) -> torch.Tensor:
-        rays = _Rays(flat_origins, flat_directions, depths.reshape(batch * rays_per_image, -1), rays_per_image)
-        out = decode_samples(levels, mlp, rays, plane_axes, cfg.box_warp, backend, samples_per_chunk)
-        return out.view(batch, rays_per_image, -1, 4)
-
-    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale)
-    with torch.no_grad():
-        if sample_depths is not None:
-            if sample_depths.ndim != 4 or sample_depths.shape[:2] != (batch, rays_per_image) or sample_depths.shape[3] != 1:
-                raise ValueError(f"sample_depths must be ({batch}, {rays_per_image}, S, 1), got {tuple(sample_depths.shape)}")
-            if bool((sample_depths[:, :, 1:] < sample_depths[:, :, :-1]).any()):
-                raise ValueError("sample_depths must be sorted ascending along the sample axis")
-            depths = sample_depths.detach()
-            outputs = decode(depths)
-        else:
-            near, far = near_far_from_box(origins, directions, cfg.box_warp)
-            depths = depths_from_stratified(near, far, cfg.num_coarse, jitter=not cfg.deterministic, generator=generator)
-            outputs = decode(depths)
-            if cfg.num_fine > 0:
-                use_prior = False
-                if depth_prior is not None and not cfg.deterministic:
-                    if cfg.depth_prior_p >= 1.0:
-                        use_prior = True
-                    elif cfg.depth_prior_p > 0.0:  # p in {0, 1} draws nothing (as render_rays)
-                        device = planes.device if generator is None else generator.device
-                        use_prior = bool(torch.rand((), generator=generator, device=device) < cfg.depth_prior_p)
-                if use_prior:
-                    depths_fine = depths_from_depth_prior(depth_prior, cfg.num_fine, cfg.depth_prior_window)
-                else:
-                    coarse = composite_from_samples(outputs[..., 1:], outputs[..., :1], depths, **march,
-                                                    cut_quantile=cut_quantile)
-                    depths_fine = depths_from_importance(
-                        depths, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
-                    )
-                depths, (outputs,) = merge_samples(depths, [outputs], depths_fine, [decode(depths_fine)])
-        grad_scale = None
-        if use_depth_kernel:
-            depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-            grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
-            grad_scale = grad_scale.reshape(batch * rays_per_image, depths_mid.shape[2], -1)
-            grad_scale = grad_scale[..., 0] if grad_scale.shape[-1] == 1 else grad_scale
-    samples = depths.shape[2]
-    state = _FusedState(
-        rays=_Rays(flat_origins, flat_directions, depths.reshape(-1, samples), rays_per_image),
-        levels=levels, plane_axes=plane_axes, box_warp=cfg.box_warp, grad_scale=grad_scale, backend=backend,
-        samples_per_chunk=samples_per_chunk, cut_quantile=cut_quantile, **march,
-    )
-    rgb, depth, weight_sum, weights = FusedTriplaneComposite.apply(
-        levels.table, mlp.hidden_weight, mlp.hidden_bias, mlp.out_weight, mlp.out_bias,
-        outputs.reshape(-1, samples, 4), state,
-    )
-    weights = weights.view(batch, rays_per_image, samples - 1, 1)
-    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-    return RenderResult(
-        rgb=rgb.view(batch, rays_per_image, 3),
-        depth=depth.view(batch, rays_per_image, 1),
-        weight_sum=weight_sum.view(batch, rays_per_image, 1),
-        median_depth=median_depth_from_weights(weights, depths_mid),
-        depth_3dgp=torch.sum(weights * depths_mid, -2),  # the marcher's formula (no gradient here)
-        depths=depths,
-        weights=weights,
-    )
+def _rays_from(origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor) -> _Rays:
+    """The flattened rays (B * R) of (B, R, 3) origins and directions and (B, R, S, 1) depths."""
+    batch, rays_per_image = depths.shape[:2]
+    return _Rays(origins.detach().reshape(-1, 3), directions.detach().reshape(-1, 3),
+                 depths.reshape(batch * rays_per_image, -1), rays_per_image)

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from g3dr.models.decoder import SOFTPLUS_THRESHOLD
+
 __all__ = ["triton_available", "decode_triton", "backward_triton"]
 
 try:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
@@ -38,7 +40,6 @@ def triton_available() -> bool:
 
 BLOCK_N = 64
 """Samples per program."""
-SOFTPLUS_THRESHOLD = 20.0
 
 
 def _block(n: int) -> int:
@@ -75,29 +76,10 @@ if triton is not None:
         return tl.where(x > THRESHOLD, x, soft)
 
     @triton.jit
-    def _decode_kernel(table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
-                       N, C, H, K, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                       THRESHOLD: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_c = tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        offs_h = tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        feat = _features(table_ptr, rows_ptr, weights_ptr, offs_n, mask_n, offs_c, mask_c, C, K, BLOCK_N, BLOCK_C)
-        hidden = _softplus(_hidden_pre(feat, w1_ptr, b1_ptr, offs_c, mask_c, offs_h, mask_h, C), THRESHOLD)
-        hidden = tl.where(mask_h[None, :], hidden, 0.0)
-        for j in range(4):
-            w2 = tl.load(w2_ptr + j * H + offs_h, mask=mask_h, other=0.0)
-            x = tl.sum(hidden * w2[None, :], axis=1) + tl.load(b2_ptr + j)
-            tl.store(out_ptr + offs_n * 4 + j, x, mask=mask_n)
-
-    @triton.jit
-    def _backward_kernel(table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, w2_ptr, grad_x_ptr,
-                         grad_table_ptr, grad_w1_ptr, grad_b1_ptr, grad_w2_ptr,
-                         N, C, H, K, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                         THRESHOLD: tl.constexpr):
+    def _program_forward(table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, N, C, H, K, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, THRESHOLD: tl.constexpr):
+        """This program's sample, channel and hidden offsets with their masks, and its samples' features,
+        hidden pre-activations and hidden activations (0 in the padding columns)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -108,6 +90,26 @@ if triton is not None:
         feat = _features(table_ptr, rows_ptr, weights_ptr, offs_n, mask_n, offs_c, mask_c, C, K, BLOCK_N, BLOCK_C)
         pre = _hidden_pre(feat, w1_ptr, b1_ptr, offs_c, mask_c, offs_h, mask_h, C)
         hidden = tl.where(mask_h[None, :], _softplus(pre, THRESHOLD), 0.0)
+        return offs_n, mask_n, offs_c, mask_c, offs_h, mask_h, feat, pre, hidden
+
+    @triton.jit
+    def _decode_kernel(table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+                       N, C, H, K, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                       THRESHOLD: tl.constexpr):
+        offs_n, mask_n, _, _, offs_h, mask_h, _, _, hidden = _program_forward(
+            table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, N, C, H, K, BLOCK_N, BLOCK_C, BLOCK_H, THRESHOLD)
+        for j in range(4):
+            w2 = tl.load(w2_ptr + j * H + offs_h, mask=mask_h, other=0.0)
+            x = tl.sum(hidden * w2[None, :], axis=1) + tl.load(b2_ptr + j)
+            tl.store(out_ptr + offs_n * 4 + j, x, mask=mask_n)
+
+    @triton.jit
+    def _backward_kernel(table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, w2_ptr, grad_x_ptr,
+                         grad_table_ptr, grad_w1_ptr, grad_b1_ptr, grad_w2_ptr,
+                         N, C, H, K, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                         THRESHOLD: tl.constexpr):
+        offs_n, mask_n, offs_c, mask_c, offs_h, mask_h, feat, pre, hidden = _program_forward(
+            table_ptr, rows_ptr, weights_ptr, w1_ptr, b1_ptr, N, C, H, K, BLOCK_N, BLOCK_C, BLOCK_H, THRESHOLD)
         grad_hidden = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
         for j in range(4):
             gx = tl.load(grad_x_ptr + offs_n * 4 + j, mask=mask_n, other=0.0)

@@ -82,18 +82,12 @@ def depth_kernel_from_depths(depths_mid: torch.Tensor, depth_prior: torch.Tensor
         return torch.cat([k if "alpha" in cfg.scales else ones, k if "colour" in cfg.scales else ones], dim=-1)
 
 
-def split_grad_scale(grad_scale: torch.Tensor, channel_dim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(alpha_scale, colour_scale)`` of a :func:`depth_kernel_from_depths` result: the same tensor twice when
-    its last dimension is 1 (both scaled), else its two channels. ``channel_dim``: the input keeps a trailing
-    dimension (the reference marcher's (..., 1) or (..., 2)); without it (the fused marcher's (n, S - 1) or
-    (n, S - 1, 2)) a 2-D input is the shared kernel."""
-    if channel_dim:
-        if grad_scale.shape[-1] == 1:
-            return grad_scale, grad_scale
-        return grad_scale[..., :1], grad_scale[..., 1:]
-    if grad_scale.dim() == 2:
+def split_grad_scale(grad_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_scale, colour_scale)``, each (..., 1), of a :func:`depth_kernel_from_depths` result (..., 1 or 2):
+    the same tensor twice when its last dimension is 1 (both scaled), else its two channels."""
+    if grad_scale.shape[-1] == 1:
         return grad_scale, grad_scale
-    return grad_scale[..., 0], grad_scale[..., 1]
+    return grad_scale[..., :1], grad_scale[..., 1:]
 
 
 def quantile_per_image(values: torch.Tensor, q: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""The triplane volume renderer: ``render_rays`` (functional core) and ``TriplaneRenderer`` (thin module).
+"""The triplane volume renderer: one pipeline (``render_rays_with``), two sets of primitives, a thin module.
 
-``render_rays`` reproduces the G3DR reference renderer (EG3D's ``ImportanceRenderer`` as extended by
-preddy5/G3DR ``train.py``) step by step:
+:func:`render_rays_with` reproduces the G3DR reference renderer (EG3D's ``ImportanceRenderer`` as
+extended by preddy5/G3DR ``train.py``) step by step, for both paths:
 
 1. near/far from the ray-box intersection (EG3D's handling of rays that miss the box);
 2. ``num_coarse`` stratified depths (linspace + one-step uniform jitter) and a decoder pass;
@@ -10,6 +10,13 @@ preddy5/G3DR ``train.py``) step by step:
    a second decoder pass; both sets merged in depth order;
 4. the MipNeRF ray marcher with ``sigma_scale`` and, in canonical views, the depth kernel as a
    backward-only scale of the gradients of alpha and colour.
+
+The decoder passes and the marcher calls are the primitives (:class:`RenderPrimitives`, ``decode`` and
+``composite``), the only part where the two paths differ (as nerfacc keeps one ``rendering()`` and puts
+the speed inside its primitives): :class:`ReferencePrimitives` (plain autograd) and
+:class:`g3dr.render.fused.FusedPrimitives` (``renderer.impl: fused``: the same numbers, gradients by
+recomputation). :func:`render_rays` checks its arguments, builds the primitives ``renderer.impl`` names
+and runs the pipeline.
 
 ``cut_quantile`` > 0 renders as 3DGP renders the depth maps of its NFS (an evaluation render, without
 gradient): every marcher call of the render - the coarse pass whose weights place the importance
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -41,7 +49,8 @@ from torch import nn
 from g3dr.config import CameraConfig, RendererConfig
 from g3dr.log import get_logger
 from g3dr.render.cameras import rays_from_cameras
-from g3dr.render.marching import composite_from_samples, depth_kernel_from_depths, median_depth_from_weights
+from g3dr.render.fused import FusedPrimitives, decoder_supports_fused
+from g3dr.render.marching import Composite, composite_from_samples, depth_kernel_from_depths, median_depth_from_weights
 from g3dr.render.sampling import (
     depths_from_depth_prior,
     depths_from_importance,
@@ -51,7 +60,8 @@ from g3dr.render.sampling import (
 )
 from g3dr.render.triplane import features_from_planes, plane_axes_for_convention, planes_pyramid_from_planes
 
-__all__ = ["Decoder", "RenderResult", "render_rays", "TriplaneRenderer"]
+__all__ = ["Decoder", "RenderResult", "RenderPrimitives", "ReferencePrimitives", "render_rays", "render_rays_with",
+           "TriplaneRenderer"]
 
 log = get_logger("g3dr.render")
 
@@ -60,7 +70,7 @@ Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 @dataclass
 class RenderResult:
-    """Per-ray outputs of :func:`render_rays` for B images of R rays (S merged samples per ray)."""
+    """Per-ray outputs of :func:`render_rays_with` for B images of R rays (S merged samples per ray)."""
 
     rgb: torch.Tensor
     """(B, R, 3) in [-1, 1]."""
@@ -78,28 +88,61 @@ class RenderResult:
     """(B, R, S - 1, 1) per-interval compositing weights."""
 
 
-def _run_decoder(
-    decoder: Decoder,
-    levels: list[torch.Tensor],
-    plane_axes: torch.Tensor,
-    origins: torch.Tensor,
-    directions: torch.Tensor,
-    depths: torch.Tensor,
-    box_warp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode samples at ``origins + depths * directions``: (colors (B, R, S, 3), sigma_raw (B, R, S, 1))."""
-    batch, rays, samples, _ = depths.shape
-    with torch.no_grad():
-        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(batch, -1, 3)
-        sample_dirs = directions.unsqueeze(-2).expand(-1, -1, samples, -1).reshape(batch, -1, 3)
-    features = features_from_planes(levels, points, plane_axes, box_warp)
-    rgb, sigma = decoder(features, (2 / box_warp) * points, sample_dirs)
-    if rgb.shape[:2] != (batch, rays * samples) or sigma.shape != (batch, rays * samples, 1):
-        raise ValueError(
-            f"decoder returned rgb {tuple(rgb.shape)} and sigma {tuple(sigma.shape)}; "
-            f"expected ({batch}, {rays * samples}, 3) and ({batch}, {rays * samples}, 1)"
-        )
-    return rgb.reshape(batch, rays, samples, rgb.shape[-1]), sigma.reshape(batch, rays, samples, 1)
+class RenderPrimitives(Protocol):
+    """The decode-and-composite primitives of :func:`render_rays_with`: all that differs between the paths.
+
+    :class:`ReferencePrimitives` (plain autograd) and :class:`g3dr.render.fused.FusedPrimitives` (the same
+    numbers at a fraction of the memory) implement it; both are built for one render from its planes and
+    decoder. ``values`` are the decoded samples as a list of (B, R, S, k) tensors, opaque to the caller,
+    which reorders them with the depths when sample sets are merged (:func:`merge_samples`).
+    """
+
+    geometry_dtype: torch.dtype | None
+    """The dtype the rays, depth prior and sample depths are cast to before sampling (None: kept as given)."""
+
+    def decode(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor) -> list[torch.Tensor]:
+        """Decode the samples at ``origins + depths * directions``; depths (B, R, S, 1), rays (B, R, 3)."""
+
+    def composite(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor,
+                  values: list[torch.Tensor], *, grad_scale: torch.Tensor | None = None,
+                  cut_quantile: float = 0.0) -> Composite:
+        """The ray marcher (:func:`composite_from_samples`'s numbers) on decoded samples, differentiable in the
+        planes and the decoder's parameters; ``grad_scale`` is the depth kernel (:func:`depth_kernel_from_depths`)."""
+
+
+class ReferencePrimitives:
+    """Plain autograd primitives: ``grid_sample`` lookups in the plane pyramid, the decoder callable and
+    :func:`composite_from_samples`. Backward keeps every per-sample intermediate; any decoder callable works."""
+
+    geometry_dtype = None
+
+    def __init__(self, planes: torch.Tensor, decoder: Decoder, cfg: RendererConfig, plane_axes: torch.Tensor):
+        self.levels = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
+        self.decoder, self.plane_axes, self.cfg = decoder, plane_axes, cfg
+
+    def decode(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor) -> list[torch.Tensor]:
+        """[colors (B, R, S, 3), sigma_raw (B, R, S, 1)] from the decoder."""
+        batch, rays, samples, _ = depths.shape
+        with torch.no_grad():
+            points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(batch, -1, 3)
+            sample_dirs = directions.unsqueeze(-2).expand(-1, -1, samples, -1).reshape(batch, -1, 3)
+        box_warp = self.cfg.box_warp
+        features = features_from_planes(self.levels, points, self.plane_axes, box_warp)
+        rgb, sigma = self.decoder(features, (2 / box_warp) * points, sample_dirs)
+        if rgb.shape[:2] != (batch, rays * samples) or sigma.shape != (batch, rays * samples, 1):
+            raise ValueError(
+                f"decoder returned rgb {tuple(rgb.shape)} and sigma {tuple(sigma.shape)}; "
+                f"expected ({batch}, {rays * samples}, 3) and ({batch}, {rays * samples}, 1)"
+            )
+        return [rgb.reshape(batch, rays, samples, rgb.shape[-1]), sigma.reshape(batch, rays, samples, 1)]
+
+    def composite(self, origins: torch.Tensor, directions: torch.Tensor, depths: torch.Tensor,
+                  values: list[torch.Tensor], *, grad_scale: torch.Tensor | None = None,
+                  cut_quantile: float = 0.0) -> Composite:
+        colors, densities = values
+        return composite_from_samples(colors, densities, depths, density_offset=self.cfg.density_offset,
+                                      sigma_scale=self.cfg.sigma_scale, grad_scale=grad_scale,
+                                      cut_quantile=cut_quantile)
 
 
 _fused_unsupported_logged: set[str] = set()
@@ -122,6 +165,19 @@ def _log_reference_for_weights() -> None:
                  "metrics) take the reference path: the fused path's weights carry no gradient")
 
 
+def _primitives_for(planes: torch.Tensor, decoder: Decoder, cfg: RendererConfig, plane_axes: torch.Tensor,
+                    differentiable_weights: bool) -> RenderPrimitives:
+    """The primitives ``cfg.impl`` names; the reference ones where the fused path cannot serve (logged once)."""
+    if cfg.impl == "fused":
+        if differentiable_weights:
+            _log_reference_for_weights()
+        elif not decoder_supports_fused(decoder):
+            _log_fused_unsupported(decoder)
+        else:
+            return FusedPrimitives(planes, decoder, cfg, plane_axes)
+    return ReferencePrimitives(planes, decoder, cfg, plane_axes)
+
+
 def render_rays(
     planes: torch.Tensor,
     decoder: Decoder,
@@ -137,7 +193,7 @@ def render_rays(
     differentiable_weights: bool = False,
     cut_quantile: float = 0.0,
 ) -> RenderResult:
-    """Volume-render a triplane along rays (see the module docstring for the steps).
+    """Volume-render a triplane along rays: :func:`render_rays_with` the primitives ``cfg.impl`` names.
 
     Args:
         planes: (B, 3, C, H, W) triplane, ``H == cfg.plane_resolutions[0]``.
@@ -164,83 +220,77 @@ def render_rays(
     """
     if not 0.0 <= cut_quantile < 1.0:
         raise ValueError(f"cut_quantile must be in [0, 1), got {cut_quantile}")
-    with torch.no_grad() if cut_quantile > 0.0 else contextlib.nullcontext():
-        return _render_rays(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
-                            use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
-                            plane_axes=plane_axes, cut_quantile=cut_quantile,
-                            differentiable_weights=differentiable_weights)
-
-
-def _render_rays(planes, decoder, origins, directions, cfg, *, depth_prior, use_depth_kernel, sample_depths,
-                 generator, plane_axes, cut_quantile, differentiable_weights) -> RenderResult:
     if planes.ndim != 5 or planes.shape[1] != 3:
         raise ValueError(f"planes must be (B, 3, C, H, W), got {tuple(planes.shape)}")
     batch = planes.shape[0]
     if origins.shape != directions.shape or origins.ndim != 3 or origins.shape[0] != batch or origins.shape[2] != 3:
         raise ValueError(f"origins {tuple(origins.shape)} and directions {tuple(directions.shape)} must be ({batch}, R, 3)")
-    rays = origins.shape[1]
+    if plane_axes is None:
+        plane_axes = plane_axes_for_convention(cfg.plane_convention, planes.device)
+    with torch.no_grad() if cut_quantile > 0.0 else contextlib.nullcontext():
+        primitives = _primitives_for(planes, decoder, cfg, plane_axes, differentiable_weights)
+        return render_rays_with(primitives, origins, directions, cfg, depth_prior=depth_prior,
+                                use_depth_kernel=use_depth_kernel, sample_depths=sample_depths, generator=generator,
+                                cut_quantile=cut_quantile)
+
+
+def render_rays_with(primitives: RenderPrimitives, origins: torch.Tensor, directions: torch.Tensor, cfg: RendererConfig,
+                     *, depth_prior: torch.Tensor | None = None, use_depth_kernel: bool = False,
+                     sample_depths: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     cut_quantile: float = 0.0) -> RenderResult:
+    """Place the samples and decide the depth kernel; ``primitives`` decode and composite.
+
+    The one implementation of the steps in the module docstring, for both paths: near/far, stratified
+    coarse depths, the fine depths (depth prior or importance sampling from the coarse weights), the
+    merge, the depth kernel. The other arguments are :func:`render_rays`'s; ``origins`` and ``directions``
+    must be (B, R, 3) with the B of the planes the primitives were built from (:func:`render_rays` checks
+    that; this function checks the depth prior and explicit depths). Unlike :func:`render_rays`, a cut
+    render is not wrapped in ``torch.no_grad`` here. Example (a test of the Triton kernels)::
+
+        primitives = FusedPrimitives(planes, decoder, cfg, plane_axes, backend="triton")
+        result = render_rays_with(primitives, origins, directions, cfg, generator=torch.Generator().manual_seed(1))
+    """
+    batch, rays = origins.shape[:2]
     if depth_prior is not None and depth_prior.shape != (batch, rays, 1):
         raise ValueError(f"depth_prior must be ({batch}, {rays}, 1), got {tuple(depth_prior.shape)}")
     if use_depth_kernel and depth_prior is None:
         raise ValueError("use_depth_kernel=True needs depth_prior (the pixel pseudo-depth)")
-    if plane_axes is None:
-        plane_axes = plane_axes_for_convention(cfg.plane_convention, planes.device)
-    if cfg.impl == "fused" and differentiable_weights:
-        _log_reference_for_weights()
-    elif cfg.impl == "fused":
-        from g3dr.render.fused import decoder_supports_fused, render_rays_fused
+    dtype = primitives.geometry_dtype
+    if dtype is not None:
+        origins, directions = origins.to(dtype), directions.to(dtype)
+        depth_prior = None if depth_prior is None else depth_prior.to(dtype)
+        sample_depths = None if sample_depths is None else sample_depths.to(dtype)
 
-        if decoder_supports_fused(decoder):
-            return render_rays_fused(planes, decoder, origins, directions, cfg, depth_prior=depth_prior,
-                                     use_depth_kernel=use_depth_kernel, sample_depths=sample_depths,
-                                     generator=generator, plane_axes=plane_axes, cut_quantile=cut_quantile)
-        _log_fused_unsupported(decoder)
-    levels = planes_pyramid_from_planes(planes, cfg.plane_resolutions)
+    def decode(depths: torch.Tensor) -> list[torch.Tensor]:
+        return primitives.decode(origins, directions, depths)
 
-    def decode(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _run_decoder(decoder, levels, plane_axes, origins, directions, depths, cfg.box_warp)
-
-    march = dict(density_offset=cfg.density_offset, sigma_scale=cfg.sigma_scale, cut_quantile=cut_quantile)
     if sample_depths is not None:
         if sample_depths.ndim != 4 or sample_depths.shape[:2] != (batch, rays) or sample_depths.shape[3] != 1:
             raise ValueError(f"sample_depths must be ({batch}, {rays}, S, 1), got {tuple(sample_depths.shape)}")
         if bool((sample_depths[:, :, 1:] < sample_depths[:, :, :-1]).any()):
             raise ValueError("sample_depths must be sorted ascending along the sample axis")
         depths = sample_depths.detach()
-        colors, densities = decode(depths)
+        values = decode(depths)
     else:
         with torch.no_grad():
             near, far = near_far_from_box(origins, directions, cfg.box_warp)
-            depths_coarse = depths_from_stratified(
-                near, far, cfg.num_coarse, jitter=not cfg.deterministic, generator=generator
-            )
-        colors, densities = decode(depths_coarse)
-        depths = depths_coarse
+            depths = depths_from_stratified(near, far, cfg.num_coarse, jitter=not cfg.deterministic, generator=generator)
+        values = decode(depths)
         if cfg.num_fine > 0:
             with torch.no_grad():
-                use_prior = False
-                if depth_prior is not None and not cfg.deterministic:
-                    if cfg.depth_prior_p >= 1.0:
-                        use_prior = True
-                    elif cfg.depth_prior_p > 0.0:  # p in {0, 1} draws nothing
-                        device = planes.device if generator is None else generator.device
-                        use_prior = bool(torch.rand((), generator=generator, device=device) < cfg.depth_prior_p)
-                if use_prior:
+                if _draw_depth_prior_samples(cfg, depth_prior, generator, origins.device):
                     depths_fine = depths_from_depth_prior(depth_prior, cfg.num_fine, cfg.depth_prior_window)
                 else:
-                    coarse = composite_from_samples(colors, densities, depths_coarse, **march)
+                    coarse = primitives.composite(origins, directions, depths, values, cut_quantile=cut_quantile)
                     depths_fine = depths_from_importance(
-                        depths_coarse, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
+                        depths, coarse.weights, cfg.num_fine, deterministic=cfg.deterministic, generator=generator
                     )
-            colors_fine, densities_fine = decode(depths_fine)
-            depths, (colors, densities) = merge_samples(
-                depths_coarse, [colors, densities], depths_fine, [colors_fine, densities_fine]
-            )
+            depths, values = merge_samples(depths, values, depths_fine, decode(depths_fine))
     grad_scale = None
     if use_depth_kernel:
         depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
         grad_scale = depth_kernel_from_depths(depths_mid, depth_prior, cfg.depth_kernel)
-    out = composite_from_samples(colors, densities, depths, grad_scale=grad_scale, **march)
+    out = primitives.composite(origins, directions, depths, values, grad_scale=grad_scale, cut_quantile=cut_quantile)
     return RenderResult(
         rgb=out.rgb,
         depth=out.depth,
@@ -252,10 +302,22 @@ def _render_rays(planes, decoder, origins, directions, cfg, *, depth_prior, use_
     )
 
 
+def _draw_depth_prior_samples(cfg: RendererConfig, depth_prior: torch.Tensor | None,
+                              generator: torch.Generator | None, device: torch.device) -> bool:
+    """Whether the fine samples come from the depth prior: with probability ``cfg.depth_prior_p`` (one scalar
+    drawn, only when 0 < p < 1), never without a prior or in ``cfg.deterministic`` mode."""
+    if depth_prior is None or cfg.deterministic or cfg.depth_prior_p <= 0.0:
+        return False
+    if cfg.depth_prior_p >= 1.0:
+        return True
+    device = device if generator is None else generator.device
+    return bool(torch.rand((), generator=generator, device=device) < cfg.depth_prior_p)
+
+
 class TriplaneRenderer(nn.Module):
     """Renders images of a triplane from camera matrices; holds the config and the plane axes.
 
-    ``renderer.impl`` selects the path inside :func:`render_rays`: ``reference`` (plain autograd) or
+    ``renderer.impl`` selects the primitives inside :func:`render_rays`: ``reference`` (plain autograd) or
     ``fused`` (:mod:`g3dr.render.fused`, same numbers; logged once). The plane axes are a
     non-persistent buffer, so they never appear in checkpoints (the convention is saved in the config).
     """

@@ -55,7 +55,6 @@ def _score(root: Path, checkpoint: Path, eval_data: Path) -> dict[str, float]:
 def scores(tmp_path_factory):
     import torch
 
-    import g3dr.render.fused as fused
     import g3dr.render.renderer as renderer
     from g3dr.config import load_config
     from g3dr.data.synth import ViewSpec, write_synthetic_shards
@@ -79,18 +78,17 @@ def scores(tmp_path_factory):
         def flipped(depths_mid, depth_prior, kcfg):
             return (kcfg.c_max + kcfg.c_min) - kernel(depths_mid, depth_prior, kcfg)
 
-        mp.setattr(renderer, "depth_kernel_from_depths", flipped)
-        mp.setattr(fused, "depth_kernel_from_depths", flipped)
+        mp.setattr(renderer, "depth_kernel_from_depths", flipped)  # render_rays_with decides the kernel for both paths
         checkpoints["flipped"] = _train(root, "flipped")
         mp.undo()
 
-        decode = renderer._run_decoder
+        decode = renderer.ReferencePrimitives.decode
 
         def no_colour_grad(*args, **kwargs):
             rgb, sigma = decode(*args, **kwargs)
-            return rgb.detach(), sigma
+            return [rgb.detach(), sigma]
 
-        mp.setattr(renderer, "_run_decoder", no_colour_grad)
+        mp.setattr(renderer.ReferencePrimitives, "decode", no_colour_grad)
         checkpoints["no_colour"] = _train(root, "no_colour")
     finally:
         mp.undo()

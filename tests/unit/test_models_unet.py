@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from g3dr.config import load_config
-from g3dr.models.decoder import TriplaneDecoder
+from g3dr.models.decoder import (SOFTPLUS_THRESHOLD, TriplaneDecoder, hidden_from_pre, logits_grad_from_rgb_grad,
+                                 pre_grad_from_hidden_grad, rgb_from_logits)
 from g3dr.models.reference_import import convert_reference_state_dict, reference_key_to_ours
 from g3dr.models.unet import TriplaneGenerator
 from g3dr_test_support import load_test_helper
@@ -158,6 +159,20 @@ def test_decoder_ignores_coordinates_and_directions(tiny_config_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="features must be"):
         dec(torch.randn(7, cfg.model.triplane_channels))
+
+
+def test_decoder_activation_backwards_equal_autograd():
+    """The hand-written backward of the activations (used by the fused renderer) is autograd's, in float64,
+    on both sides of softplus's threshold."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([6 * torch.randn(200, generator=gen, dtype=torch.float64),
+                   torch.tensor([SOFTPLUS_THRESHOLD - 0.5, SOFTPLUS_THRESHOLD + 0.5, 40.0], dtype=torch.float64)])
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    for forward, backward in ((hidden_from_pre, pre_grad_from_hidden_grad), (rgb_from_logits, logits_grad_from_rgb_grad)):
+        leaf = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(forward(leaf), leaf, grad)
+        torch.testing.assert_close(backward(grad, x), expected, rtol=1e-14, atol=0)
+    assert torch.equal(hidden_from_pre(x), torch.nn.functional.softplus(x))
 
 
 def test_decoder_init_follows_eg3d(tiny_config_path):

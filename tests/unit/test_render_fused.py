@@ -24,6 +24,7 @@ from g3dr.models.decoder import TriplaneDecoder
 from g3dr.render import camera_to_world_from_angles, rays_from_cameras, render_rays
 from g3dr.render import fused
 from g3dr.render.marching import composite_from_samples, depth_kernel_from_depths
+from g3dr.render.renderer import render_rays_with
 from g3dr.render.triplane import plane_axes_for_convention, planes_pyramid_from_planes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,8 +129,8 @@ def test_fused_backward_refuses_the_density_cut():
     (which does not implement the cut) raises instead of returning wrong gradients."""
     planes, decoder, origins, directions, _, _ = _scene(44)
     cfg = RendererConfig(num_coarse=6, num_fine=6, plane_resolutions=(16, 8, 4))
-    result = fused.render_rays_fused(planes, decoder, origins, directions, cfg, plane_axes=plane_axes_for_convention("eg3d"),
-                                     cut_quantile=0.5)
+    primitives = fused.FusedPrimitives(planes, decoder, cfg, plane_axes_for_convention("eg3d"))
+    result = render_rays_with(primitives, origins, directions, cfg, cut_quantile=0.5)
     with pytest.raises(RuntimeError, match="density cut"):
         result.rgb.sum().backward()
 
@@ -155,8 +156,8 @@ def test_explicit_depths_outside_the_box_and_chunking():
     axes = plane_axes_for_convention("eg3d")
     cfg = RendererConfig(plane_resolutions=(16, 8, 4))
     for chunk in (5, 12 * 7, 10**6):  # less than a ray, several rays, everything
-        result = fused.render_rays_fused(planes, decoder, origins, directions, cfg, sample_depths=depths,
-                                         plane_axes=axes, samples_per_chunk=chunk)
+        primitives = fused.FusedPrimitives(planes, decoder, cfg, axes, samples_per_chunk=chunk)
+        result = render_rays_with(primitives, origins, directions, cfg, sample_depths=depths)
         out = _outputs_and_grads(result, planes, decoder, loss_weights)
         for name, value in ref.items():
             assert _rel(out[name], value) <= 1e-5, (chunk, name)
@@ -203,8 +204,7 @@ def test_composite_backward_equals_autograd(scales):
     comp = composite_from_samples(leaf[None, ..., 1:], leaf[None, ..., :1], depths[None, ..., None],
                                   density_offset=-1.0, sigma_scale=50.0, grad_scale=scale)
     (expected,) = torch.autograd.grad([comp.rgb[0], comp.depth[0], comp.weight_sum[0]], leaf, grads)
-    flat = scale[0, ..., 0] if scale.shape[-1] == 1 else scale[0]  # the fused marcher's (n, S - 1[, 2])
-    got = fused._composite_backward(outputs, depths, *grads, flat, -1.0, 50.0)
+    got = fused._composite_backward(outputs, depths, *grads, scale[0], -1.0, 50.0)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -273,15 +273,16 @@ TRITON_CHILD = textwrap.dedent("""
 def triton_check():
     """Run in a TRITON_INTERPRET=1 child: the Triton backend against the reference path."""
     from g3dr.render import fused as fused_module
+    from g3dr.render.renderer import render_rays_with
 
     for seed, cfg_kw, canonical in ((30, dict(sigma_scale=50.0), True), (31, dict(plane_convention="orthogonal"), False)):
         planes, decoder, origins, directions, prior, loss_weights = _scene(seed, image=4, res=8)
         kw = dict(depth_prior=prior, use_depth_kernel=True) if canonical else {}
         cfg = RendererConfig(impl="fused", num_coarse=6, num_fine=6, plane_resolutions=(8, 4, 2), **cfg_kw)
         axes = plane_axes_for_convention(cfg.plane_convention)
-        triton_result = fused_module.render_rays_fused(planes, decoder, origins, directions, cfg, plane_axes=axes,
-                                                       backend="triton", generator=torch.Generator().manual_seed(1),
-                                                       samples_per_chunk=40, **kw)
+        primitives = fused_module.FusedPrimitives(planes, decoder, cfg, axes, backend="triton", samples_per_chunk=40)
+        triton_result = render_rays_with(primitives, origins, directions, cfg,
+                                         generator=torch.Generator().manual_seed(1), **kw)
         got = _outputs_and_grads(triton_result, planes, decoder, loss_weights)
         ref = _outputs_and_grads(_render("reference", planes, decoder, origins, directions,
                                          dict(num_coarse=6, num_fine=6, **cfg_kw), **kw), planes, decoder, loss_weights)
