@@ -11,9 +11,16 @@ Registering is cheap (argparse only); the handlers import the heavy modules.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import sys
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from g3dr.data.shard_writer import JobSpec
+    from g3dr.data.sources import FileSource
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,8 +87,13 @@ def _add_store_arguments(parser: argparse.ArgumentParser, default_resolutions: l
                         help="zlib level of the depth PNGs (0: stored, fastest to decode; 9: smallest)")
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """``g3dr ARGV`` as one shell-quoted line (what the manifest records as ``command``)."""
+    return shlex.join(["g3dr", *argv])
+
+
 def _command() -> str:
-    return " ".join(shlex.quote(a) for a in ["g3dr", *sys.argv[1:]])
+    return command_line(sys.argv[1:])
 
 
 def _summary(result, extra: dict) -> int:
@@ -95,13 +107,32 @@ def _summary(result, extra: dict) -> int:
     return 0
 
 
-def run_shards(args: argparse.Namespace) -> int:
-    from g3dr.data.shard_writer import JobSpec, StoreOptions, run_shard_job
-    from g3dr.data.sources import FileSource, read_synsets
-    from g3dr.weights import verify_for
+@dataclass(frozen=True)
+class ShardsRequest:
+    """One ``g3dr prep shards`` run, typed: what the command parses, and what a launched prep job (``g3dr submit prep
+    shards``) carries and runs with :func:`run_shards_request`. Picklable."""
 
-    if args.depth_model:  # the depth model's files, before any image is read
-        verify_for(None, "prep", depth_model=args.depth_model, progress=not args.no_progress)
+    source: FileSource
+    """The inputs and how samples are stored; each run works on a copy (listing fills in the synsets)."""
+    spec: JobSpec
+    command: str
+    """The command line that runs this request, recorded in the manifest."""
+    config: dict[str, Any]
+    """The parsed ``g3dr`` arguments, recorded in the manifest."""
+    progress: bool = True
+
+    def for_job(self, shard_index: int, num_jobs: int, command: str) -> ShardsRequest:
+        """This request as job ``shard_index`` of ``num_jobs`` (what ``--shard-index``/``--num-shard-jobs`` set),
+        run by ``command``."""
+        return replace(self, spec=replace(self.spec, shard_index=shard_index, num_jobs=num_jobs), command=command,
+                       config={**self.config, "shard_index": shard_index, "num_shard_jobs": num_jobs})
+
+
+def shards_request_from_args(args: argparse.Namespace, command: str | None = None) -> ShardsRequest:
+    """The :class:`ShardsRequest` of parsed ``g3dr prep shards`` arguments; ``command`` defaults to this process's
+    command line. Reads the ``--synsets`` file."""
+    from g3dr.data.shard_writer import JobSpec, StoreOptions
+    from g3dr.data.sources import FileSource, read_synsets
 
     options = StoreOptions(resolutions=tuple(args.resolution), image_format=args.image_format,
                            quality=args.quality, min_size=args.min_size, depth_png_level=args.depth_png_level)
@@ -111,20 +142,54 @@ def run_shards(args: argparse.Namespace) -> int:
     spec = JobSpec(out=args.out, shard_size=args.shard_size, prefix=args.prefix, workers=args.workers,
                    shard_index=args.shard_index, num_jobs=args.num_shard_jobs,
                    batch=max(args.depth_batch, 1) if args.depth_model else 16)
-    if args.depth_model and args.workers > 1:
+    return ShardsRequest(source=source, spec=spec, command=_command() if command is None else command,
+                         config={k: v for k, v in vars(args).items() if k != "handler"},
+                         progress=not args.no_progress)
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    return run_shards_request(shards_request_from_args(args))
+
+
+def run_shards_request(request: ShardsRequest) -> int:
+    """Write this job's shards of the plan (and the manifest when the plan is finished); prints a JSON summary."""
+    from g3dr.data.shard_writer import run_shard_job
+    from g3dr.weights import verify_for
+
+    source, spec = request.source, request.spec
+    if source.depth_model:  # the depth model's files, before any image is read
+        verify_for(None, "prep", depth_model=source.depth_model, progress=request.progress)
+    if source.depth_model and spec.workers > 1:
         from g3dr.data.depth_model import preload
 
         preload()
-    config = {k: v for k, v in vars(args).items() if k != "handler"}
-    result = run_shard_job(source, spec, command=_command(), config=config, progress=not args.no_progress)
-    return _summary(result, {"out": args.out, "workers": args.workers})
+    result = run_shard_job(copy.deepcopy(source), spec, command=request.command, config=request.config,
+                           progress=request.progress)
+    return _summary(result, {"out": spec.out, "workers": spec.workers})
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    """One ``g3dr prep validate DIR`` run, typed (see :class:`ShardsRequest`)."""
+
+    folder: str
+    progress: bool = True
+
+    @property
+    def command(self) -> str:
+        return command_line(["prep", "validate", self.folder, *([] if self.progress else ["--no-progress"])])
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    return run_validate_request(ValidateRequest(args.folder, progress=not args.no_progress))
+
+
+def run_validate_request(request: ValidateRequest) -> int:
+    """Check a shard folder against its manifest; logs each problem, prints a JSON summary, 1 on any problem."""
     from g3dr.data_prep.validate import validate_folder
     from g3dr.log import get_logger
 
-    problems, summary = validate_folder(args.folder, progress=not args.no_progress)
+    problems, summary = validate_folder(request.folder, progress=request.progress)
     log = get_logger("g3dr.data_prep")
     for problem in problems:
         log.error("%s", problem)

@@ -275,42 +275,37 @@ def sweep_job(directory: str, eval_args: list[str], watch: bool):
                     name="eval-sweep")
 
 
-def _option_value(argv: list[str], name: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
+def prep_jobs(prep_args: list[str], num_jobs: int):
+    """The array of ``g3dr prep shards PREP_ARGS`` jobs and the merge job after it, from one typed request (the
+    arguments are parsed here, once, with the submitting user's ``--log-level``)."""
+    from g3dr.data_prep.cli import command_line, shards_request_from_args
+    from g3dr.errors import ConfigError
+    from g3dr.launchers.jobs import prep_merge_job, prep_shard_jobs
+    from g3dr.log import requested_level
+
+    if any(a.startswith(("--shard-index", "--num-shard-jobs")) for a in prep_args):
+        raise ConfigError("give --num-shard-jobs to `g3dr submit prep shards`, not after --: the launcher sets "
+                          "--shard-index and --num-shard-jobs of each array job")
+    argv = [*(["--log-level", requested_level()] if requested_level() else []), "prep", "shards", *prep_args]
+    request = shards_request_from_args(check_g3dr_arguments(argv), command=command_line(argv))
+    return prep_shard_jobs(request, argv, num_jobs), prep_merge_job(request, argv)
 
 
 def run_prep_shards(args: argparse.Namespace) -> int:
-    from g3dr.errors import ConfigError
-    from g3dr.launchers.jobs import prep_merge_job, prep_shard_jobs
     from dataclasses import replace
 
+    from g3dr.errors import ConfigError
     from g3dr.launchers.submit import submit_jobs
 
     if args.num_shard_jobs < 1:
         raise ConfigError(f"--num-shard-jobs must be >= 1, got {args.num_shard_jobs}")
-    prep_args = list(args.prep_args)
-    if any(a.startswith(("--shard-index", "--num-shard-jobs")) for a in prep_args):
-        raise ConfigError("give --num-shard-jobs to `g3dr submit prep shards`, not after --: the launcher sets "
-                          "--shard-index and --num-shard-jobs of each array job")
-    out = _option_value(prep_args, "--out")
-    if not out:
-        raise ConfigError("the arguments after -- need --out DIR (the shard folder), as `g3dr prep shards` does")
-    out = str(Path(out).resolve())
-    array = prep_shard_jobs(prep_args, args.num_shard_jobs)
-    merge = prep_merge_job(prep_args, out)
-    for job in [*array, merge]:
-        for step in job.steps:
-            check_g3dr_arguments(list(step))
-    depth_model = _option_value(prep_args, "--depth-model")
-    if depth_model and not args.skip_weights_check:
+    array, merge = prep_jobs(list(args.prep_args), args.num_shard_jobs)
+    source = merge.steps[0].source
+    if source.depth_model and not args.skip_weights_check:
         from g3dr.weights import verify_for
 
-        verify_for(None, "prep", depth_model=depth_model)
+        verify_for(None, "prep", depth_model=source.depth_model)
+    out = merge.steps[-1].folder
     executor = _executor(args)
     options = _options(args, "prep")
     folder = Path(args.log_dir or Path(out).parent / f"{Path(out).name}-slurm").resolve()

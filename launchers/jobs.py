@@ -1,9 +1,10 @@
 """The callables that launched jobs run: small, picklable, the same object under the local and SLURM executors.
 
 A job holds only plain, picklable arguments -- a training job the resolved :class:`~g3dr.config.Config`, an eval
-job a typed :class:`~g3dr.eval.cli.EvalRequest` -- and calls the library directly in ``__call__``, where the heavy
-code is imported; it never goes back through the ``g3dr`` command line. (Data preparation jobs still run ``g3dr
-prep`` argument lists: :class:`CommandJob`.) Every job follows submitit's checkpoint/requeue protocol: on the
+job a typed :class:`~g3dr.eval.cli.EvalRequest`, a data preparation job typed ``g3dr prep`` requests
+(:class:`~g3dr.data_prep.cli.ShardsRequest`, :class:`~g3dr.data_prep.cli.ValidateRequest`) -- and calls the library
+directly in ``__call__``, where the heavy code is imported; it never goes back through the ``g3dr`` command line.
+Every job follows submitit's checkpoint/requeue protocol: on the
 preemption or time-limit signal (USR2) rank 0 calls ``checkpoint()``, which returns a delayed resubmission of the
 job itself; submitit then requeues the SLURM job and the next run calls ``__call__`` again. The jobs keep their
 state in their output folders (training resumes from its newest checkpoint in ``run_dir``; shard writing skips
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from g3dr.launchers.rendezvous import Rendezvous, rendezvous_from_env
@@ -68,38 +70,36 @@ class LaunchedJob:
         return submitit.helpers.DelayedSubmission(resubmitted, *args, **kwargs)
 
 
-class CommandJob(LaunchedJob):
-    """Run ``g3dr`` subcommands in this process, one after the other (``steps`` are argument lists): the data
-    preparation jobs, whose arguments are ``g3dr prep``'s own.
+class PrepJob(LaunchedJob):
+    """Data preparation requests run one after the other in this process (``steps``: a
+    :class:`~g3dr.data_prep.cli.ShardsRequest` or :class:`~g3dr.data_prep.cli.ValidateRequest` each, resolved at
+    submission). Writing shards and validating are idempotent, so a requeue re-runs the steps safely.
 
     The job fails (raises) on the first step whose exit code is not 0; the result is the list of exit codes.
     """
 
-    def __init__(self, steps: Sequence[Sequence[str]], name: str = "g3dr") -> None:
+    def __init__(self, steps: Sequence[Any], name: str = "prep") -> None:
         super().__init__()
-        if not steps or any(not step for step in steps):
-            raise ValueError("CommandJob needs at least one non-empty g3dr argument list")
-        self.steps = tuple(tuple(str(a) for a in step) for step in steps)
+        if not steps:
+            raise ValueError("PrepJob needs at least one request")
+        self.steps = tuple(steps)
         self.name = name
 
     def run(self, rdv: Rendezvous) -> list[int]:
-        from g3dr.launchers.main import main
+        from g3dr.data_prep.cli import ShardsRequest, run_shards_request, run_validate_request
 
         codes = []
         for step in self.steps:
-            log.info("%s: g3dr %s", self.name, " ".join(step))
-            code = main(self.argv(step))
+            log.info("%s: %s", self.name, step.command)
+            code = run_shards_request(step) if isinstance(step, ShardsRequest) else run_validate_request(step)
             codes.append(code)
             if code != 0:
-                raise RuntimeError(f"`g3dr {' '.join(step)}` exited with status {code} (see the log above)")
+                raise RuntimeError(f"`{step.command}` exited with status {code} (see the log above)")
         return codes
 
-    def argv(self, step: Sequence[str]) -> list[str]:
-        """The ``g3dr`` arguments of one step, with the submitting user's ``--log-level`` when one was given."""
-        return [*(["--log-level", self.log_level] if self.log_level else []), *step]
-
     def __repr__(self) -> str:
-        return f"CommandJob(name={self.name!r}, steps={self.steps!r}, requeues={self.requeues})"
+        return (f"PrepJob(name={self.name!r}, steps={tuple(step.command for step in self.steps)!r}, "
+                f"requeues={self.requeues})")
 
 
 class TrainJob(LaunchedJob):
@@ -197,14 +197,26 @@ class EvalJob(LaunchedJob):
         return f"EvalJob(name={self.name!r}, request={self.request!r}, requeues={self.requeues})"
 
 
-def prep_shard_jobs(prep_args: Sequence[str], num_jobs: int) -> list[CommandJob]:
-    """The array of ``g3dr prep shards`` jobs: job ``i`` writes the shards ``s`` with ``s % num_jobs == i``."""
-    return [CommandJob([["prep", "shards", *prep_args, "--shard-index", str(i), "--num-shard-jobs", str(num_jobs)]],
-                       name=f"prep-{i}") for i in range(num_jobs)]
+def prep_shard_jobs(request: Any, argv: Sequence[str], num_jobs: int) -> list[PrepJob]:
+    """The array of ``g3dr prep shards`` jobs of ``request`` (a :class:`~g3dr.data_prep.cli.ShardsRequest`, parsed
+    from ``g3dr ARGV``): job ``i`` writes the shards ``s`` with ``s % num_jobs == i``."""
+    return [PrepJob([prep_shards_step(request, argv, i, num_jobs)], name=f"prep-{i}") for i in range(num_jobs)]
 
 
-def prep_merge_job(prep_args: Sequence[str], out: str) -> CommandJob:
+def prep_merge_job(request: Any, argv: Sequence[str]) -> PrepJob:
     """After the array: the same plan as one job (finished shards are skipped, so this only writes the
-    manifest from the per-shard records; a shard an array job lost is written here), then ``prep validate``."""
-    return CommandJob([["prep", "shards", *prep_args, "--shard-index", "0", "--num-shard-jobs", "1"],
-                       ["prep", "validate", out]], name="prep-merge")
+    manifest from the per-shard records; a shard an array job lost is written here), then ``prep validate`` of
+    the output folder."""
+    from g3dr.data_prep.cli import ValidateRequest
+
+    return PrepJob([prep_shards_step(request, argv, 0, 1), ValidateRequest(str(Path(request.spec.out).resolve()))],
+                   name="prep-merge")
+
+
+def prep_shards_step(request: Any, argv: Sequence[str], shard_index: int, num_jobs: int) -> Any:
+    """``request`` as job ``shard_index`` of ``num_jobs``. Its manifest records the command that runs that job by
+    hand, ``g3dr ARGV --shard-index I --num-shard-jobs N`` (not the job's own argv, which is submitit's)."""
+    from g3dr.data_prep.cli import command_line
+
+    command = command_line([*argv, "--shard-index", str(shard_index), "--num-shard-jobs", str(num_jobs)])
+    return request.for_job(shard_index, num_jobs, command)

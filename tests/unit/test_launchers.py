@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pickle
+import shlex
+from pathlib import Path
 
 import pytest
 
 from g3dr.config import load_config
 from g3dr.errors import ConfigError
-from g3dr.launchers.jobs import CommandJob, prep_merge_job, prep_shard_jobs, train_job
+from g3dr.data_prep.cli import ValidateRequest, shards_request_from_args
+from g3dr.launchers.cli import check_g3dr_arguments, prep_jobs
+from g3dr.launchers.jobs import PrepJob, train_job
 from g3dr.launchers.rendezvous import port_from_job_id, rendezvous_from_env
 from g3dr.launchers.slurm import check_request, parse_gpu_count, parse_sinfo
 from g3dr.launchers.submit import LaunchOptions, early_signal_warning, render_sbatch, slurm_parameters
@@ -150,14 +154,44 @@ def test_jobs_pickle_and_checkpoint_returns_a_requeue_of_themselves():
     assert delayed.function is not again and delayed.function.requeues == 1 and delayed.function.config == job.config
     assert delayed.function.checkpoint().function.requeues == 2
     assert train_job("configs/tiny.yaml", [], "train-sr").stage == "sr"
-    prep = prep_shard_jobs(["--src", "s", "--layout", "release", "--out", "o"], 3)
-    assert [j.steps[0][-3:] for j in prep] == [("0", "--num-shard-jobs", "3"), ("1", "--num-shard-jobs", "3"),
-                                              ("2", "--num-shard-jobs", "3")]
-    merge = prep_merge_job(["--out", "o"], "o")
-    assert merge.steps[-1] == ("prep", "validate", "o") and merge.steps[0][-4:] == ("--shard-index", "0",
-                                                                                    "--num-shard-jobs", "1")
+    prep, merge = prep_jobs(["--src", "s", "--layout", "release", "--out", "o"], 3)
+    assert [(j.steps[0].spec.shard_index, j.steps[0].spec.num_jobs) for j in prep] == [(0, 3), (1, 3), (2, 3)]
+    assert [j.steps[0].command.split()[-4:] for j in prep] == [["--shard-index", str(i), "--num-shard-jobs", "3"]
+                                                             for i in range(3)]
+    assert merge.steps[-1] == ValidateRequest(str(Path("o").resolve())) and merge.steps[-1].command.startswith(
+        "g3dr prep validate ")
+    assert (merge.steps[0].spec.shard_index, merge.steps[0].spec.num_jobs) == (0, 1)
+    assert merge.steps[0].command.split()[-4:] == ["--shard-index", "0", "--num-shard-jobs", "1"]
+    again = pickle.loads(pickle.dumps(merge))
+    assert again.steps == merge.steps and again.checkpoint().function.requeues == 1
     with pytest.raises(ValueError):
-        CommandJob([])
+        PrepJob([])
+
+
+def test_prep_requests_are_what_the_commands_they_record_parse():
+    """Each prep job's request, parsed once at submission, is what its recorded command (``g3dr prep shards ...
+    --shard-index I --num-shard-jobs N``, written to the manifest) parses to: same plan, spec and recorded config as
+    running that command by hand; the submitting user's --log-level is part of both."""
+    from g3dr.log import request_level
+
+    prep_args = ["--src", "s", "--layout", "release", "--out", "o", "--resolution", "32", "64", "--shard-size", "8",
+                 "--no-progress"]
+    request_level("WARNING")
+    try:
+        array, merge = prep_jobs(prep_args, 2)
+    finally:
+        request_level(None)
+    steps = [*(job.steps[0] for job in array), merge.steps[0]]
+    for step, (i, n) in zip(steps, [(0, 2), (1, 2), (0, 1)]):
+        assert step.command == shlex.join(["g3dr", "--log-level", "WARNING", "prep", "shards", *prep_args,
+                                           "--shard-index", str(i), "--num-shard-jobs", str(n)])
+        assert shards_request_from_args(check_g3dr_arguments(shlex.split(step.command)[1:]), step.command) == step
+        assert step.config["log_level"] == "WARNING" and not step.progress
+    assert all(step.source == steps[0].source for step in steps)
+    with pytest.raises(ConfigError, match="not after --"):
+        prep_jobs([*prep_args, "--shard-index", "1"], 2)
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
+        prep_jobs([*prep_args, "--bogus"], 2)
 
 
 def test_eval_jobs_are_checkpoints_times_metrics(tmp_path):
