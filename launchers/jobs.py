@@ -4,12 +4,11 @@ A job holds only plain, picklable arguments -- a training job the resolved :clas
 job a typed :class:`~g3dr.eval.cli.EvalRequest`, a data preparation job typed ``g3dr prep`` requests
 (:class:`~g3dr.data_prep.cli.ShardsRequest`, :class:`~g3dr.data_prep.cli.ValidateRequest`) -- and calls the library
 directly in ``__call__``, where the heavy code is imported; it never goes back through the ``g3dr`` command line.
-Every job follows submitit's checkpoint/requeue protocol: on the
-preemption or time-limit signal (USR2) rank 0 calls ``checkpoint()``, which returns a delayed resubmission of the
-job itself; submitit then requeues the SLURM job and the next run calls ``__call__`` again. The jobs keep their
-state in their output folders (training resumes from its newest checkpoint in ``run_dir``; shard writing skips
-finished shards; a sweep skips finished evaluations), so the resubmitted object needs nothing new except its
-requeue count.
+Every job follows submitit's checkpoint/requeue protocol: on the preemption or time-limit signal (USR2) rank 0 calls
+``checkpoint()``, which returns a delayed resubmission of the job itself; submitit then requeues the SLURM job and
+the next run calls ``__call__`` again. The jobs keep their state in their output folders (training resumes from
+its newest checkpoint in ``run_dir``; shard writing skips finished shards; a sweep skips finished evaluations), so
+the resubmitted object needs nothing new except its requeue count.
 """
 
 from __future__ import annotations
@@ -200,7 +199,7 @@ class EvalJob(LaunchedJob):
 def prep_shard_jobs(request: Any, argv: Sequence[str], num_jobs: int) -> list[PrepJob]:
     """The array of ``g3dr prep shards`` jobs of ``request`` (a :class:`~g3dr.data_prep.cli.ShardsRequest`, parsed
     from ``g3dr ARGV``): job ``i`` writes the shards ``s`` with ``s % num_jobs == i``."""
-    return [PrepJob([prep_shards_step(request, argv, i, num_jobs)], name=f"prep-{i}") for i in range(num_jobs)]
+    return [PrepJob([_prep_shards_step(request, argv, i, num_jobs)], name=f"prep-{i}") for i in range(num_jobs)]
 
 
 def prep_merge_job(request: Any, argv: Sequence[str]) -> PrepJob:
@@ -209,11 +208,11 @@ def prep_merge_job(request: Any, argv: Sequence[str]) -> PrepJob:
     the output folder."""
     from g3dr.data_prep.cli import ValidateRequest
 
-    return PrepJob([prep_shards_step(request, argv, 0, 1), ValidateRequest(str(Path(request.spec.out).resolve()))],
+    return PrepJob([_prep_shards_step(request, argv, 0, 1), ValidateRequest(str(Path(request.spec.out).resolve()))],
                    name="prep-merge")
 
 
-def prep_shards_step(request: Any, argv: Sequence[str], shard_index: int, num_jobs: int) -> Any:
+def _prep_shards_step(request: Any, argv: Sequence[str], shard_index: int, num_jobs: int) -> Any:
     """``request`` as job ``shard_index`` of ``num_jobs``. Its manifest records the command that runs that job by
     hand, ``g3dr ARGV --shard-index I --num-shard-jobs N`` (not the job's own argv, which is submitit's)."""
     from g3dr.data_prep.cli import command_line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -56,6 +57,9 @@ def test_prep_array_of_three_then_merge_validates(cluster, release_samples, tmp_
     print(f"prep array of 3 + merge/validate via SLURM: {elapsed:.1f}s")
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["num_inputs"] == 24 and manifest["num_samples"] == 24 and manifest["num_shards"] == 6
+    # Written last by the merge job: the command that runs it by hand, not the job's own (submitit's) argv.
+    assert manifest["command"] == shlex.join(["g3dr", "prep", "shards", *_prep_args(release_samples, shards),
+                                              "--shard-index", "0", "--num-shard-jobs", "1"])
     array_logs = {k: v for k, v in logs.items() if re.match(r"\d+_\d_0_log\.err", k)}
     assert len(array_logs) == 3, sorted(logs)
     for i in range(3):
