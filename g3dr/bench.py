@@ -13,6 +13,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 BENCH_MODULES: tuple[str, ...] = (
     "g3dr.data.bench",
@@ -62,3 +63,15 @@ def comma_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if not items or bad:
         raise ConfigError(f"{flag}={value!r}: expected a comma list of {', '.join(allowed)}")
     return items
+
+
+CONFIG_FILES = {"tiny": "tiny.yaml", "paper": "imagenet128.yaml"}
+"""The configs the benchmarks compare, by name: files of the checkout's ``configs/``."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """``--configs`` (a comma list of ``names``, default all in that order) and one ``--NAME-config FILE`` each."""
+    parser.add_argument("--configs", default=",".join(names), help=f"comma list of: {', '.join(names)}")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in names:
+        parser.add_argument(f"--{name}-config", default=str(configs / CONFIG_FILES[name]))

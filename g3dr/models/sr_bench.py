@@ -25,10 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from g3dr.bench import comma_list, rss_bytes, run_child
+from g3dr.bench import add_config_arguments, comma_list, rss_bytes, run_child
 
 CONFIG_NAMES = ("paper", "tiny")
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def register_bench(actions: argparse._SubParsersAction) -> None:
@@ -36,9 +35,7 @@ def register_bench(actions: argparse._SubParsersAction) -> None:
         "sr", help="super-resolution forward pass (images/s, peak memory), paper vs tiny architecture",
         description="Upscale random RGB with the sr architecture of each config (random weights, no grad, eval "
                     "mode), each in a fresh process, and print one JSON line. Default: 128 -> 256 px, batch 1.")
-    parser.add_argument("--configs", default="paper,tiny", help="comma list of: paper, tiny")
-    parser.add_argument("--paper-config", default=str(_REPO_CONFIGS / "imagenet128.yaml"))
-    parser.add_argument("--tiny-config", default=str(_REPO_CONFIGS / "tiny.yaml"))
+    add_config_arguments(parser, CONFIG_NAMES)
     parser.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--resolution", type=int, default=128, help="input side in px (default 128: the render)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes (default 3)")

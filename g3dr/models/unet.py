@@ -88,33 +88,6 @@ class ResBlock(nn.Module):
         return h + (x if self.skip is None else self.skip(x))
 
 
-class LinearAttention(nn.Module):
-    """Residual, pre-normed linear attention (softmax over channels for q, over positions for k).
-
-    ``forward(x) = x + out_norm(to_out(attn(norm(x))))``, cost linear in H*W.
-    """
-
-    def __init__(self, channels: int, heads: int, head_dim: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        hidden = heads * head_dim
-        self.norm = ChannelLayerNorm(channels)
-        self.to_qkv = nn.Conv2d(channels, 3 * hidden, 1, bias=False)
-        self.to_out = nn.Conv2d(hidden, channels, 1)
-        self.out_norm = ChannelLayerNorm(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.head_dim, h * w).unbind(1)
-        q = q.softmax(dim=2) * self.head_dim ** -0.5
-        k = k.softmax(dim=3)
-        v = v / (h * w)
-        context = torch.matmul(k, v.transpose(2, 3))  # (b, heads, d_k, d_v)
-        out = torch.matmul(context.transpose(2, 3), q)  # (b, heads, d_v, n)
-        out = out.reshape(b, self.heads * self.head_dim, h, w)
-        return x + self.out_norm(self.to_out(out))
-
-
 class FullAttention(nn.Module):
     """Residual, pre-normed softmax attention over all H*W positions (used at the lowest resolution)."""
 
@@ -126,14 +99,42 @@ class FullAttention(nn.Module):
         self.to_qkv = nn.Conv2d(channels, 3 * hidden, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, channels, 1)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of the normed ``x``, each (b, heads, head_dim, H*W)."""
+        b, _, h, w = x.shape
+        return self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.head_dim, h * w).unbind(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.head_dim, h * w).unbind(1)
+        q, k, v = self.qkv(x)
         q = q * self.head_dim ** -0.5
         attn = torch.matmul(q.transpose(2, 3), k).softmax(dim=-1)  # (b, heads, n_query, n_key)
         out = torch.matmul(attn, v.transpose(2, 3))  # (b, heads, n, d)
         out = out.transpose(2, 3).reshape(b, self.heads * self.head_dim, h, w)
         return x + self.to_out(out)
+
+
+class LinearAttention(FullAttention):
+    """Residual, pre-normed linear attention (softmax over channels for q, over positions for k).
+
+    ``forward(x) = x + out_norm(to_out(attn(norm(x))))``, cost linear in H*W. The same projections as
+    :class:`FullAttention` plus ``out_norm``.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int):
+        super().__init__(channels, heads, head_dim)
+        self.out_norm = ChannelLayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x)
+        q = q.softmax(dim=2) * self.head_dim ** -0.5
+        k = k.softmax(dim=3)
+        v = v / (h * w)
+        context = torch.matmul(k, v.transpose(2, 3))  # (b, heads, d_k, d_v)
+        out = torch.matmul(context.transpose(2, 3), q)  # (b, heads, d_v, n)
+        out = out.reshape(b, self.heads * self.head_dim, h, w)
+        return x + self.out_norm(self.to_out(out))
 
 
 class Resample(nn.Module):

@@ -43,12 +43,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from g3dr.bench import comma_list, rss_bytes, run_child
+from g3dr.bench import add_config_arguments, comma_list, rss_bytes, run_child
 
 CONFIG_NAMES = ("tiny", "paper")
 IMPLS = ("reference", "fused")
 VIEWS = ("canonical", "novel")
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def register_bench(actions: argparse._SubParsersAction) -> None:
@@ -56,10 +55,8 @@ def register_bench(actions: argparse._SubParsersAction) -> None:
         "step", help="one training step (task forward + backward + Adam), tiny vs paper config, fused vs reference",
         description="Time one training step (the trainer's task and loss, both views) and measure its peak "
                     "memory, for each config x renderer impl in a fresh process; print one JSON line.")
-    parser.add_argument("--configs", default="tiny,paper", help="comma list of: tiny, paper")
+    add_config_arguments(parser, CONFIG_NAMES)
     parser.add_argument("--impls", default="reference,fused", help="comma list of: reference, fused")
-    parser.add_argument("--tiny-config", default=str(_REPO_CONFIGS / "tiny.yaml"))
-    parser.add_argument("--paper-config", default=str(_REPO_CONFIGS / "imagenet128.yaml"))
     parser.add_argument("--batch", type=int, default=1, help="micro-batch size of the step (default 1)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per view")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per view before timing")
