@@ -1,13 +1,17 @@
 """It learns 3D: a short real training on synthetic primitives beats its own initialisation against exact
-novel views, and breaking the renderer's gradients on purpose makes that fail.
+novel views, on colour and on geometry, and breaking the renderer's gradients on purpose makes that fail.
 
 One module-scoped set-up trains three tiny runs (32 px, the reference renderer, critics off: their
 weights are 0, so only L1, depth and TV teach) and scores each, and the initialisation, with
-``g3dr eval``'s ground-truth view metrics on held-out primitives (other seed) with 2 exact views each:
+``g3dr eval``'s ground-truth view metrics on held-out primitives (other seed) with 2 exact views each.
+With the critics off a novel view teaches nothing (no term compares it with anything but TV), so the runs
+render the canonical view only (``loss.tau=0``): every step then trains colour and depth, and 300 steps at
+batch 2 learn both in the time 150 steps at batch 4 with 40% untaught novel views learned neither
+(docs/science.md, "The learning test"). The novel views are never trained: what they show is the 3D.
 
 - ``good``: the method as configured (depth kernel);
 - ``flipped``: the depth kernel turned inside out (``c_max + c_min - k``): gradients scaled up away from the
-  pseudo-depth and down at it (it learns geometry *faster* at this scale: see docs/science.md);
+  pseudo-depth and down at it;
 - ``no_colour``: the colour gradients cut at the decoder (``rgb.detach()``): colour cannot learn.
 """
 
@@ -19,13 +23,14 @@ from pathlib import Path
 
 import pytest
 
-STEPS = 150
+STEPS = 300
 OVERRIDES = [
     "data.synthetic_size=64",
     "renderer.impl=reference",
-    f"train.total_steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=10", "train.micro_batch_size=4",
-    "train.global_batch_size=4", "train.checkpoint_every=100000", "train.image_every=0", "train.log_every=100",
+    f"train.total_steps={STEPS}", "train.lr=2e-3", "train.warmup_steps=10", "train.micro_batch_size=2",
+    "train.global_batch_size=2", "train.checkpoint_every=100000", "train.image_every=0", "train.log_every=100",
     "loss.canonical.perceptual=0", "loss.novel.perceptual=0", "loss.novel.clip=0",
+    "loss.tau=0",
 ]
 
 
@@ -100,25 +105,29 @@ def scores(tmp_path_factory):
     return result
 
 
-def test_a_short_run_beats_its_initialisation_on_exact_novel_view_geometry(scores):
-    # Measured (2 cores, 150 steps): DA novel 1.54 -> 1.08; novel PSNR 16.4 -> 15.9 dB. The initialisation
-    # renders mid-grey, which already scores ~16.4 dB on these scenes; 150 steps do not beat it on colour
-    # (docs/science.md: neither do 800 steps of the study), so colour is held to "not collapsed" only.
+def test_a_short_run_beats_its_initialisation_on_exact_novel_views(scores):
+    # Measured (2 cores, 300 steps): novel PSNR 16.43 -> 17.45 dB, DA novel 1.54 -> 0.84. The initialisation
+    # renders mid-grey, which already scores ~16.4 dB on these scenes (a flat plane with the input's colours
+    # 19.0 dB); the study's eval set agrees (16.45 -> 17.50, DA 1.57 -> 0.90).
     good, init = scores["good"], scores["untrained"]
+    assert good["psnr_novel/s1"] > init["psnr_novel/s1"] + 0.5, (good, init)
     assert good["da_novel/s1"] < init["da_novel/s1"] - 0.3, (good, init)
-    assert good["psnr_novel/s1"] > init["psnr_novel/s1"] - 1.5, (good, init)
 
 
 def test_cutting_the_colour_gradients_wrecks_the_colours(scores):
-    # Measured: canonical PSNR 16.3 (good) vs 9.9 (colour gradients cut), novel 15.9 vs 9.7.
+    # Measured: canonical PSNR 18.4 (good) vs 10.0 (colour gradients cut), novel 17.5 vs 9.8.
     broken, good = scores["no_colour"], scores["good"]
     assert broken["psnr_canonical/s1"] < good["psnr_canonical/s1"] - 3.0, (broken, good)
     assert broken["psnr_novel/s1"] < good["psnr_novel/s1"] - 3.0, (broken, good)
 
 
-def test_the_depth_kernel_shapes_the_geometry_that_is_learned(scores):
-    # A flipped kernel does NOT fail to learn: measured DA novel 0.76 flipped vs 1.08 with the kernel (it
-    # learns geometry faster; docs/science.md). What this pins is that the kernel reaches the gradients:
-    # turning it inside out changes the learned geometry by a wide margin.
-    broken, good = scores["flipped"], scores["good"]
-    assert abs(broken["da_novel/s1"] - good["da_novel/s1"]) > 0.1, (broken, good)
+def test_flipping_the_depth_kernel_fails_the_learning_criterion(scores):
+    # Measured: the flipped kernel's novel PSNR 13.7 dB, below the initialisation's 16.4 and the kernel's 17.5
+    # (canonical 14.7 vs 18.4). Turned inside out, the kernel gives colour and alpha 5% of their gradient at
+    # the pseudo-depth, where the surface is: the novel rays' weight within 0.1 of the exact surface is 0.10
+    # (kernel 0.37). Its depth still improves (DA novel 0.73 vs 0.84 with the kernel: the kernel's alpha half
+    # is a brake at this scale, docs/science.md), so the failure is in colour, and the criterion the good run
+    # passes is the one it fails.
+    broken, good, init = scores["flipped"], scores["good"], scores["untrained"]
+    assert broken["psnr_novel/s1"] < init["psnr_novel/s1"], (broken, init)
+    assert broken["psnr_novel/s1"] < good["psnr_novel/s1"] - 2.0, (broken, good)
