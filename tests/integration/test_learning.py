@@ -107,8 +107,8 @@ def scores(tmp_path_factory):
 
 def test_a_short_run_beats_its_initialisation_on_exact_novel_views(scores):
     # Measured (2 cores, 300 steps): novel PSNR 16.43 -> 17.45 dB, DA novel 1.54 -> 0.84. The initialisation
-    # renders mid-grey, which already scores ~16.4 dB on these scenes (a flat plane with the input's colours
-    # 19.0 dB); the study's eval set agrees (16.45 -> 17.50, DA 1.57 -> 0.90).
+    # renders mid-grey, which already scores ~16.4 dB on these scenes (every view painted in the input image's
+    # mean colour: 19.0 dB); the study's eval set agrees (16.45 -> 17.50, DA 1.57 -> 0.90).
     good, init = scores["good"], scores["untrained"]
     assert good["psnr_novel/s1"] > init["psnr_novel/s1"] + 0.5, (good, init)
     assert good["da_novel/s1"] < init["da_novel/s1"] - 0.3, (good, init)
