@@ -127,6 +127,9 @@ class ShardsRequest:
         return replace(self, spec=replace(self.spec, shard_index=shard_index, num_jobs=num_jobs), command=command,
                        config={**self.config, "shard_index": shard_index, "num_shard_jobs": num_jobs})
 
+    def run(self) -> int:
+        return run_shards_request(self)
+
 
 def shards_request_from_args(args: argparse.Namespace, command: str | None = None) -> ShardsRequest:
     """The :class:`ShardsRequest` of parsed ``g3dr prep shards`` arguments; ``command`` defaults to this process's
@@ -178,6 +181,9 @@ class ValidateRequest:
     @property
     def command(self) -> str:
         return command_line(["prep", "validate", self.folder, *([] if self.progress else ["--no-progress"])])
+
+    def run(self) -> int:
+        return run_validate_request(self)
 
 
 def run_validate(args: argparse.Namespace) -> int:

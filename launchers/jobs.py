@@ -85,12 +85,10 @@ class PrepJob(LaunchedJob):
         self.name = name
 
     def run(self, rdv: Rendezvous) -> list[int]:
-        from g3dr.data_prep.cli import ShardsRequest, run_shards_request, run_validate_request
-
         codes = []
         for step in self.steps:
             log.info("%s: %s", self.name, step.command)
-            code = run_shards_request(step) if isinstance(step, ShardsRequest) else run_validate_request(step)
+            code = step.run()
             codes.append(code)
             if code != 0:
                 raise RuntimeError(f"`{step.command}` exited with status {code} (see the log above)")

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from g3dr.distributed import broadcast_object
 from g3dr.errors import ConfigError, OutputError, WeightsError
 from g3dr.log import get_logger
 
@@ -167,15 +168,6 @@ def _all_gather(value: Any, world_size: int) -> list[Any]:
     return out
 
 
-def broadcast_from_0(value: Any, world_size: int) -> Any:
-    """Rank 0's ``value`` on every rank (collective when ``world_size`` > 1 and a process group is up)."""
-    if not _is_collective(world_size):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -199,7 +191,7 @@ def record_files(folder: str | Path, rank: int = 0, world_size: int = 1) -> dict
     """``{relative name: {"size", "sha256"}}`` of every file in ``folder``; collective when ``world_size`` > 1
     (each rank hashes every ``world_size``-th file; every rank returns the whole table)."""
     folder = Path(folder)
-    names = broadcast_from_0(_checkpoint_files(folder) if rank == 0 else None, world_size)  # one listing for all
+    names = broadcast_object(_checkpoint_files(folder) if rank == 0 else None)  # one listing for all
     mine = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
             for name in names[rank::world_size]}
     table: dict[str, dict[str, Any]] = {}
@@ -245,7 +237,7 @@ def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> l
     non-empty model-states file and per-rank files.
     """
     path = Path(path)
-    meta = broadcast_from_0(_meta_or_none(path) if rank == 0 else None, world_size)  # one table for all ranks
+    meta = broadcast_object(_meta_or_none(path) if rank == 0 else None)  # one table for all ranks
     if meta is None:
         local = [f"{META_FILENAME}: unreadable or not valid JSON (empty or truncated)"]
     elif not isinstance(meta.get("step"), int) or not isinstance(meta.get("world_size"), int):
@@ -331,7 +323,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path, rank: int = 0, world
     root = checkpoints_root(run_dir)
     while True:
         head = find_latest(root) if rank == 0 else None
-        name = broadcast_from_0(head.name if head is not None else None, world_size)
+        name = broadcast_object(head.name if head is not None else None)
         if name is None:
             return None
         path = root / name
@@ -631,10 +623,7 @@ def _convert_on_rank0(path: Path, rank: int) -> None:
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             log.exception("converting %s to a universal checkpoint failed", path)
             error = f"{type(exc).__name__}: {exc}"
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = broadcast_object(error)
     if error is not None:
         raise RuntimeError(f"converting {path} to a universal checkpoint failed on rank 0: {error}")
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from g3dr.config import CONFIG_FILENAME, Config, config_to_dict
-from g3dr.distributed import DistEnv
+from g3dr.distributed import DistEnv, broadcast_object
 from g3dr.errors import ConfigError, G3DRError, OutputError
 from g3dr.log import get_logger
 from g3dr.train import checkpoint as ckpt
@@ -122,8 +122,7 @@ class CheckpointManager:
             log.warning("%s", warning)
         # A rollback (resuming from an older checkpoint than the newest): the newer ones are set aside, `latest`
         # names the one resumed from, and the MLflow run is forked (g3dr.tracking).
-        abandoned = ckpt.broadcast_from_0(ckpt.set_aside_newer(self.root, path) if dist.is_main else None,
-                                          dist.world_size) or []
+        abandoned = broadcast_object(ckpt.set_aside_newer(self.root, path) if dist.is_main else None) or []
         return ResumePlan(path, meta, abandoned, universal=self._needs_universal(path))
 
     def _needs_universal(self, path: Path) -> bool:
@@ -139,15 +138,18 @@ class CheckpointManager:
                     if universal else "it holds no partitioned Adam state to convert (ZeRO 0, or step 0)")
         return universal
 
-    def check_space(self, model: torch.nn.Module, plan: ResumePlan) -> None:
-        """An :class:`OutputError` on every rank when the disk cannot take one checkpoint (a warning when it cannot
-        take the ``keep_last + 1`` a save needs at its peak); with ``train.export_initial`` on a fresh start,
-        keep the initial weights of ``model`` for :meth:`export_initial`."""
+    def keep_initial(self, model: torch.nn.Module, plan: ResumePlan) -> None:
+        """With ``train.export_initial`` on a fresh start, keep (rank 0) the initial weights of ``model`` for
+        :meth:`export_initial`."""
         if self.cfg.train.export_initial and plan.path is None and self.dist.is_main:
             self._initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def check_space(self, model: torch.nn.Module, plan: ResumePlan) -> None:
+        """An :class:`OutputError` on every rank when the disk cannot take one checkpoint (a warning when it cannot
+        take the ``keep_last + 1`` a save needs at its peak)."""
         need = ckpt.checkpoint_bytes(plan.path) if plan.path is not None else expected_checkpoint_bytes(model, self.cfg)
         problem = _free_space_problem(self.root, need, self.cfg.train.keep_last) if self.dist.is_main else None
-        problem = ckpt.broadcast_from_0(problem, self.dist.world_size)
+        problem = broadcast_object(problem)
         if problem is not None:
             raise OutputError(problem)
 
@@ -194,7 +196,7 @@ class CheckpointManager:
         return self.last
 
     def export_initial(self) -> None:
-        """``train.export_initial``: the weights kept by :meth:`check_space` as ``exports/step-0.safetensors``."""
+        """``train.export_initial``: the weights kept by :meth:`keep_initial` as ``exports/step-0.safetensors``."""
         if self._initial is not None:
             self.stage.export_initial(self.cfg, self._initial, self.run_dir, self.run_id)
             self._initial = None

@@ -211,6 +211,7 @@ class Trainer:
         self.accumulation = cfg.train.grad_accumulation(dist.world_size)
         seed_everything(cfg.train.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway)
         model = stage.build_model(cfg)
+        checkpoints.keep_initial(model, plan)
         checkpoints.check_space(model, plan)
         ds_config = deepspeed_config(cfg, dist.world_size, device.type)
         if plan.universal:
